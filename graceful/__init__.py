@@ -1,0 +1,33 @@
+"""graceful-drain: restart in daylight, lose nothing.
+
+Middleware that counts in-flight work, probes that fail on a drain while the node keeps serving,
+control routes, and the lifecycle they share. See the README for a quick start per stack.
+"""
+
+from __future__ import annotations
+
+from . import signals
+from .asgi import ASGIMiddleware
+from .config import Config, ConfigError
+from .lifecycle import Hold, Lifecycle, LifecycleError, Phase, get_lifecycle, set_lifecycle
+from .shutdown import SignalHandlers, install_signal_handlers
+from .wsgi import WSGIMiddleware
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASGIMiddleware",
+    "Config",
+    "ConfigError",
+    "Hold",
+    "Lifecycle",
+    "LifecycleError",
+    "Phase",
+    "SignalHandlers",
+    "WSGIMiddleware",
+    "__version__",
+    "get_lifecycle",
+    "install_signal_handlers",
+    "set_lifecycle",
+    "signals",
+]

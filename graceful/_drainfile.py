@@ -1,0 +1,25 @@
+"""The drain file: while it exists the node drains. Looked at no more than once per interval."""
+
+from __future__ import annotations
+
+import os
+
+from .lifecycle import Lifecycle
+
+__all__ = ["DrainFileWatcher"]
+
+
+class DrainFileWatcher:
+    __slots__ = ("_interval", "_last", "_lifecycle", "_path")
+
+    def __init__(self, lifecycle: Lifecycle, path: str, interval: float) -> None:
+        self._lifecycle = lifecycle
+        self._path = path
+        self._interval = interval
+        self._last = -float("inf")
+
+    def check(self, now: float, *, force: bool = False) -> None:
+        if not force and now - self._last < self._interval:
+            return
+        self._last = now
+        self._lifecycle.sync_drain_file(os.path.exists(self._path), now=now)

@@ -1,0 +1,269 @@
+"""The HTTP surface (probes and control routes), sans-io.
+
+Adapters call :meth:`Surface.match` on every request (one dict lookup and one prefix test) and,
+for a match, :meth:`Surface.handle`, which answers with a finished :class:`Response` or with one
+of three things the adapter must do first: run the readiness checks (:class:`RunChecks`), wait
+for the drain (:class:`WaitDrained`) or open an events stream (:class:`OpenEvents`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import json
+import math
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ._checks import CheckOutcome
+from .lifecycle import Lifecycle, LifecycleError, Phase
+
+__all__ = [
+    "OpenEvents",
+    "Response",
+    "Route",
+    "RunChecks",
+    "Surface",
+    "WaitDrained",
+]
+
+HEALTH_JSON = "application/health+json"
+MAX_WAIT = 3600.0
+
+
+class Route(enum.Enum):
+    LIVEZ = "livez"
+    READYZ = "readyz"
+    STATUS = "status"
+    DRAIN = "drain"
+    RESUME = "resume"
+    EVENTS = "events"
+    UNKNOWN = "unknown"
+
+
+_METHODS = {
+    Route.LIVEZ: ("GET", "HEAD"),
+    Route.READYZ: ("GET", "HEAD"),
+    Route.STATUS: ("GET", "HEAD"),
+    Route.DRAIN: ("POST",),
+    Route.RESUME: ("POST",),
+    Route.EVENTS: ("GET",),
+}
+_NEEDS_TOKEN = frozenset({Route.STATUS, Route.DRAIN, Route.RESUME})
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class RunChecks:
+    """Run the readiness checks, then call :meth:`Surface.readiness`."""
+
+    head: bool
+
+
+@dataclass(frozen=True)
+class WaitDrained:
+    """Wait (at most ``timeout``) for the drain, then call :meth:`Surface.drain_waited`."""
+
+    timeout: float
+
+
+@dataclass(frozen=True)
+class OpenEvents:
+    """Open a server-sent-event stream (see :mod:`graceful._events`)."""
+
+
+Outcome = Response | RunChecks | WaitDrained | OpenEvents
+
+EVENTS_HEADERS = (
+    ("Content-Type", "text/event-stream; charset=utf-8"),
+    ("Cache-Control", "no-store"),
+    ("X-Accel-Buffering", "no"),
+)
+
+
+def _json(
+    status: int,
+    body: dict[str, Any],
+    content_type: str = HEALTH_JSON,
+    extra: Iterable[tuple[str, str]] = (),
+    head: bool = False,
+) -> Response:
+    data = json.dumps(body, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+    headers = (
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(data))),
+        ("Cache-Control", "no-store"),
+        *extra,
+    )
+    return Response(status, headers, b"" if head else data)
+
+
+def _fail(status: int, output: str, *, extra: Iterable[tuple[str, str]] = ()) -> Response:
+    return _json(status, {"status": "fail", "output": output}, extra=extra)
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("", "1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"query parameter {name!r} must be 1 or 0, not {value[:40]!r}")
+
+
+def _parse_seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_WAIT:
+        raise ValueError(f"query parameter {name!r} must be seconds in (0, {MAX_WAIT:g}]")
+    return seconds
+
+
+class Surface:
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        config = lifecycle.config
+        self.lifecycle = lifecycle
+        self.prefix = config.control_prefix
+        self._under_prefix = config.control_prefix + "/"
+        self._token = None if config.token is None else config.token.encode()
+        self.routes = {
+            config.livez_path: Route.LIVEZ,
+            config.readyz_path: Route.READYZ,
+            self._under_prefix + "status": Route.STATUS,
+            self._under_prefix + "drain": Route.DRAIN,
+            self._under_prefix + "resume": Route.RESUME,
+            self._under_prefix + "events": Route.EVENTS,
+        }
+
+    def match(self, path: str) -> Route | None:
+        route = self.routes.get(path)
+        if (
+            route is None
+            and path.startswith(self.prefix)
+            and (path == self.prefix or path.startswith(self._under_prefix))
+        ):
+            return Route.UNKNOWN
+        return route
+
+    def authorized(self, authorization: bytes | None) -> bool:
+        """Constant-time check of ``Authorization: Bearer <token>``."""
+        if self._token is None or authorization is None:
+            return False
+        scheme, _, credentials = authorization.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(credentials.strip(), self._token)
+
+    def handle(self, route: Route, method: str, query: str, authorization: bytes | None) -> Outcome:
+        """The answer to a probe or control request.
+
+        ``authorization`` is the raw header value, or None when absent or sent more than once.
+        """
+        if route is Route.UNKNOWN or (route in _NEEDS_TOKEN and self._token is None):
+            return _fail(404, "not found")
+        if route in _NEEDS_TOKEN and not self.authorized(authorization):
+            return _fail(
+                401,
+                "missing or wrong bearer token",
+                extra=(("WWW-Authenticate", 'Bearer realm="graceful"'),),
+            )
+        allowed = _METHODS[route]
+        if method not in allowed:
+            return _fail(
+                405, f"method {method[:20]!r} not allowed", extra=(("Allow", ", ".join(allowed)),)
+            )
+        head = method == "HEAD"
+        lifecycle = self.lifecycle
+        if route is Route.LIVEZ:
+            alive = lifecycle.phase is not Phase.STOPPED
+            status = "pass" if alive else "fail"
+            return _json(
+                200 if alive else 503, {"status": status, "phase": lifecycle.phase.value}, head=head
+            )
+        if route is Route.READYZ:
+            if lifecycle.phase is Phase.SERVING and lifecycle.config.checks:
+                return RunChecks(head)
+            return self.readiness([], head=head)
+        if route is Route.STATUS:
+            return _json(200, lifecycle.snapshot(), "application/json", head=head)
+        if route is Route.EVENTS:
+            if len(lifecycle.events) >= lifecycle.events.max_subscribers:
+                return _fail(503, "too many event subscribers", extra=(("Retry-After", "5"),))
+            return OpenEvents()
+        try:
+            params = self._params(route, query)
+        except ValueError as exc:
+            return _fail(400, str(exc))
+        if route is Route.RESUME:
+            return self._change(lifecycle.resume, "resumed by control route")
+        answer = self._change(lifecycle.drain, "drained by control route")
+        if answer.status == 200 and params.get("wait"):
+            default = lifecycle.config.delay + lifecycle.config.drain_timeout
+            return WaitDrained(params.get("timeout", default))
+        return answer
+
+    def _params(self, route: Route, query: str) -> dict[str, Any]:
+        if not query:
+            return {}
+        try:
+            pairs = urllib.parse.parse_qsl(
+                query, keep_blank_values=True, strict_parsing=True, max_num_fields=10
+            )
+        except ValueError:
+            raise ValueError("malformed query string") from None
+        allowed = ("wait", "timeout") if route is Route.DRAIN else ()
+        params: dict[str, Any] = {}
+        for name, value in pairs:
+            if name not in allowed:
+                listed = ", ".join(allowed) or "none"
+                raise ValueError(f"unknown query parameter {name[:40]!r}; allowed: {listed}")
+            if name in params:
+                raise ValueError(f"query parameter {name!r} given twice")
+            params[name] = (
+                _parse_bool(name, value) if name == "wait" else _parse_seconds(name, value)
+            )
+        return params
+
+    def _change(self, action: Any, reason: str) -> Response:
+        try:
+            action(reason)
+        except LifecycleError as exc:
+            return _json(
+                409,
+                {"status": "fail", "output": str(exc), "phase": exc.phase.value},
+                "application/json",
+            )
+        return _json(200, self.lifecycle.snapshot(), "application/json")
+
+    def readiness(self, outcomes: list[CheckOutcome], *, head: bool) -> Response:
+        lifecycle = self.lifecycle
+        phase = lifecycle.phase
+        body: dict[str, Any] = {"phase": phase.value}
+        if outcomes:
+            body["checks"] = {
+                o.name: [{"status": "pass" if o.ok else "fail", "output": o.output}]
+                for o in outcomes
+            }
+        failed = [o for o in outcomes if not o.ok]
+        if phase is not Phase.SERVING:
+            body.update(status="fail", output=phase.value, notes=[lifecycle.reason])
+        elif failed:
+            body.update(status="fail", output=failed[0].output)
+        else:
+            body.update(status="pass", output="serving")
+        return _json(200 if body["status"] == "pass" else 503, body, head=head)
+
+    def drain_waited(self, drained: bool) -> Response:
+        """200 once drained; 202 when the wait ended first (the drain goes on)."""
+        snapshot = self.lifecycle.snapshot()
+        return _json(200 if drained else 202, snapshot, "application/json")

@@ -1,0 +1,238 @@
+"""ASGI middleware (pure ASGI, never ``BaseHTTPMiddleware``).
+
+HTTP requests count from scope entry until the app returns, whatever the way out (response,
+error, cancellation, client disconnect). Websockets are counted apart: they are long-lived and
+must not hold a drain open. Lifespan passes through; the node turns ready when the app's start-up
+completes, or at the first request when the server runs no lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from ._adapter import AdapterBase
+from ._events import Subscriber, format_comment, format_event
+from ._http import EVENTS_HEADERS, OpenEvents, Response, Route, RunChecks, WaitDrained
+from ._types import ASGIApp, Message, Receive, Scope, Send
+from .config import Config
+from .lifecycle import Lifecycle, LifecycleError, Phase
+
+__all__ = ["ASGIMiddleware"]
+
+_ANNOUNCE = (b"graceful-state", b"draining")
+_CLOSE = (b"connection", b"close")
+_FINAL_PHASES = ("stopping", "stopped")
+
+
+class ASGIMiddleware(AdapterBase):
+    """Wrap an ASGI app (``app = ASGIMiddleware(app)``) or ``app.add_middleware(ASGIMiddleware)``.
+
+    With ``auto_ready`` (the default) the node turns ready when lifespan start-up completes (or
+    at the first request without lifespan); pass ``auto_ready=False`` to call
+    ``lifecycle.mark_ready()`` yourself.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        lifecycle: Lifecycle | None = None,
+        config: Config | None = None,
+        *,
+        auto_ready: bool = True,
+    ) -> None:
+        super().__init__(lifecycle, config)
+        self.app = app
+        self.auto_ready = auto_ready
+        # Servers run lifespan start-up before accepting requests: a request seen first means
+        # the server runs no lifespan, so the node is ready.
+        self._ready_on_request = auto_ready
+        self._requests = self.lifecycle.requests
+        self._websockets = self.lifecycle.websockets
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            route = self._route_of(path)
+            if route is not None or path.startswith(self._prefix):
+                route = self._match(path)
+                if route is not None:
+                    await self._serve(route, scope, receive, send)
+                    return
+            tracker = self._requests
+        elif kind == "websocket":
+            path = scope["path"]
+            tracker = self._websockets
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        else:
+            await self.app(scope, receive, send)
+            return
+        lifecycle = self.lifecycle
+        if self._ready_on_request and lifecycle._phase is Phase.STARTING:
+            lifecycle.mark_ready()
+        now = self._clock()
+        if self.drain_file is not None:
+            self.drain_file.check(now)
+        if lifecycle.announcing:
+            # Decided at arrival, like the WSGI middleware: free while serving.
+            send = _announcing(send, scope.get("http_version", "1.1") in ("1.0", "1.1"))
+        token = tracker.begin(scope.get("method", "WEBSOCKET"), path, now)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            tracker.end(token)
+
+    # -- lifespan --------------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._ready_on_request = False
+        lifecycle = self.lifecycle
+        started = False
+
+        async def watched_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                with contextlib.suppress(LifecycleError):
+                    lifecycle.stop("server shutting down")
+            return message
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            kind = message["type"]
+            if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
+                started = True
+                if kind == "lifespan.startup.complete" and self.auto_ready:
+                    _ready(lifecycle)
+            await send(message)
+            if kind == "lifespan.shutdown.complete":
+                with contextlib.suppress(LifecycleError):
+                    lifecycle.mark_stopped()
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        except BaseException:
+            # An app without lifespan support raises at once; the server then serves anyway
+            # (uvicorn's "auto" mode), so the node is ready.
+            if not started and self.auto_ready:
+                _ready(lifecycle)
+            raise
+
+    # -- probes and control routes ---------------------------------------------------------
+
+    async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        lifecycle = self.lifecycle
+        if self._ready_on_request and lifecycle._phase is Phase.STARTING:
+            lifecycle.mark_ready()
+        if route in (Route.READYZ, Route.STATUS, Route.EVENTS):
+            self._look_at_drain_file(self._clock(), force=True)
+        outcome = self.surface.handle(
+            route,
+            scope.get("method", ""),
+            scope.get("query_string", b"").decode("latin-1"),
+            _authorization(scope),
+        )
+        if isinstance(outcome, RunChecks):
+            outcome = self.surface.readiness(await self.checker.run_async(), head=outcome.head)
+        elif isinstance(outcome, WaitDrained):
+            drained = await lifecycle.wait_drained_async(outcome.timeout)
+            outcome = self.surface.drain_waited(drained)
+        elif isinstance(outcome, OpenEvents):
+            await self._events(receive, send)
+            return
+        await _respond(outcome, send)
+
+    async def _events(self, receive: Receive, send: Send) -> None:
+        subscriber = self.lifecycle.subscribe()
+        if subscriber is None:
+            await _respond(Response(503, (("Retry-After", "5"),), b""), send)
+            return
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(woken.set)
+
+        subscriber.wake = wake
+        disconnected = asyncio.Event()
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            disconnected.set()
+            woken.set()
+
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await self._stream(subscriber, send, woken, disconnected)
+        finally:
+            watcher.cancel()
+            self.lifecycle.events.unsubscribe(subscriber)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+
+    async def _stream(
+        self, subscriber: Subscriber, send: Send, woken: asyncio.Event, gone: asyncio.Event
+    ) -> None:
+        heartbeat = self.lifecycle.config.events_heartbeat
+        next_beat = self._clock() + heartbeat
+        headers = [(k.lower().encode(), v.encode()) for k, v in EVENTS_HEADERS]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await _chunk(send, b"retry: 2000\n\n")
+        while not gone.is_set():
+            woken.clear()
+            for notice in subscriber.pop_all():
+                await _chunk(send, format_event(notice))
+                if notice["phase"] in _FINAL_PHASES:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(woken.wait(), self._events_wait())
+            now = self._clock()
+            self._look_at_drain_file(now)
+            if now >= next_beat and not gone.is_set():
+                next_beat = now + heartbeat
+                await _chunk(send, format_comment("heartbeat"))
+
+
+def _ready(lifecycle: Lifecycle) -> None:
+    if lifecycle.phase is Phase.STARTING:
+        lifecycle.mark_ready()
+
+
+def _announcing(send: Send, http1: bool) -> Send:
+    """``send`` adding ``graceful-state: draining`` (and on HTTP/1.x ``connection: close``)."""
+
+    async def announcing_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
+            headers.append(_ANNOUNCE)
+            if http1:
+                headers.append(_CLOSE)
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return announcing_send
+
+
+def _authorization(scope: Scope) -> bytes | None:
+    """The Authorization header, or None when absent or given more than once."""
+    found = None
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"authorization":
+            if found is not None:
+                return None
+            found = value
+    return bytes(found) if found is not None else None
+
+
+async def _chunk(send: Send, body: bytes) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+
+
+async def _respond(response: Response, send: Send) -> None:
+    headers = [(k.lower().encode(), v.encode()) for k, v in response.headers]
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})

@@ -1,0 +1,257 @@
+"""The ``graceful`` command: talk to a node's probe and control routes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import requests
+
+__all__ = ["EXIT_CODES", "main"]
+
+OK, FAILED, USAGE, UNREACHABLE, UNAUTHORIZED, CONTROL_OFF, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
+EXIT_CODES = {
+    OK: "success",
+    FAILED: "the node refused or answered something unexpected (409: cannot drain while starting)",
+    USAGE: "bad command line",
+    UNREACHABLE: "the node could not be reached",
+    UNAUTHORIZED: "401: missing or wrong token (--token or GRACEFUL_TOKEN)",
+    CONTROL_OFF: "404: the node has no token configured, so its control routes are off",
+    TIMED_OUT: "the node did not get there (or answer) within --timeout",
+}
+
+POLL_INTERVAL = 0.2
+
+
+class Failure(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _base_url(text: str) -> str:
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a node URL; expected http://HOST:PORT (or https://)"
+        )
+    if parsed.query or parsed.fragment:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the node's base URL without ?query or #")
+    return text.rstrip("/")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in (0, 86400]")
+    return value
+
+
+def _path(text: str) -> str:
+    if not text.startswith("/") or any(c in text for c in "?# "):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a path like /readyz")
+    return text.rstrip("/") or "/"
+
+
+class Client:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.url: str = args.url
+        self.prefix: str = args.prefix
+        self.readyz: str = args.readyz_path
+        self.timeout: float = args.timeout
+        self.token: str | None = args.token or os.environ.get("GRACEFUL_TOKEN") or None
+        self.session = requests.Session()
+
+    def request(self, method: str, path: str, *, control: bool, **kwargs: Any) -> requests.Response:
+        headers = {}
+        if control and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        kwargs.setdefault("timeout", self.timeout)
+        try:
+            response = self.session.request(method, self.url + path, headers=headers, **kwargs)
+        except requests.Timeout:
+            raise Failure(TIMED_OUT, f"{self.url}: no answer within {self.timeout:g}s") from None
+        except requests.RequestException as exc:
+            reason = type(exc).__name__
+            raise Failure(UNREACHABLE, f"{self.url}: cannot connect ({reason})") from None
+        if control:
+            self._check_control(response)
+        return response
+
+    def _check_control(self, response: requests.Response) -> None:
+        if response.status_code == 401:
+            hint = (
+                "wrong token"
+                if self.token
+                else "no token given: pass --token or set GRACEFUL_TOKEN"
+            )
+            raise Failure(UNAUTHORIZED, f"{self.url}: 401 unauthorized ({hint})")
+        if response.status_code == 404:
+            raise Failure(
+                CONTROL_OFF,
+                f"{self.url}: 404: control routes are off (the node has no GRACEFUL_TOKEN) "
+                f"or not under {self.prefix}",
+            )
+        if response.status_code not in (200, 202):
+            raise Failure(FAILED, f"{self.url}: {response.status_code}: {_output(response)}")
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        response = self.request("GET", self.readyz, control=False)
+        return response.status_code, _body(response)
+
+
+def _body(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _output(response: requests.Response) -> str:
+    return str(_body(response).get("output") or response.text[:200].strip() or response.reason)
+
+
+def _summary(status: dict[str, Any]) -> str:
+    parts = [f"phase={status.get('phase')}", f"inflight={status.get('inflight')}"]
+    if status.get("reason"):
+        parts.append(f"reason={status['reason']!r}")
+    if status.get("oldest_request_age") is not None:
+        parts.append(f"oldest={status['oldest_request_age']}s")
+    return " ".join(parts)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    status = _body(client.request("GET", client.prefix + "/status", control=True))
+    print(
+        json.dumps(status, indent=2, sort_keys=True)
+        if args.json
+        else f"{client.url} {_summary(status)}"
+    )
+    return OK
+
+
+def cmd_drain(client: Client, args: argparse.Namespace) -> int:
+    params = {"wait": "1", "timeout": f"{args.timeout:g}"} if args.wait else None
+    timeout = args.timeout + 5 if args.wait else args.timeout
+    response = client.request(
+        "POST", client.prefix + "/drain", control=True, params=params, timeout=timeout
+    )
+    status = _body(response)
+    if args.wait and response.status_code == 202:
+        print(
+            f"{client.url} still draining after {args.timeout:g}s: {_summary(status)}",
+            file=sys.stderr,
+        )
+        return TIMED_OUT
+    print(f"{client.url} {_summary(status)}")
+    return OK
+
+
+def cmd_resume(client: Client, args: argparse.Namespace) -> int:
+    status = _body(client.request("POST", client.prefix + "/resume", control=True))
+    print(f"{client.url} {_summary(status)}")
+    return OK
+
+
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.timeout
+    want: Callable[[int, dict[str, Any]], bool]
+    if args.target == "ready":
+        want = lambda code, body: code == 200  # noqa: E731
+    else:
+        want = lambda code, body: body.get("phase") in ("drained", "stopping")  # noqa: E731
+    last = "no answer yet"
+    while True:
+        try:
+            code, body = client.readiness()
+        except Failure as failure:
+            last = str(failure)
+        else:
+            if want(code, body):
+                print(f"{client.url} {args.target}")
+                return OK
+            last = f"{code} {body.get('output', '')}".strip()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            print(
+                f"graceful: {client.url} not {args.target} after {args.timeout:g}s (last: {last})",
+                file=sys.stderr,
+            )
+            return TIMED_OUT
+        time.sleep(min(POLL_INTERVAL, remaining))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="graceful",
+        description="Drain, resume and watch nodes that run the graceful-drain middleware.",
+        epilog=f"exit codes:\n{codes}\n\nThe token comes from --token or GRACEFUL_TOKEN.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"graceful-drain {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, help_text: str, default_timeout: float) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=parser.epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument(
+            "url", type=_base_url, metavar="URL", help="the node, e.g. http://10.0.0.5:8000"
+        )
+        sub.add_argument("--token", help="bearer token (default: $GRACEFUL_TOKEN)")
+        sub.add_argument("--prefix", type=_path, default="/-/graceful", help="control route prefix")
+        sub.add_argument("--readyz-path", type=_path, default="/readyz", help="readiness route")
+        sub.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=default_timeout,
+            help=f"seconds (default {default_timeout:g})",
+        )
+        return sub
+
+    status = verb("status", "show a node's phase and in-flight work", 10.0)
+    status.add_argument("--json", action="store_true", help="print the whole status as JSON")
+    status.set_defaults(run=cmd_status)
+    drain = verb("drain", "start a drain: readiness fails, requests are still served", 10.0)
+    drain.add_argument("--wait", action="store_true", help="answer once the node is drained")
+    drain.set_defaults(run=cmd_drain)
+    verb("resume", "give a drained or draining node its traffic back", 10.0).set_defaults(
+        run=cmd_resume
+    )
+    wait = verb("wait", "poll a node's readiness until it is ready or drained", 60.0)
+    wait.add_argument("--for", dest="target", choices=("ready", "drained"), required=True)
+    wait.set_defaults(run=cmd_wait)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(Client(args), args)
+    except Failure as failure:
+        print(f"graceful: {failure}", file=sys.stderr)
+        return failure.code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Settings: one definition per setting drives validation, the environment and the docs.
+
+Every field of :class:`Config` carries its documentation and kind in its metadata;
+:meth:`Config.from_env` reads ``GRACEFUL_<NAME>`` for each field, and a test keeps the
+README's settings table in step with the fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal
+
+from ._types import Check
+
+__all__ = ["ENV_PREFIX", "Config", "ConfigError", "default_delay"]
+
+logger = logging.getLogger("graceful")
+
+ENV_PREFIX = "GRACEFUL_"
+
+Kind = Literal["seconds", "optional_seconds", "count", "path", "token", "file", "checks"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed. The message names the setting."""
+
+
+def default_delay() -> float:
+    """5 s under Kubernetes (endpoints take a few seconds to update), otherwise 2 s."""
+    return 5.0 if os.environ.get("KUBERNETES_SERVICE_HOST") else 2.0
+
+
+def _setting(default: Any, kind: Kind, doc: str, **extra: Any) -> Any:
+    metadata = {"kind": kind, "doc": doc}
+    if callable(default):
+        return dataclasses.field(default_factory=default, metadata=metadata, **extra)
+    return dataclasses.field(default=default, metadata=metadata, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """How a node drains. All times are in seconds."""
+
+    delay: float = _setting(
+        default_delay,
+        "seconds",
+        "Time to keep serving with readiness failing before stopping, so load balancers notice. "
+        "Default 5 under Kubernetes (KUBERNETES_SERVICE_HOST set), otherwise 2.",
+    )
+    quiet_period: float | None = _setting(
+        None,
+        "optional_seconds",
+        "End the delay early once no new request has arrived for this long (after min_delay). "
+        "Off when unset.",
+    )
+    min_delay: float = _setting(
+        1.0, "seconds", "With quiet_period: the delay never ends before this much time."
+    )
+    drain_timeout: float = _setting(
+        25.0, "seconds", "Bound on waiting for in-flight work after the delay."
+    )
+    interrupt_timeout: float = _setting(
+        5.0, "seconds", "Bound on waiting for in-flight work on a quick stop (SIGINT)."
+    )
+    livez_path: str = _setting("/livez", "path", "Liveness route.")
+    readyz_path: str = _setting("/readyz", "path", "Readiness route.")
+    control_prefix: str = _setting(
+        "/-/graceful", "path", "Prefix of the status, drain, resume and events routes."
+    )
+    token: str | None = _setting(
+        None,
+        "token",
+        "Bearer token for the control routes. Unset: the control routes answer 404.",
+        repr=False,
+    )
+    drain_file: str | None = _setting(
+        None, "file", "While this file exists the node is draining; removing it resumes."
+    )
+    drain_file_interval: float = _setting(
+        1.0, "seconds", "How often, at most, the drain file is looked at."
+    )
+    checks: Mapping[str, Check] = _setting(
+        dict,
+        "checks",
+        "Readiness checks: name -> callable (sync or async). A check fails when it raises, "
+        "returns False or outlives check_timeout. Python only.",
+    )
+    check_timeout: float = _setting(2.0, "seconds", "Bound on one run of a readiness check.")
+    check_cache: float = _setting(
+        1.0, "seconds", "How long a check result is reused, so a probe storm costs nothing."
+    )
+    events_max_subscribers: int = _setting(
+        100, "count", "Cap on concurrent events-stream subscribers; past it, 503."
+    )
+    events_heartbeat: float = _setting(
+        15.0, "seconds", "Interval of the heartbeat comment on the events stream."
+    )
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            checked = _validate(field.name, field.metadata["kind"], value)
+            if checked is not value:
+                object.__setattr__(self, field.name, checked)
+        self._validate_together()
+
+    def _validate_together(self) -> None:
+        if self.quiet_period is not None and self.min_delay > self.delay:
+            raise ConfigError(
+                f"min_delay={self.min_delay!r} is longer than delay={self.delay!r}; "
+                "min_delay must be at most delay"
+            )
+        paths = {"livez_path": self.livez_path, "readyz_path": self.readyz_path}
+        if self.livez_path == self.readyz_path:
+            raise ConfigError(
+                f"livez_path and readyz_path are both {self.livez_path!r}; give each its own path"
+            )
+        for name, path in paths.items():
+            if path == self.control_prefix or path.startswith(self.control_prefix + "/"):
+                raise ConfigError(
+                    f"{name}={path!r} lies under control_prefix={self.control_prefix!r}; "
+                    "probe paths must be outside the control prefix"
+                )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a config from ``GRACEFUL_*`` variables; keyword arguments win over them."""
+        env = os.environ if environ is None else environ
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for field in names.values():
+            kind = field.metadata["kind"]
+            key = ENV_PREFIX + field.name.upper()
+            if kind == "checks" or key not in env:
+                continue
+            values[field.name] = _parse_env(key, kind, env[key])
+        known = {ENV_PREFIX + n.upper() for n in names}
+        for key in sorted(env):
+            if key.startswith(ENV_PREFIX) and key not in known:
+                logger.warning(
+                    "ignoring unknown environment variable %s; known: %s",
+                    key,
+                    ", ".join(sorted(known - {ENV_PREFIX + "CHECKS"})),
+                )
+        for name in overrides:
+            if name not in names:
+                raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(names))}")
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some settings changed (validated like the original)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_env(key: str, kind: str, raw: str) -> Any:
+    text = raw.strip()
+    if kind in ("seconds", "optional_seconds", "count"):
+        if kind == "optional_seconds" and text.lower() in ("", "none", "off"):
+            return None
+        try:
+            return int(text) if kind == "count" else float(text)
+        except ValueError:
+            allowed = "a whole number" if kind == "count" else "a number of seconds"
+            raise ConfigError(f"{key}={raw!r} is not a number; expected {allowed}") from None
+    if kind in ("token", "file") and text == "":
+        raise ConfigError(f"{key} is set but empty; unset it to turn this off")
+    return raw if kind == "token" else text
+
+
+def _validate(name: str, kind: str, value: Any) -> Any:
+    if kind == "seconds" or (kind == "optional_seconds" and value is not None):
+        return _validate_seconds(name, value, allow_zero=kind == "seconds")
+    if kind == "count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name}={value!r} is not allowed; expected a whole number >= 0")
+        return value
+    if kind == "path":
+        return _validate_path(name, value)
+    if kind == "token":
+        return _validate_token(name, value)
+    if kind == "file":
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+            raise ConfigError(f"{name}={value!r} is not allowed; expected a file path or None")
+        return None if value is None else os.fspath(value)
+    if kind == "checks":
+        return _validate_checks(name, value)
+    return value
+
+
+def _validate_seconds(name: str, value: Any, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} is not allowed; expected a number of seconds")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(
+            f"{name}={value!r} is not allowed; expected a finite number of seconds {bound}"
+        )
+    return seconds
+
+
+def _validate_path(name: str, value: Any) -> str:
+    if (
+        not isinstance(value, str)
+        or not value.startswith("/")
+        or len(value) < 2
+        or value.endswith("/")
+        or any(ch in value for ch in "?# \t\r\n")
+        or not value.isascii()
+    ):
+        raise ConfigError(
+            f"{name}={value!r} is not allowed; expected an ASCII path with a leading slash, "
+            "no trailing slash, no spaces, '?' or '#' (like '/readyz')"
+        )
+    return value
+
+
+def _validate_token(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or not all(0x21 <= ord(ch) <= 0x7E for ch in value):
+        # Never echo the value: it is a secret.
+        raise ConfigError(
+            f"{name} is not allowed (value hidden); expected printable ASCII without spaces, "
+            "or None to turn the control routes off"
+        )
+    return value
+
+
+def _validate_checks(name: str, value: Any) -> Mapping[str, Check]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{name}={value!r} is not allowed; expected a mapping of check name to callable"
+        )
+    for key, check in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{name} has a check named {key!r}; names must be non-empty strings")
+        if not callable(check):
+            raise ConfigError(f"{name}[{key!r}]={check!r} is not callable")
+    return MappingProxyType(dict(value))

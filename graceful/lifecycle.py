@@ -1,0 +1,481 @@
+"""The node's lifecycle: one reversible state machine, the in-flight count, and waiting on both.
+
+The machine is a table (:data:`TRANSITIONS`) of ``(phase, event) -> phase``; an event the table
+does not allow raises :class:`LifecycleError` naming the current phase. The core never sleeps and
+never reads the wall clock on its own: every method takes ``now`` (seconds on a monotonic scale),
+and where it is omitted the injectable ``clock`` given to the constructor is read. Waiting
+(:meth:`Lifecycle.wait_drained` and friends) is event-driven: the thread that releases the last
+in-flight entry wakes the waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import os
+import threading
+import time
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import signals
+from ._events import EventHub, Subscriber
+from ._inflight import InflightTracker
+from .config import Config
+
+__all__ = [
+    "ANNOUNCING",
+    "TRANSITIONS",
+    "Event",
+    "Hold",
+    "Lifecycle",
+    "LifecycleError",
+    "Phase",
+    "get_lifecycle",
+    "set_lifecycle",
+]
+
+
+class Phase(str, enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    DRAINED = "drained"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Event(str, enum.Enum):
+    MARK_READY = "mark_ready"
+    DRAIN = "drain"
+    DRAIN_COMPLETE = "drain_complete"
+    RESUME = "resume"
+    STOP = "stop"
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+logger = logging.getLogger("graceful")
+
+_P, _E = Phase, Event
+
+#: Every allowed transition. Pairs that map a phase to itself are accepted and change nothing
+#: (repeating a drain, a resume of a serving node, a second stop), so scripts can retry.
+TRANSITIONS: Mapping[tuple[Phase, Event], Phase] = types.MappingProxyType(
+    {
+        (_P.STARTING, _E.MARK_READY): _P.SERVING,
+        (_P.STARTING, _E.STOP): _P.STOPPING,
+        (_P.SERVING, _E.MARK_READY): _P.SERVING,
+        (_P.SERVING, _E.DRAIN): _P.DRAINING,
+        (_P.SERVING, _E.RESUME): _P.SERVING,
+        (_P.SERVING, _E.STOP): _P.STOPPING,
+        (_P.DRAINING, _E.MARK_READY): _P.DRAINING,
+        (_P.DRAINING, _E.DRAIN): _P.DRAINING,
+        (_P.DRAINING, _E.DRAIN_COMPLETE): _P.DRAINED,
+        (_P.DRAINING, _E.RESUME): _P.SERVING,
+        (_P.DRAINING, _E.STOP): _P.STOPPING,
+        (_P.DRAINED, _E.MARK_READY): _P.DRAINED,
+        (_P.DRAINED, _E.DRAIN): _P.DRAINED,
+        (_P.DRAINED, _E.RESUME): _P.SERVING,
+        (_P.DRAINED, _E.STOP): _P.STOPPING,
+        (_P.STOPPING, _E.MARK_READY): _P.STOPPING,
+        (_P.STOPPING, _E.STOP): _P.STOPPING,
+        (_P.STOPPING, _E.STOPPED): _P.STOPPED,
+        (_P.STOPPED, _E.STOP): _P.STOPPED,
+        (_P.STOPPED, _E.STOPPED): _P.STOPPED,
+    }
+)
+
+_HINTS = {
+    Event.DRAIN: "drain a node once it is serving",
+    Event.RESUME: "resume applies to a draining or drained node",
+    Event.DRAIN_COMPLETE: "a drain completes only while draining",
+    Event.MARK_READY: "a stopped node cannot become ready",
+    Event.STOPPED: "call stop() first",
+}
+
+#: Phases in which responses tell keep-alive callers to go elsewhere.
+ANNOUNCING = frozenset({Phase.DRAINING, Phase.DRAINED, Phase.STOPPING})
+
+
+class LifecycleError(RuntimeError):
+    """An event that the current phase does not allow."""
+
+    def __init__(self, phase: Phase, event: Event) -> None:
+        self.phase = phase
+        self.event = event
+        super().__init__(
+            f"cannot {event} while {phase.value}: {_HINTS.get(event, '')}".rstrip(": ")
+        )
+
+
+class Lifecycle:
+    """One node's phase, its in-flight work, and the waits on them. Thread-safe."""
+
+    def __init__(
+        self, config: Config | None = None, *, clock: Callable[[], float] = time.monotonic
+    ):
+        self.config = config if config is not None else Config.from_env()
+        self.clock = clock
+        self._cond = threading.Condition(threading.RLock())
+        self._phase = Phase.STARTING
+        self._reason = "starting"
+        self._since = clock()
+        self._drain_started: float | None = None
+        self._delay_end: float | None = None
+        self._drain_by_file = False
+        self._waiters = 0
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._notice_id = 0
+        self.requests = InflightTracker()
+        self.websockets = InflightTracker()
+        self.events = EventHub(self.config.events_max_subscribers)
+        #: True while responses should carry ``Graceful-State: draining`` (read on the hot path).
+        self.announcing = False
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        if self._phase is Phase.DRAINING:
+            self.tick()
+        return self._phase
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def inflight(self) -> int:
+        """Requests and held work in flight (websockets are counted apart)."""
+        return len(self.requests)
+
+    def configure(self, config: Config) -> None:
+        """Replace the settings (at start-up: the routes of existing middleware keep theirs)."""
+        with self._cond:
+            self.config = config
+            self.events.max_subscribers = config.events_max_subscribers
+
+    def _now(self, now: float | None) -> float:
+        return self.clock() if now is None else now
+
+    def delay_ends_at(self) -> float | None:
+        """When the current drain's delay ends, as far as is known now (None when not draining)."""
+        if self._delay_end is not None or self._drain_started is None:
+            return self._delay_end
+        start, cfg = self._drain_started, self.config
+        end = start + cfg.delay
+        if cfg.quiet_period is not None:
+            last = max(self.requests.last_arrival or start, start)
+            end = min(end, max(start + cfg.min_delay, last + cfg.quiet_period))
+        return end
+
+    def drain_deadline(self) -> float | None:
+        """When waiting for in-flight work gives up (delay end + drain timeout)."""
+        end = self.delay_ends_at()
+        return None if end is None else end + self.config.drain_timeout
+
+    def next_deadline(self) -> float | None:
+        """The next time at which :meth:`tick` may change something, if any."""
+        if self._phase is not Phase.DRAINING:
+            return None
+        if self._delay_end is None:
+            return self.delay_ends_at()
+        return self.drain_deadline()
+
+    def stuck(self, now: float | None = None) -> list[tuple[str, str, float]]:
+        """``(method, path, age)`` of everything in flight, oldest first."""
+        at = self._now(now)
+        return [(e.method, e.path, at - e.started) for e in self.requests.entries()]
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """Everything the status route reports."""
+        from . import __version__
+
+        at = self._now(now)
+        self.tick(at)
+        oldest = self.requests.oldest()
+        delay_end, deadline = self.delay_ends_at(), self.drain_deadline()
+        inflight = self.inflight
+        return {
+            "phase": self._phase.value,
+            "reason": self._reason,
+            "in_phase_for": round(at - self._since, 3),
+            "inflight": inflight,
+            "inflight_by_worker": {str(os.getpid()): inflight},
+            "websockets": len(self.websockets),
+            "oldest_request_age": None if oldest is None else round(at - oldest, 3),
+            "delay_remaining": None if delay_end is None else round(max(0.0, delay_end - at), 3),
+            "drain_deadline_in": None if deadline is None else round(deadline - at, 3),
+            "events_subscribers": len(self.events),
+            "pid": os.getpid(),
+            "version": __version__,
+        }
+
+    def notice(self) -> dict[str, Any]:
+        """The current phase as an events-stream notice."""
+        retry = math.ceil(max(self.config.delay, 1.0))
+        return {
+            "id": self._notice_id,
+            "phase": self._phase.value,
+            "reason": self._reason,
+            "retry_after": 0 if self._phase is Phase.SERVING else retry,
+        }
+
+    # -- events ----------------------------------------------------------------------------
+
+    def mark_ready(self, *, now: float | None = None) -> None:
+        self._apply(Event.MARK_READY, "ready", self._now(now))
+
+    def drain(self, reason: str = "drain requested", *, now: float | None = None) -> None:
+        self._apply(Event.DRAIN, reason, self._now(now))
+
+    def resume(self, reason: str = "resumed", *, now: float | None = None) -> None:
+        self._apply(Event.RESUME, reason, self._now(now))
+
+    def stop(self, reason: str = "stop requested", *, now: float | None = None) -> None:
+        self._apply(Event.STOP, reason, self._now(now))
+
+    def mark_stopped(self, *, now: float | None = None) -> None:
+        self._apply(Event.STOPPED, "stopped", self._now(now))
+
+    def tick(self, now: float | None = None) -> Phase:
+        """Move DRAINING to DRAINED once the delay is over and nothing is in flight."""
+        if self._phase is not Phase.DRAINING:
+            return self._phase
+        at = self._now(now)
+        with self._cond:
+            if self._phase is not Phase.DRAINING:
+                return self._phase
+            if self._delay_end is None:
+                end = self.delay_ends_at()
+                if end is None or at < end:
+                    return self._phase
+                self._delay_end = end
+            if self.requests:
+                return self._phase
+        self._apply(Event.DRAIN_COMPLETE, "drained", at, strict=False)
+        return self._phase
+
+    def sync_drain_file(self, exists: bool, *, now: float | None = None) -> None:
+        """Drain while the drain file exists; resume when it goes, if it started the drain."""
+        phase = self._phase
+        if exists and phase is Phase.SERVING:
+            self._apply(Event.DRAIN, "drain file present", self._now(now), by_file=True)
+        elif not exists and self._drain_by_file and phase in (Phase.DRAINING, Phase.DRAINED):
+            self._apply(Event.RESUME, "drain file removed", self._now(now), strict=False)
+
+    def _apply(
+        self, event: Event, reason: str, now: float, *, strict: bool = True, by_file: bool = False
+    ) -> None:
+        with self._cond:
+            old = self._phase
+            new = TRANSITIONS.get((old, event))
+            if new is None:
+                if strict:
+                    raise LifecycleError(old, event)
+                return
+            if new is old:
+                return
+            self._phase, self._reason, self._since = new, reason, now
+            self.announcing = new in ANNOUNCING
+            if new is Phase.DRAINING:
+                self._drain_started, self._delay_end = now, None
+                self._drain_by_file = by_file
+            elif new is Phase.SERVING:
+                self._drain_started = self._delay_end = None
+                self._drain_by_file = False
+            watching = self._waiters > 0 or new is Phase.DRAINING
+            self.requests.on_idle = self._on_idle if watching else None
+            self._notice_id += 1
+            notice = self.notice()
+            self._cond.notify_all()
+        self._wake_async()
+        self.events.publish(notice)
+        self._announce(old, new, reason)
+
+    def _announce(self, old: Phase, new: Phase, reason: str) -> None:
+        logger.info("phase %s -> %s (%s), %d in flight", old, new, reason, self.inflight)
+        signals.send(signals.phase_changed, self, old=old, new=new, reason=reason)
+        if new is Phase.DRAINING:
+            signals.send(signals.drain_started, self, reason=reason)
+        elif new is Phase.DRAINED:
+            signals.send(signals.drained, self)
+        elif new is Phase.SERVING and old in (Phase.DRAINING, Phase.DRAINED):
+            signals.send(signals.resumed, self, reason=reason)
+        elif new is Phase.STOPPING:
+            signals.send(signals.stopping, self, reason=reason)
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _on_idle(self) -> None:
+        self.tick()
+        with self._cond:
+            self._cond.notify_all()
+        self._wake_async()
+
+    def _wake_async(self) -> None:
+        for loop, event in list(self._async_waiters):
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed; its waiter is gone
+                self._async_waiters.discard((loop, event))
+
+    def _watch(self, delta: int) -> None:
+        with self._cond:
+            self._waiters += delta
+            watching = self._waiters > 0 or self._phase is Phase.DRAINING
+            self.requests.on_idle = self._on_idle if watching else None
+
+    def _drained(self) -> bool | None:
+        """True when drained, False when the drain can no longer complete, None to keep waiting."""
+        phase = self._phase
+        if phase is Phase.DRAINED:
+            return True
+        if phase in (Phase.STOPPING, Phase.STOPPED):
+            return not self.requests
+        if phase is Phase.DRAINING:
+            return None
+        return False
+
+    def _idle(self) -> bool | None:
+        return True if not self.requests else None
+
+    def _wait(self, done: Callable[[], bool | None], timeout: float | None) -> bool:
+        deadline = None if timeout is None else self.clock() + timeout
+        self._watch(+1)
+        try:
+            while True:
+                now = self.clock()
+                self.tick(now)
+                with self._cond:
+                    result = done()
+                    if result is not None:
+                        return result
+                    wait = _until(now, deadline, self.next_deadline())
+                    if wait is not None and wait <= 0:
+                        return False
+                    self._cond.wait(wait)
+        finally:
+            self._watch(-1)
+
+    async def _wait_async(self, done: Callable[[], bool | None], timeout: float | None) -> bool:
+        deadline = None if timeout is None else self.clock() + timeout
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        self._async_waiters.add(waiter)
+        self._watch(+1)
+        try:
+            while True:
+                now = self.clock()
+                self.tick(now)
+                result = done()
+                if result is not None:
+                    return result
+                wait = _until(now, deadline, self.next_deadline())
+                if wait is not None and wait <= 0:
+                    return False
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(waiter[1].wait(), wait)
+                waiter[1].clear()
+        finally:
+            self._watch(-1)
+            self._async_waiters.discard(waiter)
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Block until DRAINED (True), or until the timeout or a resume (False).
+
+        Once stopping, True as soon as nothing is in flight.
+        """
+        return self._wait(self._drained, timeout)
+
+    async def wait_drained_async(self, timeout: float | None = None) -> bool:
+        """:meth:`wait_drained` for asyncio code."""
+        return await self._wait_async(self._drained, timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is in flight, whatever the phase (False on timeout)."""
+        return self._wait(self._idle, timeout)
+
+    async def wait_idle_async(self, timeout: float | None = None) -> bool:
+        return await self._wait_async(self._idle, timeout)
+
+    # -- held work -------------------------------------------------------------------------
+
+    def hold(self, name: str) -> Hold:
+        """Count background work as in flight: ``with lifecycle.hold("job"):`` or ``async with``."""
+        return Hold(self, name)
+
+    def subscribe(self) -> Subscriber | None:
+        """An events-stream subscriber that starts with the current phase (None past the cap)."""
+        with self._cond:
+            return self.events.subscribe(self.notice())
+
+    def __repr__(self) -> str:
+        return f"<Lifecycle {self._phase.value} inflight={self.inflight}>"
+
+
+def _until(now: float, *deadlines: float | None) -> float | None:
+    times = [d - now for d in deadlines if d is not None]
+    return min(times) if times else None
+
+
+class Hold:
+    """A context manager (sync and async) that counts one piece of work as in flight."""
+
+    __slots__ = ("_lifecycle", "_name", "_token")
+
+    def __init__(self, lifecycle: Lifecycle, name: str) -> None:
+        self._lifecycle = lifecycle
+        self._name = name
+        self._token: int | None = None
+
+    def __enter__(self) -> Hold:
+        lc = self._lifecycle
+        self._token = lc.requests.begin("HOLD", self._name, lc.clock())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            self._lifecycle.requests.end(self._token)
+            self._token = None
+
+    async def __aenter__(self) -> Hold:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__()
+
+
+_default: Lifecycle | None = None
+_default_lock = threading.Lock()
+
+
+def get_lifecycle(config: Config | None = None) -> Lifecycle:
+    """The process-wide lifecycle shared by the middleware and the server shims.
+
+    Created on first use from ``GRACEFUL_*`` variables; a ``config`` given here replaces its
+    settings.
+    """
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Lifecycle(config)
+        elif config is not None:
+            _default.configure(config)
+        return _default
+
+
+def set_lifecycle(lifecycle: Lifecycle | None) -> None:
+    """Replace (or with None, forget) the process-wide lifecycle."""
+    global _default
+    with _default_lock:
+        _default = lifecycle
