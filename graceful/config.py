@@ -30,9 +30,10 @@ class ConfigError(ValueError):
     """A setting has a value that is not allowed. The message names the setting."""
 
 
-def default_delay() -> float:
+def default_delay(environ: Mapping[str, str] | None = None) -> float:
     """5 s under Kubernetes (endpoints take a few seconds to update), otherwise 2 s."""
-    return 5.0 if os.environ.get("KUBERNETES_SERVICE_HOST") else 2.0
+    env = os.environ if environ is None else environ
+    return 5.0 if env.get("KUBERNETES_SERVICE_HOST") else 2.0
 
 
 def _setting(default: Any, kind: Kind, doc: str, **extra: Any) -> Any:
@@ -139,13 +140,14 @@ class Config:
             if kind == "checks" or key not in env:
                 continue
             values[field.name] = _parse_env(key, kind, env[key])
-        known = {ENV_PREFIX + n.upper() for n in names}
+        values.setdefault("delay", default_delay(env))  # Kubernetes is detected in ``env`` too
+        known = {ENV_PREFIX + n.upper() for n, f in names.items() if f.metadata["kind"] != "checks"}
         for key in sorted(env):
             if key.startswith(ENV_PREFIX) and key not in known:
                 logger.warning(
                     "ignoring unknown environment variable %s; known: %s",
                     key,
-                    ", ".join(sorted(known - {ENV_PREFIX + "CHECKS"})),
+                    ", ".join(sorted(known)),
                 )
         for name in overrides:
             if name not in names:

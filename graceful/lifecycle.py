@@ -393,7 +393,8 @@ class Lifecycle:
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until DRAINED (True), or until the timeout or a resume (False).
 
-        Once stopping, True as soon as nothing is in flight.
+        Once stopping it answers at once: True when nothing is in flight, else False (a stop
+        has its own bound; wait for it with :meth:`wait_idle`).
         """
         return self._wait(self._drained, timeout)
 

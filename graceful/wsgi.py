@@ -162,13 +162,24 @@ class WSGIMiddleware(AdapterBase):
         subscriber = self.lifecycle.subscribe()
         if subscriber is None:
             return _respond(
-                Response(503, (("Retry-After", "5"),), b"too many event subscribers\n"),
+                Response(
+                    503,
+                    (("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "5")),
+                    b"too many event subscribers\n",
+                ),
                 start_response,
             )
         woken = threading.Event()
         subscriber.wake = woken.set
         start_response("200 OK", list(EVENTS_HEADERS))
-        return self._stream(subscriber, woken)
+        # Released on close() even if the server never starts iterating (the generator's own
+        # finally would not run then).
+        events = self.lifecycle.events
+
+        def release(_token: int) -> None:
+            events.unsubscribe(subscriber)
+
+        return _Released(self._stream(subscriber, woken), release, 0)
 
     def _stream(self, subscriber: Any, woken: threading.Event) -> Iterator[bytes]:
         lifecycle = self.lifecycle

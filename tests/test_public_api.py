@@ -1,0 +1,75 @@
+"""The public surface is ``graceful.__all__``: sorted, importable and complete (as in httpx)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pathlib
+import re
+import sys
+
+import graceful
+
+PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def test_all_is_sorted_without_duplicates() -> None:
+    assert graceful.__all__ == sorted(graceful.__all__)
+    assert len(set(graceful.__all__)) == len(graceful.__all__)
+
+
+def test_every_name_in_all_is_importable() -> None:
+    module = importlib.import_module("graceful")
+    for name in graceful.__all__:
+        assert hasattr(module, name), name
+        namespace: dict[str, object] = {}
+        exec(f"from graceful import {name}", namespace)
+        assert namespace[name] is getattr(module, name)
+
+
+def test_every_public_class_and_function_of_the_package_is_in_all() -> None:
+    exported = set(graceful.__all__)
+    for name, value in vars(graceful).items():
+        if name.startswith("_"):
+            continue
+        if not (inspect.isclass(value) or inspect.isfunction(value)):
+            continue
+        if value.__module__ == "graceful" or value.__module__.startswith("graceful."):
+            assert name in exported, f"graceful.{name} is public but missing from __all__"
+
+
+def test_the_core_names_of_the_issue_are_exported() -> None:
+    for name in [
+        "ASGIMiddleware",
+        "Config",
+        "ConfigError",
+        "Lifecycle",
+        "Phase",
+        "WSGIMiddleware",
+        "get_lifecycle",
+        "install_signal_handlers",
+        "signals",
+    ]:
+        assert name in graceful.__all__
+
+
+def test_private_modules_are_not_exported() -> None:
+    for name in graceful.__all__:
+        assert not (name.startswith("_") and name != "__version__"), name
+
+
+def project_version() -> str:
+    text = PYPROJECT.read_text(encoding="utf-8")
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        version: str = tomllib.loads(text)["project"]["version"]
+        return version
+    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
+    match = re.search(r'^version\s*=\s*"([^"]+)"', project, re.MULTILINE)
+    assert match is not None
+    return match.group(1)
+
+
+def test_version_matches_pyproject() -> None:
+    assert graceful.__version__ == project_version()
