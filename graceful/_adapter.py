@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
+from . import _shared
 from ._checks import ReadinessChecker
 from ._drainfile import DrainFileWatcher
 from ._http import Surface
@@ -9,6 +13,8 @@ from .config import Config
 from .lifecycle import Lifecycle, get_lifecycle
 
 __all__ = ["AdapterBase"]
+
+logger = logging.getLogger("graceful")
 
 
 class AdapterBase:
@@ -18,6 +24,7 @@ class AdapterBase:
         elif config is not None:
             lifecycle.configure(config)
         cfg = lifecycle.config
+        _shared.link_if_worker(lifecycle)  # a no-op outside gunicorn's hooks
         self.lifecycle = lifecycle
         self.surface = Surface(lifecycle)
         self.checker = ReadinessChecker(
@@ -33,12 +40,28 @@ class AdapterBase:
         self._begin = lifecycle.requests.begin
         self._end = lifecycle.requests.end
         self._match = self.surface.match
+        self._unchecked = True
         self._route_of = self.surface.routes.get
         self._prefix = self.surface.prefix
 
+    def _first_request(self) -> None:
+        """Once per middleware: warn when gunicorn runs without graceful's hooks."""
+        self._unchecked = False
+        if self.lifecycle.node is None and "gunicorn.arbiter" in sys.modules:
+            logger.warning(
+                "graceful: gunicorn is running without graceful's hooks, so SIGTERM will not "
+                "drain and each worker answers readiness on its own. Start it with "
+                "`gunicorn -c python:graceful.gunicorn ...` or add "
+                "`from graceful.gunicorn import *` to your gunicorn config file."
+            )
+
     def _look_at_drain_file(self, now: float, *, force: bool = False) -> None:
+        """Take on drains that come from outside: the drain file and, when forced (probes and
+        control routes), the node's shared state, so every worker answers alike."""
         if self.drain_file is not None:
             self.drain_file.check(now, force=force)
+        if force:
+            _shared.sync_now(self.lifecycle)
 
     def _events_wait(self) -> float:
         """How long an events stream may sleep between looks (heartbeat, drain file)."""

@@ -20,7 +20,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from . import signals
 from ._events import EventHub, Subscriber
@@ -34,6 +34,7 @@ __all__ = [
     "Hold",
     "Lifecycle",
     "LifecycleError",
+    "Node",
     "Phase",
     "get_lifecycle",
     "set_lifecycle",
@@ -118,6 +119,31 @@ class LifecycleError(RuntimeError):
         )
 
 
+#: Events a process shares with the other processes of its node (see :class:`Node`).
+_SHARED_EVENTS = {
+    Event.DRAIN: Phase.DRAINING,
+    Event.RESUME: Phase.SERVING,
+    Event.STOP: Phase.STOPPING,
+}
+
+
+class Node(Protocol):
+    """The other processes of this node (gunicorn's workers and master), when there are any.
+
+    Implemented over shared memory by :mod:`graceful._shared`; the lifecycle only asks how much
+    is in flight elsewhere and tells of the drains, resumes and stops that start here.
+    """
+
+    #: How often the others' counts are looked at while waiting (they cannot wake us).
+    poll_interval: float
+
+    def others_inflight(self) -> int: ...
+
+    def by_worker(self, own: int) -> dict[str, int]: ...
+
+    def announce(self, phase: Phase, reason: str) -> None: ...
+
+
 class Lifecycle:
     """One node's phase, its in-flight work, and the waits on them. Thread-safe."""
 
@@ -141,6 +167,8 @@ class Lifecycle:
         self.events = EventHub(self.config.events_max_subscribers)
         #: True while responses should carry ``Graceful-State: draining`` (read on the hot path).
         self.announcing = False
+        #: The other processes of this node, linked by a server shim (None: this process alone).
+        self.node: Node | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -156,8 +184,17 @@ class Lifecycle:
 
     @property
     def inflight(self) -> int:
-        """Requests and held work in flight (websockets are counted apart)."""
+        """Requests and held work in flight in this process (websockets are counted apart)."""
         return len(self.requests)
+
+    def node_inflight(self) -> int:
+        """In flight on the whole node: this process and, when linked, the others."""
+        node = self.node
+        return len(self.requests) + (0 if node is None else node.others_inflight())
+
+    def _busy(self) -> bool:
+        node = self.node
+        return bool(self.requests) or (node is not None and node.others_inflight() > 0)
 
     def configure(self, config: Config) -> None:
         """Replace the settings (at start-up: the routes of existing middleware keep theirs)."""
@@ -205,13 +242,14 @@ class Lifecycle:
         self.tick(at)
         oldest = self.requests.oldest()
         delay_end, deadline = self.delay_ends_at(), self.drain_deadline()
-        inflight = self.inflight
+        own, node = self.inflight, self.node
+        by_worker = {str(os.getpid()): own} if node is None else node.by_worker(own)
         return {
             "phase": self._phase.value,
             "reason": self._reason,
             "in_phase_for": round(at - self._since, 3),
-            "inflight": inflight,
-            "inflight_by_worker": {str(os.getpid()): inflight},
+            "inflight": sum(by_worker.values()),
+            "inflight_by_worker": by_worker,
             "websockets": len(self.websockets),
             "oldest_request_age": None if oldest is None else round(at - oldest, 3),
             "delay_remaining": None if delay_end is None else round(max(0.0, delay_end - at), 3),
@@ -261,7 +299,7 @@ class Lifecycle:
                 if end is None or at < end:
                     return self._phase
                 self._delay_end = end
-            if self.requests:
+            if self._busy():
                 return self._phase
         self._apply(Event.DRAIN_COMPLETE, "drained", at, strict=False)
         return self._phase
@@ -274,8 +312,21 @@ class Lifecycle:
         elif not exists and self._drain_by_file and phase in (Phase.DRAINING, Phase.DRAINED):
             self._apply(Event.RESUME, "drain file removed", self._now(now), strict=False)
 
+    def follow(self, phase: Phase, reason: str, *, now: float | None = None) -> None:
+        """Take on a drain, resume or stop announced by another process of this node."""
+        for event, shared in _SHARED_EVENTS.items():
+            if shared is phase:
+                self._apply(event, reason, self._now(now), strict=False, shared=False)
+
     def _apply(
-        self, event: Event, reason: str, now: float, *, strict: bool = True, by_file: bool = False
+        self,
+        event: Event,
+        reason: str,
+        now: float,
+        *,
+        strict: bool = True,
+        by_file: bool = False,
+        shared: bool = True,
     ) -> None:
         with self._cond:
             old = self._phase
@@ -300,6 +351,9 @@ class Lifecycle:
             notice = self.notice()
             self._cond.notify_all()
         self._wake_async()
+        node = self.node
+        if node is not None and shared and event in _SHARED_EVENTS:
+            node.announce(new, reason)
         self.events.publish(notice)
         self._announce(old, new, reason)
 
@@ -342,13 +396,13 @@ class Lifecycle:
         if phase is Phase.DRAINED:
             return True
         if phase in (Phase.STOPPING, Phase.STOPPED):
-            return not self.requests
+            return not self._busy()
         if phase is Phase.DRAINING:
             return None
         return False
 
     def _idle(self) -> bool | None:
-        return True if not self.requests else None
+        return True if not self._busy() else None
 
     def _wait(self, done: Callable[[], bool | None], timeout: float | None) -> bool:
         deadline = None if timeout is None else self.clock() + timeout
@@ -361,7 +415,7 @@ class Lifecycle:
                     result = done()
                     if result is not None:
                         return result
-                    wait = _until(now, deadline, self.next_deadline())
+                    wait = _until(now, deadline, self.next_deadline(), self._next_poll(now))
                     if wait is not None and wait <= 0:
                         return False
                     self._cond.wait(wait)
@@ -380,7 +434,7 @@ class Lifecycle:
                 result = done()
                 if result is not None:
                     return result
-                wait = _until(now, deadline, self.next_deadline())
+                wait = _until(now, deadline, self.next_deadline(), self._next_poll(now))
                 if wait is not None and wait <= 0:
                     return False
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -389,6 +443,11 @@ class Lifecycle:
         finally:
             self._watch(-1)
             self._async_waiters.discard(waiter)
+
+    def _next_poll(self, now: float) -> float | None:
+        """Other processes cannot wake a waiter: look at their counts this often."""
+        node = self.node
+        return None if node is None else now + node.poll_interval
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until DRAINED (True), or until the timeout or a resume (False).

@@ -1,8 +1,12 @@
 """Signal handling for any server: SIGTERM drains, SIGINT stops quickly, a second SIGINT or a
 SIGQUIT stops at once.
 
-The handlers only record the signal (``SimpleQueue.put`` is safe in a signal handler); a daemon
-thread does the work: it moves the lifecycle, waits for the drain, and calls ``on_stop`` once.
+:class:`StopSequence` is the part every server shares: what each signal means and the steps of
+the stop it starts (move the lifecycle, wait, call ``on_stop`` once). The waits are yielded by
+:meth:`StopSequence.steps`, so the same steps run in a thread (:meth:`StopSequence.run`, used by
+:func:`install_signal_handlers`) or on an event loop (:meth:`StopSequence.run_async`, used by the
+uvicorn shim). Signal handlers only record the signal (``SimpleQueue.put`` is safe in a signal
+handler); a daemon thread, or the event loop, does the work.
 """
 
 from __future__ import annotations
@@ -11,13 +15,13 @@ import logging
 import queue
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from .lifecycle import Lifecycle, LifecycleError, Phase
 
-__all__ = ["SignalHandlers", "install_signal_handlers", "log_stuck"]
+__all__ = ["SignalHandlers", "StopSequence", "Wait", "install_signal_handlers", "log_stuck"]
 
 logger = logging.getLogger("graceful")
 
@@ -33,8 +37,21 @@ def log_stuck(lifecycle: Lifecycle, why: str) -> None:
     logger.warning("%s with %d in flight, stopping anyway: %s", why, len(stuck), listed)
 
 
-class SignalHandlers:
-    """Installed by :func:`install_signal_handlers`; :meth:`uninstall` puts the old ones back."""
+class Wait(NamedTuple):
+    """One wait of a stop: until drained (else until idle), for at most ``timeout`` seconds."""
+
+    drained: bool
+    timeout: float
+
+
+class StopSequence:
+    """What SIGTERM, SIGINT and SIGQUIT mean, and the steps of the stop each one starts.
+
+    :meth:`signal` is called for every signal, in order, from one thread or loop; it moves the
+    lifecycle and answers the signal's name when a stop must be started (then run
+    :meth:`run` or :meth:`run_async` with that name, once). ``on_stop`` is called once at the
+    end of the stop; ``on_force`` (or ``on_stop``) at once on a second SIGINT or a SIGQUIT.
+    """
 
     def __init__(
         self,
@@ -45,10 +62,116 @@ class SignalHandlers:
         self.lifecycle = lifecycle
         self.on_stop = on_stop
         self.on_force = on_force
-        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._mode: str | None = None
+        #: None, then "term", "int" or "force": the stop under way.
+        self.mode: str | None = None
+        self.gave_up = False
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+
+    def signal(self, signum: int) -> str | None:
+        """Take one signal; the signal's name when a stop must be started now, else None."""
+        name = signal.Signals(signum).name
+        if signum == signal.SIGTERM and self.mode is None:
+            self.mode = _TERM
+            return name
+        if signum == signal.SIGINT and self.mode in (None, _TERM):
+            previous, self.mode = self.mode, _INT
+            logger.info("%s: quick stop (no delay)", name)
+            self._move(self.lifecycle.stop, f"{name}: quick stop")
+            return name if previous is None else None
+        if signum in (signal.SIGINT, signal.SIGQUIT) and self.mode != _FORCE:
+            self.mode = _FORCE
+            logger.warning("%s: stopping at once", name)
+            self._move(self.lifecycle.stop, f"{name}: immediate stop")
+            self._call_stop(force=True)
+            return None
+        logger.info("%s ignored: already stopping (%s)", name, self.mode)
+        return None
+
+    def steps(self, name: str) -> Generator[Wait, bool, None]:
+        """The stop started by signal ``name``: yields the waits, is sent each wait's result."""
+        lifecycle, config = self.lifecycle, self.lifecycle.config
+        if self.mode == _TERM:
+            if lifecycle.phase is Phase.STARTING:
+                self._move(lifecycle.stop, f"{name} while starting")
+                idle = yield Wait(drained=False, timeout=config.drain_timeout)
+            else:
+                self._move(lifecycle.drain, name)
+                deadline = lifecycle.drain_deadline()
+                budget = config.delay + config.drain_timeout
+                timeout = budget if deadline is None else deadline - lifecycle.clock()
+                idle = yield Wait(drained=True, timeout=max(0.0, timeout))
+            if not idle and self.mode == _TERM:
+                self.gave_up = True
+                log_stuck(lifecycle, f"drain timeout ({config.drain_timeout:g}s) passed")
+        if self.mode == _INT:
+            idle = yield Wait(drained=False, timeout=config.interrupt_timeout)
+            if not idle:
+                self.gave_up = True
+                log_stuck(lifecycle, f"quick stop ({config.interrupt_timeout:g}s) timed out")
+        if self.mode == _FORCE:
+            return
+        self._move(lifecycle.stop, f"{name}: drained")
+        self._call_stop(force=False)
+
+    def run(self, name: str) -> None:
+        """Run the steps of the stop started by ``name``, blocking (from a thread)."""
+        lifecycle = self.lifecycle
+        steps = self.steps(name)
+        try:
+            wait = next(steps)
+            while True:
+                waiter = lifecycle.wait_drained if wait.drained else lifecycle.wait_idle
+                wait = steps.send(waiter(wait.timeout))
+        except StopIteration:
+            pass
+
+    async def run_async(self, name: str) -> None:
+        """Run the steps of the stop started by ``name`` on the running event loop."""
+        lifecycle = self.lifecycle
+        steps = self.steps(name)
+        try:
+            wait = next(steps)
+            while True:
+                waiter = lifecycle.wait_drained_async if wait.drained else lifecycle.wait_idle_async
+                wait = steps.send(await waiter(wait.timeout))
+        except StopIteration:
+            pass
+
+    def _move(self, action: Callable[[str], None], reason: str) -> None:
+        try:
+            action(reason)
+        except LifecycleError as exc:
+            logger.debug("%s", exc)
+
+    def _call_stop(self, *, force: bool) -> None:
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        callback = self.on_force if force and self.on_force is not None else self.on_stop
+        try:
+            callback()
+        except Exception:
+            logger.exception("stop callback %r raised", callback)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until the stop callback has been called (True) or the timeout passes."""
+        return self._stopped.wait(timeout)
+
+
+class SignalHandlers:
+    """Installed by :func:`install_signal_handlers`; :meth:`uninstall` puts the old ones back."""
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        on_stop: Callable[[], object],
+        on_force: Callable[[], object] | None = None,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.sequence = StopSequence(lifecycle, on_stop, on_force)
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._previous: dict[int, Any] = {}
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="graceful-signals", daemon=True
@@ -80,74 +203,16 @@ class SignalHandlers:
 
     def _dispatch(self) -> None:
         while True:
-            signum = self._signals.get()
-            name = signal.Signals(signum).name
-            if signum == signal.SIGTERM and self._mode is None:
-                self._start(_TERM, name)
-            elif signum == signal.SIGINT and self._mode in (None, _TERM):
-                self._start(_INT, name)
-            elif signum in (signal.SIGINT, signal.SIGQUIT) and self._mode != _FORCE:
-                self._mode = _FORCE
-                logger.warning("%s: stopping at once", name)
-                self._move(self.lifecycle.stop, f"{name}: immediate stop")
-                self._call_stop(force=True)
-            else:
-                logger.info("%s ignored: already stopping (%s)", name, self._mode)
-
-    def _start(self, mode: str, name: str) -> None:
-        previous, self._mode = self._mode, mode
-        if mode == _INT:
-            logger.info("%s: quick stop (no delay)", name)
-            self._move(self.lifecycle.stop, f"{name}: quick stop")
-        if previous is None:
-            self._worker = threading.Thread(
-                target=self._run, args=(name,), name="graceful-drain", daemon=True
-            )
-            self._worker.start()
-
-    def _run(self, name: str) -> None:
-        lifecycle, config = self.lifecycle, self.lifecycle.config
-        if self._mode == _TERM:
-            if lifecycle.phase is Phase.STARTING:
-                self._move(lifecycle.stop, f"{name} while starting")
-                idle = lifecycle.wait_idle(config.drain_timeout)
-            else:
-                self._move(lifecycle.drain, name)
-                deadline = lifecycle.drain_deadline()
-                budget = config.delay + config.drain_timeout
-                timeout = budget if deadline is None else deadline - lifecycle.clock()
-                idle = lifecycle.wait_drained(max(0.0, timeout))
-                if not idle and self._mode == _TERM:
-                    log_stuck(lifecycle, f"drain timeout ({config.drain_timeout:g}s) passed")
-        if self._mode == _INT:
-            idle = lifecycle.wait_idle(config.interrupt_timeout)
-            if not idle:
-                log_stuck(lifecycle, f"quick stop ({config.interrupt_timeout:g}s) timed out")
-        if self._mode == _FORCE:
-            return
-        self._move(lifecycle.stop, f"{name}: drained")
-        self._call_stop(force=False)
-
-    def _move(self, action: Callable[[str], None], reason: str) -> None:
-        try:
-            action(reason)
-        except LifecycleError as exc:
-            logger.debug("%s", exc)
-
-    def _call_stop(self, *, force: bool) -> None:
-        with self._stop_lock:
-            if self._stopped.is_set():
-                return
-            self._stopped.set()
-        callback = self.on_force if force and self.on_force is not None else self.on_stop
-        try:
-            callback()
-        except Exception:
-            logger.exception("stop callback %r raised", callback)
+            name = self.sequence.signal(self._signals.get())
+            if name is not None:
+                self._worker = threading.Thread(
+                    target=self.sequence.run, args=(name,), name="graceful-drain", daemon=True
+                )
+                self._worker.start()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """Block until the stop callback has been called (True) or the timeout passes."""
-        return self._stopped.wait(timeout)
+        return self.sequence.wait_stopped(timeout)
 
 
 def install_signal_handlers(

@@ -114,6 +114,8 @@ class WSGIMiddleware(AdapterBase):
             route = self._match(path)
             if route is not None:
                 return self._serve(route, environ, start_response)
+        if self._unchecked:
+            self._first_request()
         now = self._clock()
         if self.drain_file is not None:
             self.drain_file.check(now)

@@ -1,0 +1,467 @@
+"""A client that behaves like a load balancer in front of one node, to prove a drain loses nothing.
+
+:func:`sigterm_under_load` drives a server running ``tests/e2e/apps/load_app.py`` (any server,
+any shim) and returns a :class:`DrainReport`; :func:`assert_lossless` checks it::
+
+    report = sigterm_under_load(proc, "http://127.0.0.1:8000", record_dir)
+    assert_lossless(report)
+    assert report.readyz_reaction is not None and report.readyz_reaction < 0.3
+
+The load balancer polls ``/readyz`` (and ``/livez``) every 100 ms on fresh connections and stops
+sending new requests at the first failed probe. Callers each keep one ``requests.Session``
+(keep-alive, like a proxy) and nothing is ever retried: a reset, a refused connection or an
+unexpected status is a failure in the report. All times are ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import http.client
+import os
+import secrets
+import select
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import requests
+
+if TYPE_CHECKING:
+    from conftest import Proc
+
+__all__ = ["DrainReport", "assert_lossless", "sigterm_under_load"]
+
+#: How often the load balancer probes, and how long a probe may take before it counts as failed.
+PROBE_INTERVAL = 0.1
+PROBE_TIMEOUT = 2.0
+#: Bounds on one caller request: connecting, and waiting for the answer.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 15.0
+
+
+@dataclasses.dataclass
+class DrainReport:
+    """What the load balancer saw while the node drained (times are ``time.monotonic()``)."""
+
+    sent: int
+    """Requests sent by the callers and the slow requests (probes not counted)."""
+    failures: list[str]
+    """``"METHOD path: error"`` for every request that did not get its expected answer."""
+    acked_post_ids: list[str]
+    """Ids of the ``POST /orders`` the server answered 201."""
+    recorded_post_ids: list[str]
+    """Every line of every ``*.ids`` file under the record directory (duplicates kept)."""
+    signal_at: float
+    """Just before the signal was sent."""
+    readyz_failed_at: float | None
+    """When the first failed ``/readyz`` probe was seen (its answer or error arrived)."""
+    readyz_failed_with: str | None
+    """How it failed: ``"status 503"``, ``"connection refused"``, ..."""
+    livez_ok_until: float | None
+    """When the last ``/livez`` probe answered 200 (its answer arrived)."""
+    livez_failed_at: float | None
+    """When the first failed ``/livez`` probe was seen."""
+    livez_failed_with: str | None
+    last_response_at: float | None
+    """When the last answer to a request (probes not counted) was fully read."""
+    exit_code: int | None
+    """The server process's exit status; None when it was still running at ``max_seconds``."""
+    exited_at: float | None
+    """When the process exited (seen through a pidfd, so to the millisecond)."""
+    started_at: float
+    """When the harness started (its first probe)."""
+    sent_after_signal: int = 0
+    """Requests the callers sent after the signal (before the load balancer noticed)."""
+    readyz_ok_after_failure: int = 0
+    """``/readyz`` probes that answered 200 after the first failed one (a node, or one of its
+    workers, that turned ready again)."""
+
+    @property
+    def readyz_reaction(self) -> float | None:
+        """Signal to failed readiness as seen by the load balancer, in seconds.
+
+        An upper bound on the server's own reaction: it includes up to one probe interval
+        (100 ms) and the probe's round trip.
+        """
+        if self.readyz_failed_at is None:
+            return None
+        return self.readyz_failed_at - self.signal_at
+
+    @property
+    def exit_after_last_response(self) -> float | None:
+        """Last answer to process exit, in seconds (negative: it exited before answering)."""
+        if self.exited_at is None or self.last_response_at is None:
+            return None
+        return self.exited_at - self.last_response_at
+
+    @property
+    def exit_after_signal(self) -> float | None:
+        if self.exited_at is None:
+            return None
+        return self.exited_at - self.signal_at
+
+    @property
+    def lost_post_ids(self) -> list[str]:
+        """Acknowledged ids the server did not record."""
+        recorded = set(self.recorded_post_ids)
+        return [oid for oid in self.acked_post_ids if oid not in recorded]
+
+    @property
+    def duplicate_post_ids(self) -> list[str]:
+        """Ids recorded more than once."""
+        counts = collections.Counter(self.recorded_post_ids)
+        return sorted(oid for oid, n in counts.items() if n > 1)
+
+    def summary(self) -> str:
+        """A few lines for an assertion message: counts, times from the signal, failures."""
+
+        def rel(t: float | None) -> str:
+            return "never" if t is None else f"{t - self.signal_at:+.3f}s"
+
+        lines = [
+            f"sent {self.sent} ({self.sent_after_signal} after the signal), "
+            f"{len(self.failures)} failed, {len(self.acked_post_ids)} POSTs acknowledged, "
+            f"{len(self.recorded_post_ids)} ids recorded",
+            f"times relative to the signal: readyz failed {rel(self.readyz_failed_at)} "
+            f"({self.readyz_failed_with}; {self.readyz_ok_after_failure} ok after that), "
+            f"livez ok until {rel(self.livez_ok_until)}, "
+            f"livez failed {rel(self.livez_failed_at)} ({self.livez_failed_with}), "
+            f"last response {rel(self.last_response_at)}, exited {rel(self.exited_at)} "
+            f"with {self.exit_code}",
+        ]
+        lines += [f"  failure: {failure}" for failure in self.failures[:20]]
+        if len(self.failures) > 20:
+            lines.append(f"  ... and {len(self.failures) - 20} more failures")
+        return "\n".join(lines)
+
+
+def assert_lossless(report: DrainReport) -> None:
+    """Zero failures, and every acknowledged POST id recorded exactly once (and some were)."""
+    problems = []
+    if report.failures:
+        problems.append(f"{len(report.failures)} requests failed")
+    if not report.acked_post_ids:
+        problems.append("no POST was acknowledged: the run proves nothing")
+    if report.lost_post_ids:
+        problems.append(f"acknowledged but not recorded: {report.lost_post_ids[:10]}")
+    if report.duplicate_post_ids:
+        problems.append(f"recorded more than once: {report.duplicate_post_ids[:10]}")
+    if problems:
+        raise AssertionError("not lossless: " + "; ".join(problems) + "\n" + report.summary())
+
+
+def sigterm_under_load(
+    proc: Proc,
+    base_url: str,
+    record_dir: Path,
+    *,
+    signum: int = signal.SIGTERM,
+    callers: int = 16,
+    slow_requests: int = 3,
+    slow_seconds: float = 2.0,
+    load_before: float = 1.0,
+    max_seconds: float = 60.0,
+    max_requests: int = 50_000,
+) -> DrainReport:
+    """Load the node like a load balancer would, send ``signum`` mid-load, and report.
+
+    The node must be ready. ``callers`` threads send ``GET /ping`` and ``POST /orders`` (unique
+    ids) in turn; after ``load_before`` seconds, ``slow_requests`` ``GET /slow`` requests are
+    written to the server, then ``signum`` goes to ``proc`` (the server's master). Callers stop
+    at the first failed ``/readyz`` probe; the harness then waits for every request and for the
+    process to exit, all within ``max_seconds`` of starting. ``record_dir`` is the server's
+    ``LOAD_RECORD_DIR`` and should be fresh for each run.
+    """
+    run = _Run(proc, base_url, max_requests, deadline=time.monotonic() + max_seconds)
+    threads = [
+        threading.Thread(target=run.watch_exit, name="harness-exit", daemon=True),
+        threading.Thread(target=run.probe, name="harness-probes", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    run.first_probe.wait(max(0.0, run.deadline - time.monotonic()))
+    workers = [
+        threading.Thread(target=run.caller, args=(n,), name=f"harness-caller-{n}", daemon=True)
+        for n in range(callers)
+    ]
+    for thread in workers:
+        thread.start()
+    # The load before the signal IS the scenario; a failed probe ends it early.
+    run.stop_sending.wait(load_before)
+    workers += run.start_slow(slow_requests, slow_seconds)
+    run.signal_at = time.monotonic()
+    proc.send_signal(signum)
+
+    run.readyz_failed.wait(max(0.0, run.deadline - time.monotonic()))
+    run.stop_sending.set()
+    for thread in workers:
+        thread.join(max(0.0, run.deadline - time.monotonic()) + CONNECT_TIMEOUT + READ_TIMEOUT)
+    run.exited.wait(max(0.0, run.deadline - time.monotonic()))
+    run.done.set()
+    for thread in threads:
+        thread.join(2 * PROBE_TIMEOUT + 1.0)  # a probe of /readyz and one of /livez
+    return run.report(record_dir)
+
+
+class _Run:
+    """The shared state of one harness run; its methods are the threads' bodies."""
+
+    def __init__(self, proc: Proc, base_url: str, max_requests: int, deadline: float) -> None:
+        parts = urlsplit(base_url)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"base_url needs a host and a port: {base_url!r}")
+        self.proc = proc
+        self.base_url = base_url.rstrip("/")
+        self.host, self.port = parts.hostname, parts.port
+        self.max_requests = max_requests
+        self.deadline = deadline
+        self.tag = secrets.token_hex(3)  # ids unique across runs too
+        self.lock = threading.Lock()
+        self.first_probe = threading.Event()
+        self.readyz_failed = threading.Event()
+        self.stop_sending = threading.Event()
+        self.exited = threading.Event()
+        self.done = threading.Event()
+        self.started_at = time.monotonic()
+        self.signal_at: float | None = None
+        self.sent = 0
+        self.sent_after_signal = 0
+        self.failures: list[str] = []
+        self.acked: list[str] = []
+        self.last_response_at: float | None = None
+        self.readyz_failed_at: float | None = None
+        self.readyz_failed_with: str | None = None
+        self.livez_ok_until: float | None = None
+        self.livez_failed_at: float | None = None
+        self.livez_failed_with: str | None = None
+        self.readyz_ok_after_failure = 0
+        self.exited_at: float | None = None
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def take_ticket(self) -> bool:
+        """May a caller send one more request? Counts it if so."""
+        with self.lock:
+            if self.stop_sending.is_set() or self.sent >= self.max_requests:
+                return False
+            if time.monotonic() >= self.deadline:
+                self.stop_sending.set()
+                return False
+            self.sent += 1
+            if self.signal_at is not None:
+                self.sent_after_signal += 1
+            return True
+
+    def answered(self, at: float) -> None:
+        with self.lock:
+            if self.last_response_at is None or at > self.last_response_at:
+                self.last_response_at = at
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            self.failures.append(what)
+
+    # -- callers ---------------------------------------------------------------------------
+
+    def caller(self, number: int) -> None:
+        session = requests.Session()
+        session.trust_env = False  # straight to 127.0.0.1, never through a proxy
+        timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
+        sequence = 0
+        try:
+            while self.take_ticket():
+                sequence += 1
+                if sequence % 2:
+                    self.call(session, "GET", "/ping", 200, timeout)
+                else:
+                    oid = f"{self.tag}-{number}-{sequence}"
+                    if self.call(session, "POST", "/orders", 201, timeout, {"id": oid}):
+                        with self.lock:
+                            self.acked.append(oid)
+        finally:
+            session.close()
+
+    def call(
+        self,
+        session: requests.Session,
+        method: str,
+        path: str,
+        expect: int,
+        timeout: tuple[float, float],
+        form: dict[str, str] | None = None,
+    ) -> bool:
+        what = f"{method} {path}" if form is None else f"{method} {path} (id={form['id']})"
+        try:
+            response = session.request(method, self.base_url + path, data=form, timeout=timeout)
+        except requests.RequestException as exc:
+            self.fail(f"{what}: {describe(exc)}")
+            return False
+        self.answered(time.monotonic())
+        if response.status_code != expect:
+            self.fail(f"{what}: status {response.status_code} {response.text[:80]!r}")
+            return False
+        return True
+
+    def start_slow(self, count: int, seconds: float) -> list[threading.Thread]:
+        """Write ``count`` slow requests to the server now; threads read their answers."""
+        path = f"/slow?seconds={seconds:g}"
+        threads = []
+        for _ in range(count):
+            with self.lock:
+                self.sent += 1
+            connection = http.client.HTTPConnection(
+                self.host, self.port, timeout=seconds + READ_TIMEOUT
+            )
+            try:
+                connection.request("GET", path)  # returns once the request is written
+            except OSError as exc:
+                self.fail(f"GET {path}: {describe(exc)}")
+                connection.close()
+                continue
+            thread = threading.Thread(
+                target=self.finish_slow, args=(connection, path), name="harness-slow", daemon=True
+            )
+            thread.start()
+            threads.append(thread)
+        return threads
+
+    def finish_slow(self, connection: http.client.HTTPConnection, path: str) -> None:
+        try:
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.fail(f"GET {path}: {describe(exc)}")
+            return
+        finally:
+            connection.close()
+        self.answered(time.monotonic())
+        if response.status != 200:
+            self.fail(f"GET {path}: status {response.status} {body[:80]!r}")
+
+    # -- the load balancer's probes --------------------------------------------------------
+
+    def probe(self) -> None:
+        """Probe /readyz then /livez every PROBE_INTERVAL until the process has exited and
+        a failed /readyz has been seen (a killed process fails it too)."""
+        next_tick = time.monotonic()
+        while not self.done.is_set() and not (self.exited.is_set() and self.readyz_failed.is_set()):
+            ready, how = self.probe_once("/readyz")
+            seen = time.monotonic()
+            if ready and self.readyz_failed_at is not None:
+                self.readyz_ok_after_failure += 1
+            elif not ready and self.readyz_failed_at is None:
+                self.readyz_failed_at, self.readyz_failed_with = seen, how
+                if self.signal_at is None:
+                    self.fail(f"GET /readyz: failed before the signal: {how}")
+                self.stop_sending.set()
+                self.readyz_failed.set()
+            self.first_probe.set()
+            alive, how = self.probe_once("/livez")
+            seen = time.monotonic()
+            if alive:
+                self.livez_ok_until = seen
+            elif self.livez_failed_at is None:
+                self.livez_failed_at, self.livez_failed_with = seen, how
+            next_tick += PROBE_INTERVAL
+            now = time.monotonic()
+            if next_tick < now:  # a slow probe: skip the ticks it overran
+                next_tick = now
+            # The probe interval IS the behaviour (a load balancer's health check period).
+            self.done.wait(next_tick - now)
+
+    def probe_once(self, path: str) -> tuple[bool, str]:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=PROBE_TIMEOUT)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return False, describe(exc)
+        finally:
+            connection.close()
+        return response.status == 200, f"status {response.status}"
+
+    # -- the process -----------------------------------------------------------------------
+
+    def watch_exit(self) -> None:
+        """Note the moment the process exits (a pidfd turns readable then), and reap it."""
+        popen = self.proc.popen
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # no pidfd (not Linux) or already reaped
+            pidfd = None
+        try:
+            while not self.done.is_set() and popen.returncode is None:
+                if pidfd is not None:
+                    readable, _, _ = select.select([pidfd], [], [], 0.2)
+                    if not readable:
+                        continue
+                elif popen.poll() is None:
+                    self.done.wait(0.002)  # the fallback poll interval, bounded by done
+                    continue
+                self.exited_at = time.monotonic()
+                popen.wait(5.0)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        if popen.returncode is not None:
+            if self.exited_at is None:
+                self.exited_at = time.monotonic()
+            self.exited.set()
+
+    # -- the outcome -----------------------------------------------------------------------
+
+    def report(self, record_dir: Path) -> DrainReport:
+        recorded = []
+        for path in sorted(record_dir.glob("*.ids")):
+            recorded += path.read_text().splitlines()
+        with self.lock:
+            return DrainReport(
+                sent=self.sent,
+                failures=list(self.failures),
+                acked_post_ids=list(self.acked),
+                recorded_post_ids=recorded,
+                signal_at=self.signal_at if self.signal_at is not None else self.started_at,
+                readyz_failed_at=self.readyz_failed_at,
+                readyz_failed_with=self.readyz_failed_with,
+                livez_ok_until=self.livez_ok_until,
+                livez_failed_at=self.livez_failed_at,
+                livez_failed_with=self.livez_failed_with,
+                last_response_at=self.last_response_at,
+                exit_code=self.proc.popen.returncode,
+                exited_at=self.exited_at,
+                started_at=self.started_at,
+                sent_after_signal=self.sent_after_signal,
+                readyz_ok_after_failure=self.readyz_ok_after_failure,
+            )
+
+
+_KINDS = (
+    ("refused", "connection refused"),
+    ("reset by peer", "connection reset"),
+    ("ConnectionResetError", "connection reset"),
+    ("RemoteDisconnected", "closed without an answer"),
+    ("BrokenPipe", "broken pipe"),
+    ("IncompleteRead", "incomplete answer"),
+    ("timed out", "timed out"),
+    ("Timeout", "timed out"),
+)
+
+
+def describe(exc: BaseException) -> str:
+    """``"<kind>: <Type>: <message>"``, the kind read from anywhere in the wrapped errors."""
+    text = f"{type(exc).__name__}: {exc}"
+    chain: BaseException | None = exc
+    names: list[str] = []
+    while chain is not None and len(names) < 10:
+        names.append(type(chain).__name__)
+        chain = chain.__cause__ or chain.__context__
+    haystack = text + " " + " ".join(names)
+    for needle, kind in _KINDS:
+        if needle in haystack:
+            return f"{kind}: {text[:200]}"
+    return text[:200]

@@ -1,0 +1,382 @@
+"""gunicorn with ``-c python:graceful.gunicorn``: SIGTERM to the master drains without loss.
+
+Real gunicorn processes on 127.0.0.1 serving ``tests/e2e/apps/load_app.py``, driven by the
+load-balancer-like harness in ``drain_harness.py``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import pytest
+import requests
+from drain_harness import assert_lossless, sigterm_under_load
+
+if TYPE_CHECKING:
+    from conftest import Proc, Spawn, WaitUntil
+
+pytestmark = pytest.mark.e2e
+
+APPS = Path(__file__).parent / "apps"
+DELAY = 1.0
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    args: tuple[str, ...]
+    app: str
+    #: For the load test: a sync worker serves one request at a time, so it needs more
+    #: workers than there are slow requests for probes to be answered at all.
+    workers: int = 2
+
+
+SYNC = Kind("sync", ("-k", "sync"), "load_app:wsgi_app", workers=4)
+GTHREAD = Kind("gthread", ("-k", "gthread", "--threads", "8"), "load_app:wsgi_app")
+UVICORN = Kind("uvicorn", ("-k", "uvicorn_worker.UvicornWorker"), "load_app:asgi_app")
+KINDS = [SYNC, GTHREAD, UVICORN]
+
+
+@dataclass
+class Node:
+    proc: Proc
+    url: str
+    record_dir: Path
+
+
+class StartNode(Protocol):
+    def __call__(
+        self,
+        kind: Kind,
+        *,
+        workers: int = ...,
+        extra: tuple[str, ...] = ...,
+        env: dict[str, str] | None = ...,
+        hooks: bool = ...,
+        bind: str | None = ...,
+    ) -> Node: ...
+
+
+@pytest.fixture
+def start_node(spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUntil) -> StartNode:
+    def start(
+        kind: Kind,
+        *,
+        workers: int = 2,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        hooks: bool = True,
+        bind: str | None = None,
+    ) -> Node:
+        record_dir = tmp_path / f"record-{time.monotonic_ns()}"
+        record_dir.mkdir()
+        settings = {
+            "GRACEFUL_DELAY": str(DELAY),
+            "GRACEFUL_DRAIN_TIMEOUT": "10",
+            "LOAD_RECORD_DIR": str(record_dir),
+            "GRACEFUL_TOKEN": TOKEN,
+            **(env or {}),
+        }
+        argv = [sys.executable, "-m", "gunicorn"]
+        if hooks:
+            argv += ["-c", "python:graceful.gunicorn"]
+        argv += [
+            "--bind",
+            bind or f"127.0.0.1:{free_port}",
+            "--workers",
+            str(workers),
+            "--chdir",
+            str(APPS),
+            "--graceful-timeout",
+            "20",
+            *kind.args,
+            *extra,
+            kind.app,
+        ]
+        proc = spawn(argv, env=settings, name=f"gunicorn-{kind.name}")
+        node = Node(proc, f"http://127.0.0.1:{free_port}", record_dir)
+        if bind is None:
+            wait_until(
+                lambda: _ready_everywhere(node.url, workers),
+                timeout=30,
+                message=lambda: f"gunicorn ready:\n{proc.output()}",
+            )
+        wait_until(
+            lambda: len(_children(proc.pid)) == workers and _master_waits_for_signals(proc.pid),
+            timeout=30,
+            message="gunicorn's master done spawning workers",
+        )
+        return node
+
+    return start
+
+
+def _ready_everywhere(url: str, workers: int) -> bool:
+    """Ready on several fresh connections (each may land on another worker)."""
+    return all(
+        requests.get(url + "/readyz", timeout=2).status_code == 200 for _ in range(workers * 3)
+    )
+
+
+def _get(url: str, path: str, timeout: float = 5.0) -> requests.Response:
+    return requests.get(url + path, timeout=timeout)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)
+def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, kind: Kind) -> None:
+    node: Node = start_node(kind, workers=kind.workers)
+    report = sigterm_under_load(
+        node.proc, node.url, node.record_dir, slow_requests=2, slow_seconds=2.0
+    )
+    assert_lossless(report)
+    assert report.readyz_failed_with == "status 503", report.summary()
+    assert report.readyz_reaction is not None and report.readyz_reaction < 0.3, report.summary()
+    # /livez answered 200 until the listener closed: it never failed with a status.
+    livez = report.livez_failed_with
+    assert livez is None or livez.startswith("connection refused"), report.summary()
+    assert report.exit_code == 0, report.summary()
+    exit_after = report.exit_after_signal
+    assert exit_after is not None and exit_after <= DELAY + 2.0 + 1.0, report.summary()
+    after_last = report.exit_after_last_response
+    assert after_last is not None and after_last >= 0, report.summary()
+
+
+@pytest.mark.parametrize("kind", [SYNC, UVICORN], ids=lambda k: k.name)
+def test_readyz_fails_on_every_worker_within_200ms(start_node: StartNode, kind: Kind) -> None:
+    node: Node = start_node(kind, workers=3)
+    node.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    first_fail = None
+    answers = []
+    while time.monotonic() - sent < DELAY * 0.8:  # bounded: within the delay
+        status = _get(node.url, "/readyz").status_code
+        answers.append(status)
+        if status == 503 and first_fail is None:
+            first_fail = time.monotonic() - sent
+        if first_fail is not None and len(answers) > 30:
+            break
+    assert first_fail is not None and first_fail < 0.2, (first_fail, answers)
+    after = answers[answers.index(503) :]
+    assert set(after) == {503}, "a worker answered ready after another had failed"
+    assert _get(node.url, "/livez").status_code == 200
+    assert node.proc.wait(15) == 0
+
+
+def test_gthread_closes_keep_alive_connections_while_draining(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    node: Node = start_node(GTHREAD, workers=1)
+    session = requests.Session()
+    assert session.get(node.url + "/ping", timeout=5).headers.get("Connection") != "close"
+    node.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
+    response = session.get(node.url + "/ping", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["Graceful-State"] == "draining"
+    assert response.headers["Connection"] == "close"
+
+
+def test_a_stuck_request_does_not_hold_the_master_past_the_deadline(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    node: Node = start_node(SYNC, workers=2, env={"GRACEFUL_DRAIN_TIMEOUT": "2"})
+    stuck = _Background(node.url, "/slow?seconds=30")
+    wait_until(lambda: _inflight(node) == 1, message="the stuck request in flight")
+    sent = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(15) == 0
+    took = time.monotonic() - sent
+    assert DELAY + 2.0 - 0.3 <= took <= DELAY + 2.0 + 2.0, took
+    log = node.proc.output()
+    assert "timed out with 1 in flight" in log, log
+    assert "GET /slow" in log and "s)" in log, log
+    stuck.join()
+
+
+def test_a_worker_killed_mid_drain_does_not_leave_its_count(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    node: Node = start_node(SYNC, workers=2, env={"GRACEFUL_DRAIN_TIMEOUT": "20"})
+    busy = _Background(node.url, "/slow?seconds=30")
+    wait_until(lambda: _inflight(node) == 1, message="the slow request in flight")
+    by_worker = _status(node)["inflight_by_worker"]
+    assert isinstance(by_worker, dict)
+    (holder,) = [int(pid) for pid, count in by_worker.items() if count == 1]
+    sent = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
+    os.kill(holder, signal.SIGKILL)
+    assert node.proc.wait(15) == 0
+    # Without clearing the dead worker's slot the master would wait the whole drain timeout.
+    assert time.monotonic() - sent < DELAY + 3.0
+    busy.join()
+
+
+def test_sigint_stops_without_the_delay_after_in_flight_work(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    node: Node = start_node(GTHREAD, workers=1, env={"GRACEFUL_DELAY": "10"})
+    slow = _Background(node.url, "/slow?seconds=1")
+    wait_until(lambda: _inflight(node) == 1, message="the slow request in flight")
+    sent = time.monotonic()
+    node.proc.send_signal(signal.SIGINT)
+    assert node.proc.wait(10) == 0
+    assert time.monotonic() - sent < 3.0
+    assert slow.join() == 200
+
+
+@pytest.mark.parametrize("kind", [SYNC, UVICORN], ids=lambda k: k.name)
+@pytest.mark.parametrize("signals", [("SIGINT", "SIGINT"), ("SIGQUIT",)], ids="+".join)
+def test_second_sigint_or_sigquit_stops_at_once(
+    start_node: StartNode, kind: Kind, signals: tuple[str, ...], wait_until: WaitUntil
+) -> None:
+    node: Node = start_node(
+        kind, workers=2, env={"GRACEFUL_DELAY": "30", "GRACEFUL_INTERRUPT_TIMEOUT": "30"}
+    )
+    _Background(node.url, "/slow?seconds=30")
+    wait_until(lambda: _inflight(node) == 1, message="the slow request in flight")
+    sent = time.monotonic()
+    for name in signals:
+        node.proc.send_signal(getattr(signal, name))
+        time.sleep(0.3)  # two separate signals, as a person pressing Ctrl-C twice
+    node.proc.wait(10)
+    assert time.monotonic() - sent < 6.0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [("--preload",), ("--max-requests", "40", "--max-requests-jitter", "5")],
+    ids=["preload", "max-requests"],
+)
+def test_lossless_with_preload_and_with_recycled_workers(
+    start_node: StartNode, extra: tuple[str, ...]
+) -> None:
+    node: Node = start_node(GTHREAD, extra=extra)
+    report = sigterm_under_load(node.proc, node.url, node.record_dir, slow_seconds=1.5)
+    assert_lossless(report)
+    assert report.exit_code == 0, report.summary()
+
+
+def test_lossless_after_a_sighup_reload(start_node: StartNode, wait_until: WaitUntil) -> None:
+    node: Node = start_node(SYNC, workers=2)
+    before = set(_children(node.proc.pid))
+    node.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: (
+            len(set(_children(node.proc.pid)) - before) == 2
+            and not set(_children(node.proc.pid)) & before
+        ),
+        timeout=20,
+        message="workers replaced after SIGHUP",
+    )
+    wait_until(lambda: _ready_everywhere(node.url, 2), timeout=20, message="ready after HUP")
+    report = sigterm_under_load(node.proc, node.url, node.record_dir, slow_seconds=1.5)
+    assert_lossless(report)
+    assert report.readyz_failed_with == "status 503", report.summary()
+
+
+def test_unix_socket_stays_until_the_drain_ends(
+    start_node: StartNode, tmp_path: Path, wait_until: WaitUntil
+) -> None:
+    path = tmp_path / "node.sock"
+    node: Node = start_node(GTHREAD, workers=1, bind=f"unix:{path}", env={"GRACEFUL_DELAY": "2"})
+    wait_until(lambda: _unix_get(path, "/readyz")[0] == 200, timeout=30)
+    node.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: _unix_get(path, "/readyz")[0] == 503, timeout=5)
+    status, _ = _unix_get(path, "/ping")  # still served through the delay
+    assert status == 200 and path.exists()
+    assert node.proc.wait(15) == 0
+    assert not path.exists()
+
+
+def test_warns_once_when_gunicorn_runs_without_the_hooks(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    node: Node = start_node(SYNC, workers=1, hooks=False)
+    for _ in range(3):
+        assert _get(node.url, "/ping").status_code == 200
+    wait_until(lambda: "without graceful's hooks" in node.proc.output(), timeout=5)
+    log = node.proc.output()
+    assert log.count("without graceful's hooks") == 1, log
+    assert "-c python:graceful.gunicorn" in log
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+class _Background:
+    """One request in a thread of its own; ``join`` gives its status (0 when it failed)."""
+
+    def __init__(self, url: str, path: str) -> None:
+        import threading
+
+        self.status = 0
+        self._thread = threading.Thread(target=self._run, args=(url + path,), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str) -> None:
+        try:
+            self.status = requests.get(url, timeout=40).status_code
+        except requests.RequestException:
+            self.status = 0
+
+    def join(self) -> int:
+        self._thread.join(45)
+        return self.status
+
+
+TOKEN = "e2e-token-0123456789"
+
+
+def _status(node: Node) -> dict[str, object]:
+    response = requests.get(
+        node.url + "/-/graceful/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
+    )
+    response.raise_for_status()
+    status: dict[str, object] = response.json()
+    return status
+
+
+def _inflight(node: Node) -> int:
+    """The node's in-flight total, as the status route reads it from the shared slots."""
+    total = _status(node)["inflight"]
+    assert isinstance(total, int)
+    return total
+
+
+def _master_waits_for_signals(pid: int) -> bool:
+    """The master's main thread is blocked on its signal queue, not in its spawn loop's sleeps
+    (a signal sent during those is handled up to 0.1 s per worker late, by gunicorn itself)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as wchan:
+            where = wchan.read()
+    except OSError:
+        return True
+    return "futex" in where or where in ("", "0")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(p) for p in children.read().split()]
+
+
+def _unix_get(path: Path, target: str) -> tuple[int, bytes]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(str(path))
+    connection = http.client.HTTPConnection("localhost")
+    connection.sock = sock
+    try:
+        connection.request("GET", target)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()

@@ -1,0 +1,408 @@
+"""uvicorn with ``graceful.ASGIMiddleware`` in the app: SIGTERM drains without loss.
+
+Real processes on 127.0.0.1 serving ``tests/e2e/apps/load_app.py:asgi_app``, three ways:
+
+- ``uvicorn``: plain ``python -m uvicorn load_app:asgi_app`` (the middleware chains uvicorn's
+  signal handler at lifespan start-up);
+- ``workers``: the same with ``--workers 2`` (uvicorn's supervisor passes SIGTERM on to each
+  worker and waits for them; each worker drains);
+- ``run``: ``graceful.uvicorn.run("load_app:asgi_app", ...)``, and ``run-workers`` with
+  ``workers=2`` (its supervisor passes signals on to the workers at once, as they are).
+
+Load tests use the load-balancer-like harness in ``drain_harness.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import pytest
+import requests
+from drain_harness import assert_lossless, sigterm_under_load
+
+if TYPE_CHECKING:
+    from conftest import Proc, Spawn, WaitUntil
+
+pytestmark = pytest.mark.e2e
+
+APPS = Path(__file__).parent / "apps"
+DELAY = 1.0
+TOKEN = "uvicorn-e2e-Token-51c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+KINDS = ("uvicorn", "workers", "run", "run-workers")
+#: uvicorn's own supervisor (``--workers``) looks at signals every 0.5 s: SIGTERM reaches its
+#: workers up to that late. Signalling the process group (systemd does) or
+#: ``graceful.uvicorn.run(workers=N)`` avoids it.
+SUPERVISOR_POLL = 0.5
+RUN = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import graceful.uvicorn; "
+    "graceful.uvicorn.run('load_app:asgi_app', host='127.0.0.1', port=int(sys.argv[2]), "
+    "workers=int(sys.argv[3]))"
+)
+
+
+@dataclass
+class Node:
+    proc: Proc
+    url: str
+    port: int
+    record_dir: Path
+
+    def records(self, kind: str) -> list[str]:
+        """Every line of every ``<pid>.<kind>`` file the app wrote."""
+        return [
+            line
+            for path in sorted(self.record_dir.glob(f"*.{kind}"))
+            for line in path.read_text().splitlines()
+        ]
+
+
+class StartNode(Protocol):
+    def __call__(
+        self, kind: str = ..., *, env: dict[str, str] | None = ..., extra: tuple[str, ...] = ...
+    ) -> Node: ...
+
+
+def argv_for(kind: str, port: int, extra: tuple[str, ...]) -> list[str]:
+    if kind.startswith("run"):
+        return [sys.executable, "-c", RUN, str(APPS), str(port), str(workers_of(kind))]
+    argv = [sys.executable, "-m", "uvicorn", "load_app:asgi_app", "--app-dir", str(APPS)]
+    argv += ["--host", "127.0.0.1", "--port", str(port), *extra]
+    return argv + (["--workers", "2"] if kind == "workers" else [])
+
+
+def workers_of(kind: str) -> int:
+    return 2 if kind.endswith("workers") else 1
+
+
+@pytest.fixture
+def start_node(spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUntil) -> StartNode:
+    def start(
+        kind: str = "uvicorn", *, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()
+    ) -> Node:
+        record_dir = tmp_path / f"record-{time.monotonic_ns()}"
+        record_dir.mkdir()
+        settings = {
+            "GRACEFUL_DELAY": str(DELAY),
+            "GRACEFUL_DRAIN_TIMEOUT": "5",
+            "LOAD_RECORD_DIR": str(record_dir),
+            "GRACEFUL_TOKEN": TOKEN,
+            **(env or {}),
+        }
+        proc = spawn(argv_for(kind, free_port, extra), env=settings, name=f"uvicorn-{kind}")
+        node = Node(proc, f"http://127.0.0.1:{free_port}", free_port, record_dir)
+        workers = workers_of(kind)
+
+        def ready() -> bool:
+            if not proc.alive():
+                pytest.fail(f"{kind} exited with {proc.popen.returncode}:\n{proc.output()}")
+            # Every worker has run its lifespan start-up, where the middleware takes over
+            # SIGTERM; before that a signal would find uvicorn's own handler.
+            lifespan = "--lifespan" not in extra  # tests pass it only to turn it off
+            log = proc.output()
+            started = not lifespan or log.count("Application startup complete.") >= workers
+            return started and _get(node.url, "/readyz").status_code == 200
+
+        wait_until(ready, timeout=30, message=lambda: f"{kind} ready:\n{proc.output()}")
+        return node
+
+    return start
+
+
+def _get(
+    url: str, path: str, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> requests.Response:
+    return requests.get(url + path, timeout=timeout, headers=headers)
+
+
+class Slow(threading.Thread):
+    """``GET /slow?seconds=N`` in a thread; ``status`` (or ``error``) once answered."""
+
+    def __init__(self, node: Node, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=90)
+        self.connection.request("GET", f"/slow?seconds={seconds:g}")  # written before we go on
+        self.status: int | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            response = self.connection.getresponse()
+            response.read()
+            self.status = response.status
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = exc
+        finally:
+            self.connection.close()
+
+
+def in_flight(node: Node, wait_until: WaitUntil) -> None:
+    """Wait until a request is in flight in the app (on one of the workers)."""
+
+    def seen() -> bool:
+        # Each answer comes from one worker: the one holding the request answers 1 sooner or
+        # later (fresh connections are spread over the workers).
+        response = _get(node.url, "/-/graceful/status", headers=AUTH)
+        return response.status_code == 200 and response.json()["inflight"] >= 1
+
+    wait_until(seen, timeout=10, message="a request in flight")
+
+
+# -- SIGTERM under load ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, kind: str) -> None:
+    node = start_node(kind)
+    slow_seconds = 2.0
+
+    report = sigterm_under_load(
+        node.proc, node.url, node.record_dir, slow_requests=3, slow_seconds=slow_seconds
+    )
+
+    summary = report.summary()
+    print(summary)  # shown with the server's output when the test fails
+    assert_lossless(report)
+    assert report.readyz_failed_with == "status 503", summary
+    assert report.readyz_ok_after_failure == 0, summary  # every worker failed readiness at once
+    # An upper bound: it includes up to one probe interval (100 ms) and the probe itself.
+    bound = 0.3 + (SUPERVISOR_POLL if kind == "workers" else 0.0)
+    assert report.readyz_reaction is not None and report.readyz_reaction < bound, summary
+    # /livez answered 200 through the delay and the wait, until the listener closed.
+    assert report.livez_ok_until is not None and report.last_response_at is not None, summary
+    assert report.livez_ok_until - report.signal_at >= DELAY, summary
+    assert report.livez_ok_until >= report.last_response_at - 0.3, summary
+    livez = report.livez_failed_with
+    assert livez is None or livez.startswith("connection refused"), summary
+    assert report.exit_code == 0, summary
+    after_last = report.exit_after_last_response
+    assert after_last is not None and 0 <= after_last < 1.0, summary
+    after_signal = report.exit_after_signal
+    assert after_signal is not None, summary
+    assert slow_seconds * 0.8 <= after_signal <= DELAY + slow_seconds + 1.0, summary
+
+
+@pytest.mark.parametrize(
+    ("kind", "bound"),
+    [("uvicorn", 0.2), ("run-workers", 0.2), ("workers", 0.2 + SUPERVISOR_POLL)],
+)
+def test_readyz_fails_within_200ms_and_livez_stays_ok(
+    start_node: StartNode, kind: str, bound: float
+) -> None:
+    node = start_node(kind)
+    node.proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    first_fail = None
+    answers = []
+    while time.monotonic() - sent < DELAY * 0.8:  # bounded: within the delay
+        status = _get(node.url, "/readyz").status_code
+        answers.append(status)
+        if status == 503 and first_fail is None:
+            first_fail = time.monotonic() - sent
+        if first_fail is not None and len(answers) > 20:
+            break
+    assert first_fail is not None and first_fail < bound, (first_fail, answers)
+    assert set(answers[answers.index(503) :]) == {503}, "a worker answered ready again"
+    assert _get(node.url, "/livez").status_code == 200
+    assert node.proc.wait(15) == 0
+
+
+# -- bounds ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "workers"])
+def test_a_stuck_request_does_not_hold_the_process_past_the_deadline(
+    start_node: StartNode, kind: str, wait_until: WaitUntil
+) -> None:
+    delay, drain_timeout = 0.5, 2.0
+    node = start_node(
+        kind, env={"GRACEFUL_DELAY": str(delay), "GRACEFUL_DRAIN_TIMEOUT": str(drain_timeout)}
+    )
+    stuck = Slow(node, 30)
+    in_flight(node, wait_until)
+    sent = time.monotonic()
+
+    node.proc.send_signal(signal.SIGTERM)
+
+    assert node.proc.wait(15) == 0
+    took = time.monotonic() - sent
+    assert delay + drain_timeout - 0.1 <= took <= delay + drain_timeout + 1.0, took
+    log = node.proc.output()
+    assert "drain timeout (2s) passed with 1 in flight" in log, log
+    named = re.search(r"GET /slow \((\d+\.\d)s\)", log)
+    assert named is not None, log
+    assert float(named.group(1)) >= delay + drain_timeout - 0.1
+    stuck.join(5)
+    assert stuck.status != 200
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "workers", "run-workers"])
+def test_sigint_stops_without_the_delay_after_in_flight_work(
+    start_node: StartNode, kind: str, wait_until: WaitUntil
+) -> None:
+    node = start_node(kind, env={"GRACEFUL_DELAY": "30"})
+    slow = Slow(node, 1.0)
+    in_flight(node, wait_until)
+    sent = time.monotonic()
+
+    if kind == "workers":
+        # Ctrl-C signals the whole process group. uvicorn's supervisor alone passes SIGINT on
+        # to the workers as SIGTERM, which drains with the delay.
+        os.killpg(node.proc.pid, signal.SIGINT)
+    else:
+        node.proc.send_signal(signal.SIGINT)
+
+    assert node.proc.wait(10) == 0
+    assert time.monotonic() - sent < 3.0
+    slow.join(5)
+    assert slow.status == 200, slow.error
+
+
+@pytest.mark.parametrize(
+    "signals", [("SIGINT", "SIGINT"), ("SIGTERM", "SIGQUIT"), ("SIGQUIT",)], ids="+".join
+)
+def test_second_sigint_or_sigquit_stops_at_once(
+    start_node: StartNode, signals: tuple[str, ...], wait_until: WaitUntil
+) -> None:
+    budget = {"GRACEFUL_DELAY": "30", "GRACEFUL_DRAIN_TIMEOUT": "30"}
+    node = start_node("uvicorn", env={**budget, "GRACEFUL_INTERRUPT_TIMEOUT": "30"})
+    Slow(node, 60)
+    in_flight(node, wait_until)
+    *first, last = signals
+    for name in first:
+        node.proc.send_signal(getattr(signal, name))
+        wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
+    sent = time.monotonic()
+
+    node.proc.send_signal(getattr(signal, last))
+
+    assert node.proc.wait(10) == 0
+    assert time.monotonic() - sent < 2.0
+    assert f"{last}: stopping at once" in node.proc.output()
+
+
+# -- the goodbye at the end of the delay -------------------------------------------------------
+
+
+class WebSocket:
+    """A minimal websocket client (RFC 6455) over a plain socket: enough to see the close."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.reader = self.sock.makefile("rb")
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        status = self.reader.readline()
+        assert b" 101 " in status, status
+        while self.reader.readline() not in (b"\r\n", b""):
+            pass
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        assert len(payload) < 126
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def receive(self) -> tuple[int, bytes]:
+        head = self.reader.read(2)
+        if len(head) < 2:
+            raise ConnectionError("closed without a close frame")
+        length = head[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self.reader.read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self.reader.read(8))[0]
+        return head[0] & 0x0F, self.reader.read(length)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+class Stream(threading.Thread):
+    """``GET /stream`` (server-sent events) read to its end in a thread."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(daemon=True)
+        self.connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=15)
+        self.connection.request("GET", "/stream")
+        self.response = self.connection.getresponse()  # the headers: the stream is open
+        self.body = b""
+        self.ended_at: float | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.body = self.response.read()  # to the last chunk; a cut stream raises
+            self.ended_at = time.monotonic()
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = exc
+        finally:
+            self.connection.close()
+
+
+def test_websocket_gets_1012_and_event_stream_ends_at_the_end_of_the_delay(
+    start_node: StartNode,
+) -> None:
+    pytest.importorskip("wsproto", reason="uvicorn needs wsproto or websockets for websockets")
+    node = start_node("uvicorn")
+    ws = WebSocket(node.port, "/ws")
+    try:
+        ws.send(0x1, b"hello")
+        assert ws.receive() == (0x1, b"hello")
+        stream = Stream(node)
+        assert stream.response.status == 200
+        sent = time.monotonic()
+
+        node.proc.send_signal(signal.SIGTERM)
+
+        opcode, payload = ws.receive()
+        closed_after = time.monotonic() - sent
+        ws.send(0x8, payload[:2])  # echo the close, as a client does
+    finally:
+        ws.close()
+    assert opcode == 0x8
+    assert struct.unpack("!H", payload[:2])[0] == 1012
+    assert DELAY * 0.9 <= closed_after < DELAY + 1.0
+    stream.join(10)
+    assert stream.error is None and stream.ended_at is not None, stream.error
+    assert DELAY * 0.9 <= stream.ended_at - sent < DELAY + 1.0
+    assert b"data: tick" in stream.body
+    assert node.proc.wait(10) == 0
+    assert node.records("ws") == ["1012"]
+    assert node.records("streams") == ["stream-ended"]
+
+
+def test_without_lifespan_the_first_request_chains_the_handler(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    # As with Django: uvicorn runs no lifespan, so the first request (here /readyz) links up.
+    node = start_node("uvicorn", extra=("--lifespan", "off"))
+    slow = Slow(node, 1.5)
+    in_flight(node, wait_until)
+    sent = time.monotonic()
+
+    node.proc.send_signal(signal.SIGTERM)
+
+    assert node.proc.wait(10) == 0  # uvicorn alone re-raises SIGTERM: status -15
+    assert time.monotonic() - sent >= DELAY
+    slow.join(5)
+    assert slow.status == 200, slow.error

@@ -1,0 +1,164 @@
+"""The node state shared by a gunicorn master and its workers (graceful._shared), in process and
+across a real fork."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from graceful import Config, Lifecycle, Phase
+from graceful._shared import SharedNode, SlotView, WorkerFollower
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lifecycle_on(view: SlotView, clock: FakeClock) -> Lifecycle:
+    lifecycle = Lifecycle(Config(delay=1.0, drain_timeout=10.0), clock=clock)
+    lifecycle.node = view
+    return lifecycle
+
+
+def phase_of(lifecycle: Lifecycle) -> Phase:
+    """The phase, read afresh (keeps the type checker from narrowing across calls)."""
+    return lifecycle.phase
+
+
+def test_slots_are_claimed_once_and_reused_after_release() -> None:
+    shared = SharedNode(slots=3)
+    claimed = [shared.claim() for _ in range(3)]
+    assert sorted(c for c in claimed if c is not None) == [0, 1, 2]
+    assert shared.claim() is None
+    shared.release(1)
+    assert shared.claim() == 1
+
+
+def test_counts_of_live_workers_add_up_and_a_released_slot_counts_nothing() -> None:
+    shared = SharedNode(slots=4)
+    clock = FakeClock()
+    a, b = shared.claim(), shared.claim()
+    assert a is not None and b is not None
+    worker_a = lifecycle_on(SlotView(shared, a), clock)
+    for n in range(3):
+        worker_a.requests.begin("GET", f"/{n}", clock.now)
+    shared.publish(a, worker_a)
+    assert shared.total() == 3
+    assert SlotView(shared, b).others_inflight() == 3
+    assert SlotView(shared, a).others_inflight() == 0
+    shared.release(a)  # the master, after the worker exited (even SIGKILLed)
+    assert shared.total() == 0
+
+
+def test_the_header_carries_phase_and_reason_with_a_rising_generation() -> None:
+    shared = SharedNode()
+    first, phase, reason = shared.header()
+    assert phase is Phase.SERVING
+    shared.write_header(Phase.DRAINING, "SIGTERM")
+    generation, phase, reason = shared.header()
+    assert (generation, phase, reason) == (first + 1, Phase.DRAINING, "SIGTERM")
+
+
+def test_a_forked_worker_publishes_into_the_map_the_master_reads() -> None:
+    shared = SharedNode(slots=2)
+    index = shared.claim()
+    assert index is not None
+    published_r, published_w = os.pipe()
+    looked_r, looked_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: publish, then stay alive until the master has looked
+        try:
+            lifecycle = Lifecycle(Config(delay=0.0))
+            lifecycle.requests.begin("POST", "/orders", 1.0)
+            lifecycle.requests.begin("GET", "/slow", 0.5)
+            shared.publish(index, lifecycle)
+            os.write(published_w, b"x")
+            os.read(looked_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(published_r, 1) == b"x"
+        slot = shared.slot(index)
+        assert (slot.pid, slot.inflight, slot.method, slot.path) == (pid, 2, "GET", "/slow")
+        assert shared.total() == 2
+    finally:
+        os.write(looked_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (published_r, published_w, looked_r, looked_w):
+            os.close(fd)
+    shared.release(index)
+    assert shared.total() == 0
+
+
+def test_a_drain_completes_only_when_the_other_workers_are_idle_too() -> None:
+    shared = SharedNode(slots=2)
+    clock = FakeClock()
+    me, other = shared.claim(), shared.claim()
+    assert me is not None and other is not None
+    # Another worker (pid 4242) with one request in flight, as its follower publishes it.
+    shared._write_slot(other, 4242, 1, 0, clock.now, "GET", "/slow")
+    lifecycle = lifecycle_on(SlotView(shared, me), clock)
+    lifecycle.mark_ready()
+    lifecycle.drain("test")
+    clock.now += 2.0
+    assert phase_of(lifecycle) is Phase.DRAINING
+    snapshot = lifecycle.snapshot()
+    assert snapshot["inflight"] == 1
+    assert snapshot["inflight_by_worker"] == {"4242": 1, str(os.getpid()): 0}
+    shared._write_slot(other, 4242, 0, 0, 0.0, "", "")
+    assert phase_of(lifecycle) is Phase.DRAINED
+
+
+def test_a_local_drain_is_announced_to_the_node_and_followed_by_the_others() -> None:
+    shared = SharedNode(slots=2)
+    clock = FakeClock()
+    a, b = shared.claim(), shared.claim()
+    assert a is not None and b is not None
+    first = lifecycle_on(SlotView(shared, a), clock)
+    second = lifecycle_on(SlotView(shared, b), clock)
+    follower = WorkerFollower(second, SlotView(shared, b), lambda _: None)
+    first.mark_ready()
+    second.mark_ready()
+    first.drain("control route")
+    assert shared.header()[1] is Phase.DRAINING
+    follower.sync()
+    assert phase_of(second) is Phase.DRAINING
+    first.resume("control route")
+    follower.sync()
+    assert phase_of(second) is Phase.SERVING
+
+
+def test_a_worker_still_starting_when_the_drain_began_drains_once_ready() -> None:
+    shared = SharedNode(slots=1)
+    index = shared.claim()
+    assert index is not None
+    shared.write_header(Phase.DRAINING, "SIGTERM")
+    clock = FakeClock()
+    lifecycle = lifecycle_on(SlotView(shared, index), clock)
+    follower = WorkerFollower(lifecycle, SlotView(shared, index), lambda _: None)
+    follower.sync()
+    assert phase_of(lifecycle) is Phase.STARTING
+    lifecycle.mark_ready()
+    follower.sync()
+    assert phase_of(lifecycle) is Phase.DRAINING
+
+
+@pytest.mark.parametrize("phase", [Phase.DRAINING, Phase.STOPPING])
+def test_following_is_idempotent(phase: Phase) -> None:
+    shared = SharedNode(slots=1)
+    index = shared.claim()
+    assert index is not None
+    lifecycle = lifecycle_on(SlotView(shared, index), FakeClock())
+    lifecycle.mark_ready()
+    shared.write_header(phase, "test")
+    follower = WorkerFollower(lifecycle, SlotView(shared, index), lambda _: None)
+    changes: list[Phase] = []
+    for _ in range(3):
+        follower.sync()
+        changes.append(phase_of(lifecycle))
+    assert changes == [phase] * 3
