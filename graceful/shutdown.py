@@ -50,7 +50,8 @@ class StopSequence:
     :meth:`signal` is called for every signal, in order, from one thread or loop; it moves the
     lifecycle and answers the signal's name when a stop must be started (then run
     :meth:`run` or :meth:`run_async` with that name, once). ``on_stop`` is called once at the
-    end of the stop; ``on_force`` (or ``on_stop``) at once on a second SIGINT or a SIGQUIT.
+    end of the stop; ``on_force`` (or ``on_stop``) at once on a second SIGINT or a SIGQUIT,
+    or on a SIGINT once ``on_stop`` was called (the server is stopping: Ctrl-C forces it).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class StopSequence:
         self.mode: str | None = None
         self.gave_up = False
         self._stopped = threading.Event()
+        self._forced = False
         self._stop_lock = threading.Lock()
 
     def signal(self, signum: int) -> str | None:
@@ -74,7 +76,7 @@ class StopSequence:
         if signum == signal.SIGTERM and self.mode is None:
             self.mode = _TERM
             return name
-        if signum == signal.SIGINT and self.mode in (None, _TERM):
+        if signum == signal.SIGINT and self.mode in (None, _TERM) and not self._stopped.is_set():
             previous, self.mode = self.mode, _INT
             logger.info("%s: quick stop (no delay)", name)
             self._move(self.lifecycle.stop, f"{name}: quick stop")
@@ -145,11 +147,14 @@ class StopSequence:
             logger.debug("%s", exc)
 
     def _call_stop(self, *, force: bool) -> None:
+        """``on_stop`` once; ``on_force`` once, also after ``on_stop`` (it is faster)."""
+        forcing = force and self.on_force is not None
         with self._stop_lock:
-            if self._stopped.is_set():
+            if self._forced or (self._stopped.is_set() and not forcing):
                 return
+            self._forced = forcing
             self._stopped.set()
-        callback = self.on_force if force and self.on_force is not None else self.on_stop
+        callback = self.on_force if forcing and self.on_force is not None else self.on_stop
         try:
             callback()
         except Exception:

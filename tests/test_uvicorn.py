@@ -154,6 +154,21 @@ def test_second_sigint_or_sigquit_forces_exit_at_once(
     assert server.config.timeout_graceful_shutdown == 0
 
 
+def test_sigint_once_uvicorn_is_shutting_down_forces_it_at_once() -> None:
+    lifecycle = lifecycle_with(delay=0)
+    server = idle_server()
+
+    async def scenario() -> None:
+        link = ServerLink(server, lifecycle, asyncio.get_running_loop())
+        link.dispatch(signal.SIGTERM)
+        await until(lambda: server.should_exit, what="the hand-over to uvicorn")
+        assert not flag(server, "force_exit")
+        link.dispatch(signal.SIGINT)  # uvicorn: "Waiting for connections (CTRL+C to force quit)"
+        assert flag(server, "force_exit")
+
+    asyncio.run(scenario())
+
+
 def test_a_request_stuck_past_the_drain_timeout_is_logged_and_not_waited_for(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -300,6 +315,19 @@ async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"done"})
 
 
+@contextlib.contextmanager
+def reraised_signals() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT as uvicorn finds them before it serves: recorded, not deadly."""
+    seen: list[int] = []
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        seen.append(signum)
+
+    signal.signal(signal.SIGTERM, record)
+    signal.signal(signal.SIGINT, record)
+    yield seen
+
+
 @contextlib.asynccontextmanager
 async def serving(server: uvicorn.Server) -> AsyncIterator[tuple[asyncio.Task[None], str]]:
     """Run ``server`` on this loop; yields its task and base URL; stopped at once after."""
@@ -346,9 +374,10 @@ def test_plain_uvicorn_with_the_middleware_drains_on_sigterm_and_exits_cleanly(
                 assert isinstance(
                     getattr(signal.getsignal(signal.SIGTERM), "__self__", None), ServerLink
                 )
-            assert (await http.get(url + "/readyz")).status_code == 200
+            assert (await http.get(url + "/first")).status_code == 200  # not a probe
             handler = signal.getsignal(signal.SIGTERM)
             assert isinstance(getattr(handler, "__self__", None), ServerLink), handler
+            assert (await http.get(url + "/readyz")).status_code == 200
             slow = asyncio.ensure_future(http.get(url + "/slow?seconds=0.8"))
             await until(lambda: lifecycle.inflight == 1, what="the slow request in flight")
             started = time.monotonic()
@@ -364,7 +393,9 @@ def test_plain_uvicorn_with_the_middleware_drains_on_sigterm_and_exits_cleanly(
             assert time.monotonic() - started >= delay
 
     quit_before = signal.getsignal(signal.SIGQUIT)
-    asyncio.run(scenario())
+    with reraised_signals() as reraised:
+        asyncio.run(scenario())
+    assert reraised == []  # uvicorn re-raises what it handled: the process would die of it
     assert server._captured_signals == []  # exit status 0, not -SIGTERM
     if lifespan == "on":
         assert phase_of(lifecycle) is Phase.STOPPED
@@ -375,9 +406,9 @@ def test_plain_uvicorn_with_the_middleware_drains_on_sigterm_and_exits_cleanly(
 
 def test_graceful_server_drains_on_sigterm_and_sets_uvicorns_timeout_from_the_budget() -> None:
     lifecycle = graceful.Lifecycle(graceful.Config(delay=0.2, drain_timeout=7))
-    server = graceful.uvicorn.Server(
-        config_for(graceful.ASGIMiddleware(slow_app, lifecycle)), lifecycle
-    )
+    app = graceful.ASGIMiddleware(slow_app, lifecycle)
+    # No lifespan: the server alone puts the signal handlers back.
+    server = graceful.uvicorn.Server(config_for(app, lifespan="off"), lifecycle)
     assert server.config.timeout_graceful_shutdown == 7
     quit_before = signal.getsignal(signal.SIGQUIT)
 
@@ -391,7 +422,9 @@ def test_graceful_server_drains_on_sigterm_and_sets_uvicorns_timeout_from_the_bu
             assert (await slow).status_code == 200
             await asyncio.wait_for(task, 10)
 
-    asyncio.run(scenario())
+    with reraised_signals() as reraised:
+        asyncio.run(scenario())
+    assert reraised == []
     assert server._captured_signals == []
     assert server.config.timeout_graceful_shutdown == HANDOVER_GRACE
     assert signal.getsignal(signal.SIGQUIT) == quit_before
@@ -427,6 +460,7 @@ class EchoSocket:
         self.close_first = close_first
         self.ended_with: int | None = None
         self.accepted = asyncio.Event()
+        self.release = asyncio.Event()
         self.send_error: BaseException | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -435,8 +469,10 @@ class EchoSocket:
             if message["type"] == "websocket.connect":
                 await send({"type": "websocket.accept"})
                 self.accepted.set()
-                if self.close_first:
+                if self.close_first:  # then stays busy, reading nothing, until released
                     await send({"type": "websocket.close", "code": 1000})
+                    await self.release.wait()
+                    return
             elif message["type"] == "websocket.receive":
                 await send({"type": "websocket.send", "text": message["text"]})
             elif message["type"] == "websocket.disconnect":
@@ -488,10 +524,11 @@ def test_websocket_the_app_closed_itself_gets_no_second_close() -> None:
 
     async def scenario() -> SocketServer:
         socket, task = await open_socket(middleware, app)
-        await asyncio.wait_for(task, 10)
         lifecycle.drain("test")
         await until(lambda: phase_of(lifecycle) is Phase.DRAINED, what="drained")
         await asyncio.sleep(0.05)  # time for a wrong goodbye to go out: proving an absence
+        app.release.set()
+        await asyncio.wait_for(task, 10)
         return socket
 
     socket = asyncio.run(scenario())
@@ -577,6 +614,7 @@ class StreamApp:
         self.events_saw_disconnect = asyncio.Event()
         self.release = asyncio.Event()
         self.streaming = 0
+        self.late_send_error: BaseException | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -589,6 +627,10 @@ class StreamApp:
             while (await receive())["type"] != "http.disconnect":
                 pass
             self.events_saw_disconnect.set()
+            try:  # an event sent before the app looked at the disconnect: no error
+                await send({"type": "http.response.body", "body": b"late", "more_body": True})
+            except Exception as exc:
+                self.late_send_error = exc
         elif path == "/download":
             headers = [(b"content-length", b"6")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -625,6 +667,7 @@ def test_open_http_streams_end_at_the_end_of_the_delay_and_others_are_left_to_fi
             lifecycle.drain("test")  # not a signal: the control route would do the same
             events_done, events_body = await asyncio.wait_for(reads[0], 10)
             assert app.events_saw_disconnect.is_set()
+            assert app.late_send_error is None
             assert events_body == b"data: 1\n\n"
             assert events_done - drained_at >= delay * 0.9
             await asyncio.sleep(0.1)  # time for a wrong end to show: proving an absence

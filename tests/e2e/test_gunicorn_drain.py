@@ -62,6 +62,7 @@ class StartNode(Protocol):
         env: dict[str, str] | None = ...,
         hooks: bool = ...,
         bind: str | None = ...,
+        script: bool = ...,
     ) -> Node: ...
 
 
@@ -75,6 +76,7 @@ def start_node(spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUnt
         env: dict[str, str] | None = None,
         hooks: bool = True,
         bind: str | None = None,
+        script: bool = False,
     ) -> Node:
         record_dir = tmp_path / f"record-{time.monotonic_ns()}"
         record_dir.mkdir()
@@ -85,7 +87,17 @@ def start_node(spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUnt
             "GRACEFUL_TOKEN": TOKEN,
             **(env or {}),
         }
-        argv = [sys.executable, "-m", "gunicorn"]
+        # The console script where gunicorn re-executes itself (USR2): `python -m gunicorn`
+        # re-executes gunicorn/__main__.py as a script, whose directory shadows the stdlib.
+        argv = (
+            [str(Path(sys.executable).with_name("gunicorn"))]
+            if script
+            else [
+                sys.executable,
+                "-m",
+                "gunicorn",
+            ]
+        )
         if hooks:
             argv += ["-c", "python:graceful.gunicorn"]
         argv += [
@@ -380,3 +392,65 @@ def _unix_get(path: Path, target: str) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         connection.close()
+
+
+def test_uvicorn_workers_add_no_second_delay(start_node: StartNode) -> None:
+    node = start_node(UVICORN, workers=2, env={"GRACEFUL_DELAY": "2"})
+    sent = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(15) == 0
+    took = time.monotonic() - sent
+    # The master's delay once (2 s), then gunicorn and uvicorn's own stop: not a second delay.
+    assert 2.0 <= took < 3.5, took
+
+
+def test_a_usr2_upgrade_is_left_alone_and_the_old_master_drains(
+    start_node: StartNode, tmp_path: Path, wait_until: WaitUntil
+) -> None:
+    pidfile = tmp_path / "gunicorn.pid"
+    node = start_node(GTHREAD, workers=1, extra=("--pid", str(pidfile)), script=True)
+    old = node.proc.pid
+    node.proc.send_signal(signal.SIGUSR2)
+    new_pidfile = Path(f"{pidfile}.2")  # gunicorn's name for the new master's pidfile
+    new = wait_until(
+        lambda: new_pidfile.exists() and int(new_pidfile.read_text() or 0),
+        timeout=30,
+        message=lambda: f"a new master after USR2:\n{node.proc.output()}",
+    )
+    assert new != old
+    wait_until(lambda: len(_children(new)) == 1, timeout=30, message="the new master's worker")
+    node.proc.send_signal(signal.SIGTERM)  # the old generation drains and goes
+    assert node.proc.wait(15) == 0
+    wait_until(lambda: _get(node.url, "/readyz").status_code == 200, timeout=10)
+    assert {_get(node.url, "/readyz").status_code for _ in range(10)} == {200}
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(f"/proc/{new}") or _zombie(new), timeout=15)
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_worker_replaced_mid_drain_answers_draining_too(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    node = start_node(SYNC, workers=3, env={"GRACEFUL_DRAIN_TIMEOUT": "4"})
+    busy = [_Background(node.url, "/slow?seconds=30") for _ in range(2)]
+    wait_until(lambda: _inflight(node) == 2, message="two slow requests in flight")
+    node.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
+    by_worker = _status(node)["inflight_by_worker"]
+    assert isinstance(by_worker, dict)
+    victim = next(int(pid) for pid, count in by_worker.items() if count == 1)
+    before = set(_children(node.proc.pid))
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: set(_children(node.proc.pid)) - before, timeout=10, message="a replacement worker"
+    )
+    # Every worker that can answer (the idle one and the replacement) says draining.
+    answers = [_get(node.url, "/readyz").json()["output"] for _ in range(12)]
+    assert set(answers) <= {"draining", "drained"}, answers
+    assert node.proc.wait(20) == 0
+    for request in busy:
+        request.join()

@@ -1,6 +1,6 @@
 """uvicorn with ``graceful.ASGIMiddleware`` in the app: SIGTERM drains without loss.
 
-Real processes on 127.0.0.1 serving ``tests/e2e/apps/load_app.py:asgi_app``, three ways:
+Real processes on 127.0.0.1 serving ``tests/e2e/apps/load_app.py:asgi_app``, started as:
 
 - ``uvicorn``: plain ``python -m uvicorn load_app:asgi_app`` (the middleware chains uvicorn's
   signal handler at lifespan start-up);
@@ -247,6 +247,35 @@ def test_a_stuck_request_does_not_hold_the_process_past_the_deadline(
     assert float(named.group(1)) >= delay + drain_timeout - 0.1
     stuck.join(5)
     assert stuck.status != 200
+
+
+def test_a_worker_killed_mid_drain_does_not_hold_the_others(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    node = start_node("workers", env={"GRACEFUL_DRAIN_TIMEOUT": "20"})
+    Slow(node, 30)
+    in_flight(node, wait_until)
+    holder = holder_of_the_request(node, wait_until)
+    sent = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
+
+    os.kill(holder, signal.SIGKILL)
+
+    assert node.proc.wait(15) == 0
+    # Each worker waits only for its own requests; the supervisor for its live workers.
+    assert time.monotonic() - sent < DELAY + SUPERVISOR_POLL + 2.0
+
+
+def holder_of_the_request(node: Node, wait_until: WaitUntil) -> int:
+    """The pid of the worker that has a request in flight."""
+
+    def holder() -> int | None:
+        status = _get(node.url, "/-/graceful/status", headers=AUTH).json()
+        busy = [int(pid) for pid, count in status["inflight_by_worker"].items() if count]
+        return busy[0] if busy else None
+
+    return wait_until(holder, timeout=10, message="the worker holding the request")
 
 
 @pytest.mark.parametrize("kind", ["uvicorn", "workers", "run-workers"])
