@@ -197,13 +197,21 @@ def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, 
 
 @pytest.mark.parametrize(
     ("kind", "bound"),
-    [("uvicorn", 0.2), ("run-workers", 0.2), ("workers", 0.2 + SUPERVISOR_POLL)],
+    [
+        ("uvicorn", 0.2),
+        ("run-workers", 0.2),
+        ("workers-group", 0.2),  # SIGTERM to the process group, as systemd and Ctrl-C send it
+        ("workers", 0.2 + SUPERVISOR_POLL),  # to uvicorn's supervisor alone: its 0.5 s poll
+    ],
 )
 def test_readyz_fails_within_200ms_and_livez_stays_ok(
     start_node: StartNode, kind: str, bound: float
 ) -> None:
-    node = start_node(kind)
-    node.proc.send_signal(signal.SIGTERM)
+    node = start_node("workers" if kind == "workers-group" else kind)
+    if kind == "workers-group":
+        os.killpg(node.proc.pid, signal.SIGTERM)  # the server leads its own process group
+    else:
+        node.proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     first_fail = None
     answers = []
@@ -300,14 +308,15 @@ def test_sigint_stops_without_the_delay_after_in_flight_work(
     assert slow.status == 200, slow.error
 
 
+@pytest.mark.parametrize("kind", ["uvicorn", "run-workers"])
 @pytest.mark.parametrize(
     "signals", [("SIGINT", "SIGINT"), ("SIGTERM", "SIGQUIT"), ("SIGQUIT",)], ids="+".join
 )
 def test_second_sigint_or_sigquit_stops_at_once(
-    start_node: StartNode, signals: tuple[str, ...], wait_until: WaitUntil
+    start_node: StartNode, kind: str, signals: tuple[str, ...], wait_until: WaitUntil
 ) -> None:
     budget = {"GRACEFUL_DELAY": "30", "GRACEFUL_DRAIN_TIMEOUT": "30"}
-    node = start_node("uvicorn", env={**budget, "GRACEFUL_INTERRUPT_TIMEOUT": "30"})
+    node = start_node(kind, env={**budget, "GRACEFUL_INTERRUPT_TIMEOUT": "30"})
     Slow(node, 60)
     in_flight(node, wait_until)
     *first, last = signals
