@@ -172,6 +172,14 @@ class SlotView:
     def announce(self, phase: Phase, reason: str) -> None:
         self.shared.write_header(phase, reason)
 
+    def stuck(self, now: float) -> list[tuple[str, str, float]]:
+        """The oldest request of each other worker with work in flight (all a slot holds)."""
+        return [
+            (s.method, f"{s.path} [worker {s.pid}: {s.inflight} in flight]", now - s.oldest)
+            for s in self.shared.workers()
+            if s.index != self.index and s.inflight > 0
+        ]
+
 
 class WorkerFollower:
     """A worker's daemon thread: publishes its counts, follows the node's drain state.

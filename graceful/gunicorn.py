@@ -33,12 +33,11 @@ import contextlib
 import logging
 import signal as _signal
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 from . import _shared
 from .lifecycle import Lifecycle, LifecycleError, Phase, get_lifecycle
+from .shutdown import StopSequence
 
 __all__ = ["child_exit", "on_starting", "post_fork", "pre_fork", "pre_request", "when_ready"]
 
@@ -46,15 +45,28 @@ _log = logging.getLogger("graceful")
 
 
 class _Master:
-    """The master's drain: its own lifecycle over the shared node, and what to do next."""
+    """The master's stop: its own lifecycle over the shared node, driven by a StopSequence.
+
+    The sequence waits in a thread; when it is done (``on_stop``) or forced (``on_force``) the
+    master's main loop is asked, through gunicorn's own signal queue, to hand over to gunicorn:
+    gracefully once drained, at once when work is stuck or the stop was forced.
+    """
 
     def __init__(self) -> None:
         self.shared = _shared.SharedNode()
         self.lifecycle = Lifecycle(get_lifecycle().config)
         self.lifecycle.node = _shared.SlotView(self.shared, None)
-        self.mode: str | None = None  # "SIGTERM" or "SIGINT": the stop under way
-        self.next_stop: str | None = None  # "graceful" or "quick", set when the wait is over
+        self.sequence = StopSequence(self.lifecycle, self._on_stop, self._on_force)
+        self.next_stop: str | None = None  # "graceful" or "quick": time to hand over
         self.original: dict[str, Any] = {}
+        self.server: Any = None
+
+    def _on_stop(self) -> None:  # from the sequence's thread
+        self.next_stop = "quick" if self.sequence.gave_up else "graceful"
+        self.server.signal(_signal.SIGTERM, None)  # back to the main loop: see _handle_term
+
+    def _on_force(self) -> None:  # from the main loop, inside _handle_int
+        self.next_stop = "quick"
 
 
 _master: _Master | None = None
@@ -69,6 +81,7 @@ def when_ready(server: Any) -> None:
     """Take over the master's SIGTERM and SIGINT (kept: SIGQUIT, HUP, USR2, TTIN, ...)."""
     master = _require_master()
     if not master.original:
+        master.server = server
         master.original = {"term": server.handle_term, "quit": server.handle_quit}
         server.handle_term = lambda: _handle_term(server, master)
         server.handle_int = lambda: _handle_int(server, master)
@@ -125,60 +138,31 @@ def pre_request(worker: Any, req: Any) -> None:
 def _handle_term(server: Any, master: _Master) -> None:
     if master.next_stop is not None:
         _hand_over(master)
-    elif master.mode is None:
-        master.mode = "SIGTERM"
-        lifecycle, config = master.lifecycle, master.lifecycle.config
-        lifecycle.drain("SIGTERM")
-        timeout = config.delay + config.drain_timeout
-        _wait_then_stop(server, master, "SIGTERM", lambda: lifecycle.wait_drained(timeout))
-    else:
-        _log.info("SIGTERM ignored: %s stop under way", master.mode)
+    _start(master, master.sequence.signal(_signal.SIGTERM))
 
 
 def _handle_int(server: Any, master: _Master) -> None:
-    if master.mode == "SIGINT":
-        _log.warning("second SIGINT: stopping at once")
-        master.original["quit"]()  # raises StopIteration
-    master.mode = "SIGINT"
-    lifecycle = master.lifecycle
-    with contextlib.suppress(LifecycleError):
-        lifecycle.stop("SIGINT")
-    timeout = lifecycle.config.interrupt_timeout
-    _wait_then_stop(server, master, "SIGINT", lambda: lifecycle.wait_idle(timeout))
+    name = master.sequence.signal(_signal.SIGINT)
+    if master.next_stop == "quick":  # a second SIGINT forced the stop
+        _hand_over(master)
+    _start(master, name)
 
 
-def _wait_then_stop(server: Any, master: _Master, mode: str, wait: Callable[[], bool]) -> None:
-    def run() -> None:
-        idle = wait()
-        if master.mode != mode:  # a SIGINT took over from this SIGTERM drain
-            return
-        if not idle:
-            _log_stuck(master, f"{mode}: waiting for in-flight work timed out")
-        master.next_stop = "graceful" if idle else "quick"
-        server.signal(_signal.SIGTERM, None)  # back to the main loop: see _handle_term
-
-    threading.Thread(target=run, name="graceful-master", daemon=True).start()
+def _start(master: _Master, name: str | None) -> None:
+    if name is not None:
+        thread = threading.Thread(
+            target=master.sequence.run, args=(name,), name="graceful-master", daemon=True
+        )
+        thread.start()
 
 
 def _hand_over(master: _Master) -> None:
-    """Let gunicorn stop: gracefully when drained, at once when work is stuck."""
+    """Let gunicorn stop: gracefully when drained, at once when work is stuck or forced."""
     with contextlib.suppress(LifecycleError):
-        master.lifecycle.stop("drained" if master.next_stop == "graceful" else "timed out")
+        master.lifecycle.stop("drained" if master.next_stop == "graceful" else "stopping at once")
     if master.next_stop == "graceful":
         master.original["term"]()  # raises StopIteration: gunicorn's graceful halt
-    master.original["quit"]()  # stops workers at once
-
-
-def _log_stuck(master: _Master, why: str) -> None:
-    now = time.monotonic()
-    stuck = [s for s in master.shared.workers() if s.inflight > 0]
-    listed = "; ".join(
-        f"worker {w.pid}: {w.inflight} in flight, oldest {w.method} {w.path} "
-        f"({now - w.oldest:.1f}s)"
-        for w in stuck
-    )
-    total = sum(s.inflight for s in stuck)
-    _log.warning("%s with %d in flight, stopping anyway: %s", why, total, listed)
+    master.original["quit"]()  # stops workers at once; raises StopIteration
 
 
 def _require_master() -> _Master:

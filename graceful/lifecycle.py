@@ -143,6 +143,8 @@ class Node(Protocol):
 
     def announce(self, phase: Phase, reason: str) -> None: ...
 
+    def stuck(self, now: float) -> list[tuple[str, str, float]]: ...
+
 
 class Lifecycle:
     """One node's phase, its in-flight work, and the waits on them. Thread-safe."""
@@ -230,9 +232,11 @@ class Lifecycle:
         return self.drain_deadline()
 
     def stuck(self, now: float | None = None) -> list[tuple[str, str, float]]:
-        """``(method, path, age)`` of everything in flight, oldest first."""
+        """``(method, path, age)`` of everything in flight here, oldest first, then the oldest
+        request of each other process of the node."""
         at = self._now(now)
-        return [(e.method, e.path, at - e.started) for e in self.requests.entries()]
+        mine = [(e.method, e.path, at - e.started) for e in self.requests.entries()]
+        return mine if self.node is None else mine + self.node.stuck(at)
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """Everything the status route reports."""
@@ -481,6 +485,25 @@ class Lifecycle:
 
     def __repr__(self) -> str:
         return f"<Lifecycle {self._phase.value} inflight={self.inflight}>"
+
+    async def draining(self) -> None:
+        """Return once the node is draining, drained or stopping (at once if it already is).
+
+        For streams, server-sent events and websockets that end themselves when a drain starts::
+
+            draining = asyncio.ensure_future(lifecycle.draining())
+
+        Event-driven: every phase change wakes it. A stopped node counts too, so nothing waits
+        forever on a node that is gone.
+        """
+        waiter = (asyncio.get_running_loop(), asyncio.Event())
+        self._async_waiters.add(waiter)
+        try:  # looked at after joining the waiters: a phase change in between still wakes us
+            while not (self.announcing or self._phase is Phase.STOPPED):
+                await waiter[1].wait()
+                waiter[1].clear()
+        finally:
+            self._async_waiters.discard(waiter)
 
 
 def _until(now: float, *deadlines: float | None) -> float | None:
