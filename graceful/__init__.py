@@ -9,7 +9,16 @@ from __future__ import annotations
 from . import signals
 from .asgi import ASGIMiddleware
 from .config import Config, ConfigError
-from .lifecycle import Hold, Lifecycle, LifecycleError, Phase, get_lifecycle, set_lifecycle
+from .lifecycle import (
+    Hold,
+    Lifecycle,
+    LifecycleError,
+    Phase,
+    get_lifecycle,
+    hold,
+    is_draining,
+    set_lifecycle,
+)
 from .shutdown import SignalHandlers, install_signal_handlers
 from .wsgi import WSGIMiddleware
 
@@ -27,7 +36,9 @@ __all__ = [
     "WSGIMiddleware",
     "__version__",
     "get_lifecycle",
+    "hold",
     "install_signal_handlers",
+    "is_draining",
     "set_lifecycle",
     "signals",
 ]

@@ -39,7 +39,8 @@ logger = logging.getLogger("graceful")
 
 _HEADER = struct.Struct("<qq64s")  # generation, phase code, reason
 _HEADER_SIZE = 128
-_SLOT = struct.Struct("<qqqd16s104s")  # pid, inflight, websockets, oldest start, method, path
+# pid, inflight, websockets, oldest start, requests served while draining, method, path
+_SLOT = struct.Struct("<qqqdq16s96s")
 _FREE, _CLAIMED = 0, -1
 _PHASES = (Phase.SERVING, Phase.DRAINING, Phase.STOPPING)
 _CODES = {phase: code for code, phase in enumerate(_PHASES)}
@@ -49,13 +50,23 @@ POLL_INTERVAL = 0.02
 
 
 class Slot:
-    __slots__ = ("index", "inflight", "method", "oldest", "path", "pid", "websockets")
+    __slots__ = (
+        "index",
+        "inflight",
+        "method",
+        "oldest",
+        "path",
+        "pid",
+        "served_while_draining",
+        "websockets",
+    )
 
-    def __init__(self, index: int, fields: tuple[int, int, int, float, bytes, bytes]) -> None:
+    def __init__(self, index: int, fields: tuple[int, int, int, float, int, bytes, bytes]) -> None:
         self.index = index
         self.pid, self.inflight, self.websockets, self.oldest = fields[:4]
-        self.method = fields[4].rstrip(b"\0").decode("latin-1")
-        self.path = fields[5].rstrip(b"\0").decode("latin-1")
+        self.served_while_draining = fields[4]
+        self.method = fields[5].rstrip(b"\0").decode("latin-1")
+        self.path = fields[6].rstrip(b"\0").decode("latin-1")
 
 
 class SharedNode:
@@ -97,16 +108,24 @@ class SharedNode:
         with self._claim_lock:
             for index in range(self.slots):
                 if struct.unpack_from("<q", self._map, self._offset(index))[0] == _FREE:
-                    self._write_slot(index, _CLAIMED, 0, 0, 0.0, "", "")
+                    self._write_slot(index, _CLAIMED, 0, 0, 0.0, 0, "", "")
                     return index
         return None
 
     def release(self, index: int) -> None:
         """Clear a slot once its worker has exited (whatever it left in it)."""
-        self._write_slot(index, _FREE, 0, 0, 0.0, "", "")
+        self._write_slot(index, _FREE, 0, 0, 0.0, 0, "", "")
 
     def _write_slot(
-        self, index: int, pid: int, inflight: int, ws: int, oldest: float, method: str, path: str
+        self,
+        index: int,
+        pid: int,
+        inflight: int,
+        ws: int,
+        oldest: float,
+        served: int,
+        method: str,
+        path: str,
     ) -> None:
         _SLOT.pack_into(
             self._map,
@@ -115,8 +134,9 @@ class SharedNode:
             inflight,
             ws,
             oldest,
+            served,
             method.encode("latin-1", "replace")[:16],
-            path.encode("latin-1", "replace")[:104],
+            path.encode("latin-1", "replace")[:96],
         )
 
     def publish(self, index: int, lifecycle: Lifecycle) -> None:
@@ -129,6 +149,7 @@ class SharedNode:
             len(entries),
             len(lifecycle.websockets),
             0.0 if oldest is None else oldest.started,
+            lifecycle.served_while_draining,
             "" if oldest is None else oldest.method,
             "" if oldest is None else oldest.path,
         )
@@ -162,6 +183,10 @@ class SlotView:
 
     def others_inflight(self) -> int:
         return self.shared.total(exclude=self.index)
+
+    def others_served_while_draining(self) -> int:
+        """Requests the other live workers served while draining (lost when a worker exits)."""
+        return sum(s.served_while_draining for s in self.shared.workers() if s.index != self.index)
 
     def by_worker(self, own: int) -> dict[str, int]:
         counts = {str(s.pid): s.inflight for s in self.shared.workers() if s.index != self.index}

@@ -101,6 +101,7 @@ class ASGIMiddleware(AdapterBase):
         if self.lifecycle.announcing:
             # Decided at arrival, like the WSGI middleware: free while serving.
             send = _announcing(send, scope.get("http_version", "1.1") in ("1.0", "1.1"))
+            self.lifecycle.count_served_while_draining()
         token = tracker.begin(scope["method"], path, now)
         try:
             await self.app(scope, receive, send)

@@ -37,6 +37,8 @@ __all__ = [
     "Node",
     "Phase",
     "get_lifecycle",
+    "hold",
+    "is_draining",
     "set_lifecycle",
 ]
 
@@ -171,6 +173,10 @@ class Lifecycle:
         self.announcing = False
         #: The other processes of this node, linked by a server shim (None: this process alone).
         self.node: Node | None = None
+        #: Drains started, and requests that arrived while announcing (for metrics).
+        self.drains = 0
+        self.served_while_draining = 0
+        self._count_lock = threading.Lock()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -188,6 +194,11 @@ class Lifecycle:
     def inflight(self) -> int:
         """Requests and held work in flight in this process (websockets are counted apart)."""
         return len(self.requests)
+
+    def count_served_while_draining(self) -> None:
+        """Called by the middlewares for a request that arrives while announcing (only then)."""
+        with self._count_lock:
+            self.served_while_draining += 1
 
     def node_inflight(self) -> int:
         """In flight on the whole node: this process and, when linked, the others."""
@@ -346,6 +357,7 @@ class Lifecycle:
             if new is Phase.DRAINING:
                 self._drain_started, self._delay_end = now, None
                 self._drain_by_file = by_file
+                self.drains += 1
             elif new is Phase.SERVING:
                 self._drain_started = self._delay_end = None
                 self._drain_by_file = False
@@ -555,6 +567,16 @@ def get_lifecycle(config: Config | None = None) -> Lifecycle:
         elif config is not None:
             _default.configure(config)
         return _default
+
+
+def hold(name: str) -> Hold:
+    """``with graceful.hold("export"):`` counts work as in flight on the process-wide lifecycle."""
+    return get_lifecycle().hold(name)
+
+
+def is_draining() -> bool:
+    """Whether the process-wide lifecycle is draining, drained or stopping."""
+    return get_lifecycle().announcing
 
 
 def set_lifecycle(lifecycle: Lifecycle | None) -> None:

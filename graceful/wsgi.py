@@ -123,6 +123,7 @@ class WSGIMiddleware(AdapterBase):
             # Decided at arrival: a request already running when a drain starts keeps its
             # headers, and costs nothing extra while the node is serving.
             start_response = _announcing(start_response)
+            self.lifecycle.count_served_while_draining()
         end = self._end
         token = self._begin(environ.get("REQUEST_METHOD", ""), path, now)
         try:

@@ -544,3 +544,18 @@ def test_repr_names_phase_and_inflight() -> None:
     lc, _ = make()
     lc.requests.begin("GET", "/", 0.0)
     assert repr(lc) == "<Lifecycle starting inflight=1>"
+
+
+def test_module_level_hold_and_is_draining_use_the_process_wide_lifecycle() -> None:
+    lifecycle = graceful.Lifecycle(graceful.Config(delay=0.0))
+    graceful.set_lifecycle(lifecycle)
+    try:
+        lifecycle.mark_ready()
+        with graceful.hold("export"):
+            assert lifecycle.inflight == 1
+            assert not graceful.is_draining()
+            lifecycle.drain("test")
+            assert graceful.is_draining()
+        assert lifecycle.inflight == 0
+    finally:
+        graceful.set_lifecycle(None)

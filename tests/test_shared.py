@@ -101,7 +101,7 @@ def test_a_drain_completes_only_when_the_other_workers_are_idle_too() -> None:
     me, other = shared.claim(), shared.claim()
     assert me is not None and other is not None
     # Another worker (pid 4242) with one request in flight, as its follower publishes it.
-    shared._write_slot(other, 4242, 1, 0, clock.now, "GET", "/slow")
+    shared._write_slot(other, 4242, 1, 0, clock.now, 0, "GET", "/slow")
     lifecycle = lifecycle_on(SlotView(shared, me), clock)
     lifecycle.mark_ready()
     lifecycle.drain("test")
@@ -110,7 +110,7 @@ def test_a_drain_completes_only_when_the_other_workers_are_idle_too() -> None:
     snapshot = lifecycle.snapshot()
     assert snapshot["inflight"] == 1
     assert snapshot["inflight_by_worker"] == {"4242": 1, str(os.getpid()): 0}
-    shared._write_slot(other, 4242, 0, 0, 0.0, "", "")
+    shared._write_slot(other, 4242, 0, 0, 0.0, 0, "", "")
     assert phase_of(lifecycle) is Phase.DRAINED
 
 

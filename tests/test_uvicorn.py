@@ -293,6 +293,9 @@ class _StubNode:
     def announce(self, phase: graceful.Phase, reason: str) -> None:
         pass
 
+    def stuck(self, now: float) -> list[tuple[str, str, float]]:
+        return []
+
 
 # -- real uvicorn servers on the test's loop --------------------------------------------------
 

@@ -1,0 +1,153 @@
+"""examples/fastapi: started exactly as its README says, SIGTERM under load loses nothing.
+
+``uvicorn --app-dir examples/fastapi fastapi_shop:app`` (plain uvicorn, no shim) is loaded by the
+load-balancer-like harness while a server-sent-event stream and a websocket are open.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import socket
+import struct
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import requests
+from drain_harness import assert_lossless, sigterm_under_load
+
+if TYPE_CHECKING:
+    from conftest import Spawn, WaitUntil
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "examples" / "fastapi" / "README.md"
+COMMAND = "uvicorn --app-dir examples/fastapi fastapi_shop:app"
+DELAY = 1.0
+
+
+class WebSocket(threading.Thread):
+    """A minimal websocket client (RFC 6455): reads frames in a thread until the close frame,
+    which it echoes, as a client does."""
+
+    def __init__(self, port: int, path: str) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.reader = self.sock.makefile("rb")
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        status = self.reader.readline()
+        assert b" 101 " in status, status
+        while self.reader.readline() not in (b"\r\n", b""):
+            pass
+        self.texts: list[bytes] = []
+        self.close_code: int | None = None
+        self.error: BaseException | None = None
+
+    def send(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        assert len(payload) < 126
+        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
+
+    def receive(self) -> tuple[int, bytes]:
+        head = self.reader.read(2)
+        if len(head) < 2:
+            raise ConnectionError("closed without a close frame")
+        length = head[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self.reader.read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self.reader.read(8))[0]
+        return head[0] & 0x0F, self.reader.read(length)
+
+    def run(self) -> None:
+        try:
+            while True:
+                opcode, payload = self.receive()
+                if opcode == 0x8:
+                    self.close_code = struct.unpack("!H", payload[:2])[0]
+                    self.send(0x8, payload[:2])
+                    return
+                self.texts.append(payload)
+        except (OSError, ConnectionError) as exc:
+            self.error = exc
+        finally:
+            self.reader.close()
+            self.sock.close()
+
+
+class Stream(threading.Thread):
+    """``GET /stream`` (server-sent events) read to its end in a thread."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        self.connection.request("GET", "/stream")
+        self.response = self.connection.getresponse()  # the headers: the stream is open
+        self.body = b""
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.body = self.response.read()  # to the last chunk; a cut stream raises
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = exc
+        finally:
+            self.connection.close()
+
+
+def test_readme_command_is_the_one_this_test_runs() -> None:
+    assert COMMAND in README.read_text()
+
+
+def test_fastapi_example_drains_under_load_and_ends_its_stream_and_websocket(
+    spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUntil
+) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("wsproto", reason="uvicorn needs wsproto or websockets for websockets")
+    orders = tmp_path / "orders"
+    argv = [sys.executable, "-m", *COMMAND.split(), "--host", "127.0.0.1", "--port", str(free_port)]
+    env = {"GRACEFUL_DELAY": str(DELAY), "GRACEFUL_DRAIN_TIMEOUT": "10", "ORDERS_DIR": str(orders)}
+    proc = spawn(argv, env=env, cwd=ROOT, name="fastapi-shop")
+    url = f"http://127.0.0.1:{free_port}"
+
+    def ready() -> bool:
+        if not proc.alive():
+            pytest.fail(f"uvicorn exited with {proc.popen.returncode}:\n{proc.output()}")
+        started = "Application startup complete." in proc.output()
+        return started and requests.get(url + "/readyz", timeout=5).status_code == 200
+
+    wait_until(ready, timeout=30, message=lambda: f"the example ready:\n{proc.output()}")
+    ws = WebSocket(free_port, "/ws")
+    ws.send(0x1, b"hello")
+    assert ws.receive() == (0x1, b"hello")
+    ws.start()
+    stream = Stream(free_port)
+    assert stream.response.status == 200
+
+    report = sigterm_under_load(
+        proc, url, orders, callers=12, slow_requests=2, slow_seconds=1.5, load_before=0.7
+    )
+
+    assert_lossless(report)
+    assert report.exit_code == 0, report.summary()
+    stream.join(5)
+    assert stream.error is None, stream.error
+    assert b"data: tick 1\n" in stream.body
+    # Ended by the app on `await lifecycle.draining()`, before the delay was over.
+    assert stream.body.endswith(b"event: bye\ndata: draining, reconnect elsewhere\n\n")
+    ws.join(5)
+    assert ws.error is None, ws.error
+    assert ws.close_code == 1012  # the middleware's goodbye at the end of the delay
+    assert report.exit_after_signal is not None and report.exit_after_signal >= DELAY

@@ -1,0 +1,504 @@
+"""graceful.django: settings, wrapped entry points, the probe middleware and the system checks.
+
+Django runs in this process with settings configured below (this module is the URLconf). Each
+test gets a fresh process-wide lifecycle, which the entry points and the middleware pick up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import io
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import django
+import pytest
+from django.conf import settings
+from django.core.asgi import get_asgi_application as django_asgi
+from django.core.checks import CheckMessage, run_checks
+from django.core.exceptions import ImproperlyConfigured
+from django.core.wsgi import get_wsgi_application as django_wsgi
+from django.http import HttpRequest, HttpResponse
+from django.test import override_settings
+from django.urls import path
+
+import graceful
+import graceful.django
+from graceful import Config, Lifecycle, Phase
+from graceful._types import Message
+
+if not settings.configured:
+    settings.configure(
+        SECRET_KEY="test-only",
+        DEBUG=False,
+        ALLOWED_HOSTS=["good.example"],
+        INSTALLED_APPS=["graceful.django"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=[],
+        DATABASES={},
+        USE_TZ=True,
+        TIME_ZONE="UTC",
+        WSGI_APPLICATION=None,
+        LOGGING_CONFIG=None,
+    )
+    django.setup()
+
+GRACEFUL_MW = "graceful.django.middleware.GracefulMiddleware"
+SECURITY_MW = "django.middleware.security.SecurityMiddleware"
+COMMON_MW = "django.middleware.common.CommonMiddleware"
+TOKEN = "django-test-token"
+THIS = sys.modules[__name__]
+
+
+# -- the URLconf -----------------------------------------------------------------------------
+
+
+def ping(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(b"pong", content_type="text/plain")
+
+
+def inflight(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(str(graceful.get_lifecycle().inflight).encode(), content_type="text/plain")
+
+
+urlpatterns = [path("ping", ping), path("inflight", inflight)]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def lifecycle() -> Iterator[Lifecycle]:
+    """A fresh process-wide lifecycle for each test (the entry points and middleware use it)."""
+    fresh = Lifecycle(Config(delay=0.5, drain_timeout=5))
+    graceful.set_lifecycle(fresh)
+    try:
+        yield fresh
+    finally:
+        graceful.set_lifecycle(None)
+
+
+class Answer:
+    def __init__(self, status: str, headers: list[tuple[str, str]], body: Iterable[bytes]):
+        self.status = int(status.split()[0])
+        self.headers = dict(headers)
+        self.result = body
+
+    def read(self) -> bytes:
+        """The body; closes the response, as a WSGI server does."""
+        try:
+            return b"".join(self.result)
+        finally:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+
+    def json(self) -> Any:
+        return json.loads(self.read())
+
+
+def call(
+    app: Any,
+    target: str,
+    *,
+    method: str = "GET",
+    host: str = "good.example",
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    """Call a WSGI app as a server would, over plain http; the answer is not closed yet."""
+    path, _, query = target.partition("?")
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "SERVER_NAME": "good.example",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": host,
+        "CONTENT_LENGTH": "0",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": io.StringIO(),
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    started: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start_response(status: str, response_headers: list[tuple[str, str]], *exc: Any) -> Any:
+        started.append((status, response_headers))
+        return lambda data: None
+
+    result = app(environ, start_response)
+    return Answer(*started[-1], result)
+
+
+def get(app: Any, target: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
+    answer = call(app, target, **kwargs)
+    body = answer.read()
+    return answer.status, answer.headers, body
+
+
+async def call_asgi(app: Any, target: str, *, host: str = "good.example") -> tuple[int, bytes]:
+    path, _, query = target.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": [(b"host", host.encode())],
+        "server": ("good.example", 80),
+        "client": ("127.0.0.1", 50000),
+    }
+    requested = False
+    never = asyncio.Event()  # the client never goes away: Django cancels its listener
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, body
+
+
+def phase_of(lifecycle: Lifecycle) -> Phase:
+    return lifecycle.phase  # a call: mypy does not narrow across it
+
+
+def graceful_messages() -> list[CheckMessage]:
+    return run_checks(tags=["graceful"])
+
+
+def ids() -> list[str]:
+    return sorted(str(message.id) for message in graceful_messages())
+
+
+def use_entry(monkeypatch: pytest.MonkeyPatch, name: str, app: Any) -> str:
+    """Make ``app`` importable as ``<this module>.<name>`` (for WSGI_/ASGI_APPLICATION)."""
+    monkeypatch.setattr(THIS, name, app, raising=False)
+    return f"{__name__}.{name}"
+
+
+class OuterWrapper:
+    """Another WSGI middleware around graceful's (as Sentry's or WhiteNoise's would be)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+def test_settings_dict_keys_are_config_fields() -> None:
+    with override_settings(GRACEFUL={"delay": 3, "drain_timeout": 7, "token": TOKEN}):
+        config = graceful.django.get_config()
+    assert (config.delay, config.drain_timeout, config.token) == (3.0, 7.0, TOKEN)
+
+
+def test_settings_dict_wins_over_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRACEFUL_DELAY", "9")
+    monkeypatch.setenv("GRACEFUL_DRAIN_TIMEOUT", "11")
+    with override_settings(GRACEFUL={"delay": 3}):
+        config = graceful.django.get_config()
+    assert (config.delay, config.drain_timeout) == (3.0, 11.0)
+
+
+def test_an_unknown_key_is_an_error_that_names_it() -> None:
+    with override_settings(GRACEFUL={"dealy": 3}), pytest.raises(ImproperlyConfigured) as err:
+        graceful.django.get_config()
+    assert "GRACEFUL['dealy']" in str(err.value)
+    assert "delay" in str(err.value)  # the known names are listed
+
+
+def test_a_bad_value_is_an_error_that_names_the_key() -> None:
+    with override_settings(GRACEFUL={"delay": "soon"}), pytest.raises(ImproperlyConfigured) as err:
+        graceful.django.get_config()
+    assert "GRACEFUL" in str(err.value) and "delay='soon'" in str(err.value)
+
+
+def test_a_bad_kill_deadline_is_an_error_that_names_it() -> None:
+    with (
+        override_settings(GRACEFUL={"kill_deadline": 0}),
+        pytest.raises(ImproperlyConfigured) as err,
+    ):
+        graceful.django.get_kill_deadline()
+    assert "GRACEFUL['kill_deadline']=0" in str(err.value)
+
+
+def test_the_entry_point_uses_the_settings_and_the_process_wide_lifecycle(
+    lifecycle: Lifecycle,
+) -> None:
+    with override_settings(GRACEFUL={"readyz_path": "/healthz/ready"}):
+        app = graceful.django.get_wsgi_application()
+    assert app.lifecycle is lifecycle  # the one the gunicorn shim links
+    assert lifecycle.phase is Phase.SERVING
+    assert get(app, "/healthz/ready")[0] == 200
+    assert get(app, "/ping")[2] == b"pong"
+
+
+def test_without_django_the_import_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "django", None)  # None: "import django" fails
+    for name in [n for n in sys.modules if n == "graceful.django" or n.startswith("graceful.dj")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=r"pip install 'graceful-drain\[django\]'"):
+        importlib.import_module("graceful.django")
+
+
+# -- probes win over SECURE_SSL_REDIRECT, ALLOWED_HOSTS and APPEND_SLASH ---------------------
+
+STRICT = {
+    "SECURE_SSL_REDIRECT": True,
+    "ALLOWED_HOSTS": ["good.example"],
+    "APPEND_SLASH": True,
+}
+
+
+def assert_the_strict_settings_bite(app: Any) -> None:
+    """Ordinary requests get the redirect and the 400 the probes must not get."""
+    assert get(app, "/ping")[0] == 301
+    assert get(app, "/ping", host="evil.example")[0] == 400
+
+
+def test_probe_middleware_answers_503_to_a_foreign_host_despite_ssl_redirect(
+    lifecycle: Lifecycle,
+) -> None:
+    with override_settings(MIDDLEWARE=[GRACEFUL_MW, SECURITY_MW, COMMON_MW], **STRICT):
+        app = django_wsgi()
+        assert_the_strict_settings_bite(app)
+        assert get(app, "/readyz", host="evil.example")[0] == 200
+        lifecycle.drain("test")
+        status, headers, body = get(app, "/readyz", host="evil.example")
+        assert status == 503, body
+        assert headers["Content-Type"] == "application/health+json"
+        assert json.loads(body)["output"] == "draining"
+        assert get(app, "/livez", host="evil.example")[0] == 200
+
+
+def test_wrapped_wsgi_entry_answers_503_to_a_foreign_host_despite_ssl_redirect(
+    lifecycle: Lifecycle,
+) -> None:
+    with override_settings(MIDDLEWARE=[SECURITY_MW, COMMON_MW], **STRICT):
+        app = graceful.django.get_wsgi_application()
+        assert_the_strict_settings_bite(app)
+        lifecycle.drain("test")
+        status, _, body = get(app, "/readyz", host="evil.example")
+        assert status == 503, body
+        assert json.loads(body)["output"] == "draining"
+
+
+def test_wrapped_asgi_entry_answers_503_to_a_foreign_host_despite_ssl_redirect(
+    lifecycle: Lifecycle,
+) -> None:
+    async def scenario() -> None:
+        app = graceful.django.get_asgi_application()
+        assert (await call_asgi(app, "/ping"))[0] == 301
+        assert (await call_asgi(app, "/ping", host="evil.example"))[0] == 400
+        assert (await call_asgi(app, "/readyz", host="evil.example"))[0] == 200
+        lifecycle.drain("test")
+        status, body = await call_asgi(app, "/readyz", host="evil.example")
+        assert status == 503, body
+        assert json.loads(body)["output"] == "draining"
+
+    with override_settings(MIDDLEWARE=[SECURITY_MW, COMMON_MW], **STRICT):
+        asyncio.run(scenario())
+
+
+def test_probe_middleware_under_asgi_answers_503_and_releases_the_count(
+    lifecycle: Lifecycle,
+) -> None:
+    async def scenario() -> None:
+        app = django_asgi()
+        assert (await call_asgi(app, "/ping", host="evil.example"))[0] == 400
+        assert lifecycle.inflight == 0  # Django closed the response: the count is released
+        lifecycle.drain("test")
+        status, body = await call_asgi(app, "/readyz", host="evil.example")
+        assert status == 503, body
+
+    with override_settings(MIDDLEWARE=[GRACEFUL_MW, SECURITY_MW, COMMON_MW], **STRICT):
+        asyncio.run(scenario())
+
+
+def test_behind_the_security_middleware_a_draining_readyz_becomes_a_redirect(
+    lifecycle: Lifecycle,
+) -> None:
+    """Why graceful.W001 exists: not first, the probe never sees the 503."""
+    with override_settings(MIDDLEWARE=[SECURITY_MW, GRACEFUL_MW, COMMON_MW], **STRICT):
+        app = django_wsgi()
+        lifecycle.drain("test")
+        assert get(app, "/readyz")[0] == 301
+        assert get(app, "/readyz", host="evil.example")[0] == 400
+        assert ids() == ["graceful.W001"]
+
+
+# -- counting and control routes through the middleware ---------------------------------------
+
+
+def test_probe_middleware_counts_a_request_until_django_closes_the_response(
+    lifecycle: Lifecycle,
+) -> None:
+    with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
+        app = django_wsgi()
+        answer = call(app, "/inflight")
+        assert lifecycle.inflight == 1  # answered, but the server has not closed it yet
+        assert answer.read() == b"1"
+        assert lifecycle.inflight == 0
+        assert get(app, "/readyz")[0] == 200  # probes are not counted
+        assert lifecycle.inflight == 0
+
+
+def test_behind_the_wrapped_entry_point_the_middleware_does_not_count_twice(
+    lifecycle: Lifecycle,
+) -> None:
+    with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
+        app = graceful.django.get_wsgi_application()
+        assert get(app, "/inflight")[2] == b"1"
+        assert lifecycle.inflight == 0
+
+
+def test_probe_middleware_marks_responses_while_draining(lifecycle: Lifecycle) -> None:
+    with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
+        app = django_wsgi()
+        assert "Graceful-State" not in get(app, "/ping")[1]
+        lifecycle.drain("test")
+        status, headers, body = get(app, "/ping")
+        assert (status, body) == (200, b"pong")  # still served while draining
+        assert headers["Graceful-State"] == "draining"
+
+
+def test_probe_middleware_serves_the_control_routes_with_the_token(lifecycle: Lifecycle) -> None:
+    with override_settings(
+        MIDDLEWARE=[GRACEFUL_MW, SECURITY_MW, COMMON_MW], GRACEFUL={"token": TOKEN}, **STRICT
+    ):
+        app = django_wsgi()
+        assert get(app, "/-/graceful/drain", method="POST", host="evil.example")[0] == 401
+        assert phase_of(lifecycle) is Phase.SERVING
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        status, _, body = get(app, "/-/graceful/drain", method="POST", headers=auth)
+        assert status == 200, body
+        assert phase_of(lifecycle) is Phase.DRAINING
+        assert get(app, "/-/graceful/status", headers=auth)[0] == 200
+
+
+def test_probe_middleware_streams_events_and_releases_the_subscriber(
+    lifecycle: Lifecycle,
+) -> None:
+    with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
+        app = django_wsgi()
+        answer = call(app, "/-/graceful/events")
+    assert answer.status == 200
+    assert answer.headers["Content-Type"].startswith("text/event-stream")
+    chunks = iter(answer.result)
+    seen = b""
+    while b"serving" not in seen:  # the retry line, then the current phase
+        seen += next(chunks)
+    assert len(lifecycle.events) == 1
+    close = getattr(answer.result, "close", None)
+    assert close is not None
+    close()
+    assert len(lifecycle.events) == 0
+
+
+# -- system checks ---------------------------------------------------------------------------
+
+
+def test_no_warning_when_the_middleware_is_first() -> None:
+    with override_settings(MIDDLEWARE=[GRACEFUL_MW, SECURITY_MW, COMMON_MW]):
+        assert ids() == []
+
+
+def test_warns_w001_when_the_middleware_is_not_first() -> None:
+    with override_settings(MIDDLEWARE=[SECURITY_MW, GRACEFUL_MW]):
+        (message,) = graceful_messages()
+    assert message.id == "graceful.W001"
+    assert SECURITY_MW in message.msg and "first" in message.msg
+
+
+def test_warns_w002_when_the_wsgi_entry_is_not_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = use_entry(monkeypatch, "plain_wsgi", django_wsgi())
+    with override_settings(WSGI_APPLICATION=plain, MIDDLEWARE=[COMMON_MW]):
+        (message,) = graceful_messages()
+    assert message.id == "graceful.W002"
+    assert plain in message.msg
+    assert message.hint is not None and "get_wsgi_application" in message.hint
+
+
+def test_no_w002_when_the_wsgi_entry_is_wrapped_or_the_middleware_is_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    wrapped = graceful.django.get_wsgi_application()
+    for name, app in [("wrapped_wsgi", wrapped), ("outer_wsgi", OuterWrapper(wrapped))]:
+        entry = use_entry(monkeypatch, name, app)
+        with override_settings(WSGI_APPLICATION=entry, MIDDLEWARE=[COMMON_MW]):
+            assert ids() == [], name
+    plain = use_entry(monkeypatch, "plain_wsgi", django_wsgi())
+    with override_settings(WSGI_APPLICATION=plain, MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
+        assert ids() == []
+
+
+def test_warns_w003_when_the_asgi_entry_is_not_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = use_entry(monkeypatch, "plain_asgi", django_asgi())
+    # The middleware does not help under ASGI: the warning stays.
+    with override_settings(ASGI_APPLICATION=plain, MIDDLEWARE=[GRACEFUL_MW]):
+        (message,) = graceful_messages()
+    assert message.id == "graceful.W003"
+    assert message.hint is not None and "get_asgi_application" in message.hint
+    wrapped = use_entry(monkeypatch, "wrapped_asgi", graceful.django.get_asgi_application())
+    with override_settings(ASGI_APPLICATION=wrapped, MIDDLEWARE=[GRACEFUL_MW]):
+        assert ids() == []
+
+
+@pytest.mark.parametrize(
+    ("setting", "warned"),
+    [
+        ({"delay": 5, "drain_timeout": 25}, False),  # the defaults under Kubernetes fit 30 s
+        ({"delay": 10, "drain_timeout": 25}, True),
+        ({"delay": 5, "drain_timeout": 25, "kill_deadline": 20}, True),
+        ({"delay": 10, "drain_timeout": 25, "kill_deadline": 60}, False),
+    ],
+)
+def test_warns_w004_when_the_drain_does_not_fit_the_kill_deadline(
+    setting: dict[str, float], warned: bool
+) -> None:
+    with override_settings(GRACEFUL=setting):
+        messages = graceful_messages()
+    assert [m.id for m in messages] == (["graceful.W004"] if warned else [])
+    if warned:
+        assert "kill_deadline" in messages[0].msg
+
+
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [({"dealy": 1}, "'dealy'"), ({"kill_deadline": "30s"}, "'kill_deadline'")],
+)
+def test_reports_e001_for_invalid_settings(setting: dict[str, object], named: str) -> None:
+    with override_settings(GRACEFUL=setting):
+        (message,) = graceful_messages()
+    assert message.id == "graceful.E001"
+    assert named in message.msg
