@@ -9,14 +9,7 @@ import pytest
 
 from graceful import Config, Lifecycle, Phase
 from graceful._shared import SharedNode, SlotView, WorkerFollower
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from graceful.pytest_plugin import FakeClock
 
 
 def lifecycle_on(view: SlotView, clock: FakeClock) -> Lifecycle:
@@ -39,9 +32,11 @@ def test_slots_are_claimed_once_and_reused_after_release() -> None:
     assert shared.claim() == 1
 
 
-def test_counts_of_live_workers_add_up_and_a_released_slot_counts_nothing() -> None:
+def test_counts_of_live_workers_add_up_and_a_released_slot_counts_nothing(
+    graceful_clock: FakeClock,
+) -> None:
     shared = SharedNode(slots=4)
-    clock = FakeClock()
+    clock = graceful_clock
     a, b = shared.claim(), shared.claim()
     assert a is not None and b is not None
     worker_a = lifecycle_on(SlotView(shared, a), clock)
@@ -95,9 +90,11 @@ def test_a_forked_worker_publishes_into_the_map_the_master_reads() -> None:
     assert shared.total() == 0
 
 
-def test_a_drain_completes_only_when_the_other_workers_are_idle_too() -> None:
+def test_a_drain_completes_only_when_the_other_workers_are_idle_too(
+    graceful_clock: FakeClock,
+) -> None:
     shared = SharedNode(slots=2)
-    clock = FakeClock()
+    clock = graceful_clock
     me, other = shared.claim(), shared.claim()
     assert me is not None and other is not None
     # Another worker (pid 4242) with one request in flight, as its follower publishes it.
@@ -105,7 +102,7 @@ def test_a_drain_completes_only_when_the_other_workers_are_idle_too() -> None:
     lifecycle = lifecycle_on(SlotView(shared, me), clock)
     lifecycle.mark_ready()
     lifecycle.drain("test")
-    clock.now += 2.0
+    clock.advance(2.0)
     assert phase_of(lifecycle) is Phase.DRAINING
     snapshot = lifecycle.snapshot()
     assert snapshot["inflight"] == 1
@@ -114,9 +111,11 @@ def test_a_drain_completes_only_when_the_other_workers_are_idle_too() -> None:
     assert phase_of(lifecycle) is Phase.DRAINED
 
 
-def test_a_local_drain_is_announced_to_the_node_and_followed_by_the_others() -> None:
+def test_a_local_drain_is_announced_to_the_node_and_followed_by_the_others(
+    graceful_clock: FakeClock,
+) -> None:
     shared = SharedNode(slots=2)
-    clock = FakeClock()
+    clock = graceful_clock
     a, b = shared.claim(), shared.claim()
     assert a is not None and b is not None
     first = lifecycle_on(SlotView(shared, a), clock)
@@ -133,12 +132,14 @@ def test_a_local_drain_is_announced_to_the_node_and_followed_by_the_others() -> 
     assert phase_of(second) is Phase.SERVING
 
 
-def test_a_worker_still_starting_when_the_drain_began_drains_once_ready() -> None:
+def test_a_worker_still_starting_when_the_drain_began_drains_once_ready(
+    graceful_clock: FakeClock,
+) -> None:
     shared = SharedNode(slots=1)
     index = shared.claim()
     assert index is not None
     shared.write_header(Phase.DRAINING, "SIGTERM")
-    clock = FakeClock()
+    clock = graceful_clock
     lifecycle = lifecycle_on(SlotView(shared, index), clock)
     follower = WorkerFollower(lifecycle, SlotView(shared, index), lambda _: None)
     follower.sync()

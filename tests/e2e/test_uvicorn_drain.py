@@ -177,9 +177,14 @@ def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, 
     print(summary)  # shown with the server's output when the test fails
     assert_lossless(report)
     assert report.readyz_failed_with == "status 503", summary
-    assert report.readyz_ok_after_failure == 0, summary  # every worker failed readiness at once
+    # Every worker fails readiness at once, except under uvicorn's own supervisor: it passes
+    # SIGTERM to its workers one after the other, and they share no state, so a probe may
+    # reach the second one in between.
+    if kind != "workers":
+        assert report.readyz_ok_after_failure == 0, summary
     # An upper bound: it includes up to one probe interval (100 ms) and the probe itself.
-    bound = 0.3 + (SUPERVISOR_POLL if kind == "workers" else 0.0)
+    late = SUPERVISOR_POLL if kind == "workers" else 0.0
+    bound = 0.3 + late
     assert report.readyz_reaction is not None and report.readyz_reaction < bound, summary
     # /livez answered 200 through the delay and the wait, until the listener closed.
     assert report.livez_ok_until is not None and report.last_response_at is not None, summary
@@ -192,7 +197,7 @@ def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, 
     assert after_last is not None and 0 <= after_last < 1.0, summary
     after_signal = report.exit_after_signal
     assert after_signal is not None, summary
-    assert slow_seconds * 0.8 <= after_signal <= DELAY + slow_seconds + 1.0, summary
+    assert slow_seconds * 0.8 <= after_signal <= DELAY + slow_seconds + 1.0 + late, summary
 
 
 @pytest.mark.parametrize(
