@@ -27,6 +27,7 @@ __all__ = [
     "RunChecks",
     "Surface",
     "WaitDrained",
+    "rejection",
 ]
 
 HEALTH_JSON = "application/health+json"
@@ -110,6 +111,24 @@ def _fail(status: int, output: str, *, extra: Iterable[tuple[str, str]] = ()) ->
     return _json(status, {"status": "fail", "output": output}, extra=extra)
 
 
+def rejection(delay: float) -> Response:
+    """The answer to a new request while draining in reject mode (``reject_when_draining``).
+
+    ``Retry-After`` is the drain delay rounded up (at least 1 s): the time load balancers are
+    given to take the node out, so a retry after it lands elsewhere. Adapters add
+    ``Connection: close`` where the server lets them.
+    """
+    body = b"draining: retry on another node\n"
+    headers = (
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("Retry-After", str(max(1, math.ceil(delay)))),
+        ("Graceful-State", "draining"),
+    )
+    return Response(503, headers, body)
+
+
 def _parse_bool(name: str, value: str) -> bool:
     lowered = value.lower()
     if lowered in ("", "1", "true", "yes", "on"):
@@ -144,6 +163,8 @@ class Surface:
             self._under_prefix + "resume": Route.RESUME,
             self._under_prefix + "events": Route.EVENTS,
         }
+        #: What a new request gets while announcing, or None to serve it (the default).
+        self.rejection = rejection(config.delay) if config.reject_when_draining else None
 
     def match(self, path: str) -> Route | None:
         route = self.routes.get(path)

@@ -100,7 +100,12 @@ class ASGIMiddleware(AdapterBase):
             self.drain_file.check(now)
         if self.lifecycle.announcing:
             # Decided at arrival, like the WSGI middleware: free while serving.
-            send = _announcing(send, scope.get("http_version", "1.1") in ("1.0", "1.1"))
+            http1 = scope.get("http_version", "1.1") in ("1.0", "1.1")
+            if self.surface.rejection is not None:
+                # Reject mode: a retrying proxy sends it elsewhere; never the app, never counted.
+                await _respond(self.surface.rejection, send, close=http1)
+                return
+            send = _announcing(send, http1)
             self.lifecycle.count_served_while_draining()
         token = tracker.begin(scope["method"], path, now)
         try:
@@ -415,7 +420,9 @@ async def _chunk(send: Send, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-async def _respond(response: Response, send: Send) -> None:
+async def _respond(response: Response, send: Send, *, close: bool = False) -> None:
     headers = [(k.lower().encode(), v.encode()) for k, v in response.headers]
+    if close:
+        headers.append(_CLOSE)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})

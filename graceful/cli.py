@@ -16,6 +16,7 @@ import requests
 __all__ = ["EXIT_CODES", "main"]
 
 OK, FAILED, USAGE, UNREACHABLE, UNAUTHORIZED, CONTROL_OFF, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
+BAD_EDIT, NGINX_REJECTED, NOT_APPLIED = 7, 8, 9
 EXIT_CODES = {
     OK: "success",
     FAILED: "the node refused or answered something unexpected (409: cannot drain while starting)",
@@ -23,7 +24,12 @@ EXIT_CODES = {
     UNREACHABLE: "the node could not be reached",
     UNAUTHORIZED: "401: missing or wrong token (--token or GRACEFUL_TOKEN)",
     CONTROL_OFF: "404: the node has no token configured, so its control routes are off",
-    TIMED_OUT: "the node did not get there (or answer) within --timeout",
+    TIMED_OUT: "the node did not get there (or answer) within --timeout "
+    "(nginx: the reload was not confirmed, or another edit held the lock)",
+    BAD_EDIT: "nginx: the upstream file cannot be read, written or parsed, or has no such "
+    "upstream or server (file untouched)",
+    NGINX_REJECTED: "nginx: nginx -t rejected the edit (file restored; nginx's message printed)",
+    NOT_APPLIED: "nginx: no master running, nginx could not run or reload failed (file restored)",
 }
 
 POLL_INTERVAL = 0.2
@@ -238,13 +244,101 @@ def build_parser() -> argparse.ArgumentParser:
     wait = verb("wait", "poll a node's readiness until it is ready or drained", 60.0)
     wait.add_argument("--for", dest="target", choices=("ready", "drained"), required=True)
     wait.set_defaults(run=cmd_wait)
+    _nginx_verbs(verbs, parser.epilog)
     return parser
+
+
+def cmd_nginx(args: argparse.Namespace) -> int:
+    from . import nginx
+
+    controller = nginx.UpstreamController(
+        args.upstream_file,
+        args.upstream,
+        nginx_bin=args.nginx_bin,
+        conf=args.nginx_conf,
+        prefix=args.nginx_prefix,
+        pid_file=args.pid_file,
+        timeout=args.timeout,
+        lock_timeout=args.timeout,
+    )
+    try:
+        if args.action == "status":
+            servers = controller.status()
+            if args.json:
+                rows = [
+                    {"address": s.address, "state": s.state, "params": s.params} for s in servers
+                ]
+                print(json.dumps({"upstream": args.upstream, "servers": rows}, indent=2))
+            for server in [] if args.json else servers:
+                params = " ".join(p for p in server.params if p != "down")
+                print(f"{server.address} {server.state} {params}".rstrip())
+            return OK
+        change = (
+            controller.down(args.server) if args.action == "down" else controller.up(args.server)
+        )
+    except (nginx.UpstreamFileError, nginx.UnknownUpstreamError, nginx.UnknownServerError) as exc:
+        raise Failure(BAD_EDIT, str(exc)) from None
+    except nginx.ValidationError as exc:
+        raise Failure(NGINX_REJECTED, str(exc)) from None
+    except TimeoutError as exc:
+        raise Failure(TIMED_OUT, str(exc)) from None
+    except nginx.ReloadError as exc:
+        raise Failure(NOT_APPLIED, str(exc)) from None
+    done = (
+        f"{change.seconds:.2f}s, nginx reloaded" if change.changed else "already, nothing changed"
+    )
+    print(f"{args.upstream} {change.server.address} {change.server.state} ({done})")
+    return OK
+
+
+def _nginx_verbs(verbs: Any, epilog: str | None) -> None:
+    nginx = verbs.add_parser(
+        "nginx",
+        help="mark a server of an nginx upstream down or up (validate, reload, confirm)",
+        description="Edit the server lines of one upstream in a file of its own: status, down, "
+        "up. Each edit is locked, written atomically (FILE.prev keeps the previous content), "
+        "checked with nginx -t (rolled back when it fails), reloaded and confirmed.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = nginx.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (
+        ("status", "list the upstream's servers and their state (from the file)"),
+        ("down", "mark a server down, validate, reload nginx and wait for new workers"),
+        ("up", "remove a server's down, validate, reload nginx and wait for new workers"),
+    ):
+        sub = actions.add_parser(
+            action,
+            help=text,
+            description=text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if action == "status":
+            sub.add_argument("--json", action="store_true", help="print the servers as JSON")
+        else:
+            sub.add_argument(
+                "server", metavar="SERVER", help="its address as on the server line (or a URL)"
+            )
+        sub.add_argument("--upstream-file", required=True, metavar="FILE", help="managed file")
+        sub.add_argument("--upstream", required=True, metavar="NAME", help="the upstream's name")
+        sub.add_argument("--nginx-bin", default="nginx", metavar="PATH", help="default: nginx")
+        sub.add_argument("--nginx-conf", metavar="PATH", help="nginx -c (default: nginx's own)")
+        sub.add_argument("--nginx-prefix", metavar="PATH", help="nginx -p (default: nginx's own)")
+        sub.add_argument("--pid-file", metavar="PATH", help="default: from the conf's pid line")
+        sub.add_argument(
+            "--timeout", type=_seconds, default=10.0, help="seconds per step (default 10)"
+        )
+        sub.set_defaults(run=cmd_nginx, needs_node=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code: int = args.run(Client(args), args)
+        if getattr(args, "needs_node", True):
+            code: int = args.run(Client(args), args)
+        else:
+            code = args.run(args)
     except Failure as failure:
         print(f"graceful: {failure}", file=sys.stderr)
         return failure.code

@@ -23,7 +23,10 @@ logger = logging.getLogger("graceful")
 
 ENV_PREFIX = "GRACEFUL_"
 
-Kind = Literal["seconds", "optional_seconds", "count", "path", "token", "file", "checks"]
+Kind = Literal["seconds", "optional_seconds", "count", "path", "token", "file", "checks", "bool"]
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class ConfigError(ValueError):
@@ -101,6 +104,13 @@ class Config:
     events_heartbeat: float = _setting(
         15.0, "seconds", "Interval of the heartbeat comment on the events stream."
     )
+    reject_when_draining: bool = _setting(
+        False,
+        "bool",
+        "While draining, answer new requests 503 with Retry-After before the app sees them, so "
+        "a retrying proxy (nginx proxy_next_upstream http_503) sends them elsewhere. Off: direct "
+        "callers are served to the end.",
+    )
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -170,6 +180,14 @@ def _parse_env(key: str, kind: str, raw: str) -> Any:
         except ValueError:
             allowed = "a whole number" if kind == "count" else "a number of seconds"
             raise ConfigError(f"{key}={raw!r} is not a number; expected {allowed}") from None
+    if kind == "bool":
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(
+            f"{key}={raw!r} is not allowed; expected 1/0, true/false, yes/no or on/off"
+        )
     if kind in ("token", "file") and text == "":
         raise ConfigError(f"{key} is set but empty; unset it to turn this off")
     return raw if kind == "token" else text
@@ -192,6 +210,8 @@ def _validate(name: str, kind: str, value: Any) -> Any:
         return None if value is None else os.fspath(value)
     if kind == "checks":
         return _validate_checks(name, value)
+    if kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} is not allowed; expected True or False")
     return value
 
 

@@ -120,6 +120,9 @@ class WSGIMiddleware(AdapterBase):
         if self.drain_file is not None:
             self.drain_file.check(now)
         if self.lifecycle.announcing:
+            if self.surface.rejection is not None:
+                # Reject mode: a retrying proxy sends it elsewhere; never the app, never counted.
+                return _respond(self.surface.rejection, start_response)
             # Decided at arrival: a request already running when a drain starts keeps its
             # headers, and costs nothing extra while the node is serving.
             start_response = _announcing(start_response)

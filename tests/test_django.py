@@ -477,7 +477,9 @@ def test_warns_w003_when_the_asgi_entry_is_not_wrapped(monkeypatch: pytest.Monke
 @pytest.mark.parametrize(
     ("setting", "warned"),
     [
-        ({"delay": 5, "drain_timeout": 25}, False),  # the defaults under Kubernetes fit 30 s
+        # The defaults under Kubernetes leave no room for the server's own stop in 30 s.
+        ({"delay": 5, "drain_timeout": 25}, True),
+        ({"delay": 5, "drain_timeout": 25, "kill_deadline": 35}, False),
         ({"delay": 10, "drain_timeout": 25}, True),
         ({"delay": 5, "drain_timeout": 25, "kill_deadline": 20}, True),
         ({"delay": 10, "drain_timeout": 25, "kill_deadline": 60}, False),

@@ -6,8 +6,9 @@
   is not in ``MIDDLEWARE``: nothing answers ``/readyz`` or counts requests.
 - ``graceful.W003``: ``ASGI_APPLICATION`` (when set) is not wrapped by graceful: under ASGI only
   the wrapped entry point counts requests whose client went away and links uvicorn's SIGTERM.
-- ``graceful.W004``: ``delay + drain_timeout`` exceeds ``GRACEFUL["kill_deadline"]`` (default
-  30 s, Kubernetes' ``terminationGracePeriodSeconds``): the platform kills before the drain ends.
+- ``graceful.W004``: ``delay + drain_timeout`` plus the server's stop exceeds
+  ``GRACEFUL["kill_deadline"]`` (default 30 s, Kubernetes' ``terminationGracePeriodSeconds``):
+  the platform kills before the drain ends (see :func:`graceful.budget.check_budget`).
 
 An entry point that cannot be imported is skipped (Django reports that when it serves).
 """
@@ -22,6 +23,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
+from .. import budget
 from ._entry import is_wrapped
 from ._settings import get_config, get_kill_deadline
 
@@ -103,17 +105,15 @@ def check_budget(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
         deadline = get_kill_deadline()
     except ImproperlyConfigured as exc:
         return [Error(str(exc), id="graceful.E001")]
-    needed = config.delay + config.drain_timeout
-    if needed <= deadline:
-        return []
     return [
         Warning(
-            f"delay ({config.delay:g} s) + drain_timeout ({config.drain_timeout:g} s) = "
-            f"{needed:g} s does not fit kill_deadline ({deadline:g} s): the platform kills the "
-            "process before the drain can end.",
+            warning,
             hint="Lower delay or drain_timeout in settings.GRACEFUL, or raise the platform's "
             "deadline (terminationGracePeriodSeconds, TimeoutStopSec) and "
             'GRACEFUL["kill_deadline"] with it.',
             id="graceful.W004",
+        )
+        for warning in budget.check_budget(
+            config, deadline, deadline_name='GRACEFUL["kill_deadline"]'
         )
     ]
