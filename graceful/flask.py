@@ -154,7 +154,7 @@ def settings_from(config: Mapping[str, Any]) -> dict[str, Any]:
             )
         kind = field.metadata["kind"]
         try:
-            if isinstance(value, str) and kind in ("seconds", "optional_seconds", "count"):
+            if isinstance(value, str) and kind in ("seconds", "optional_seconds", "count", "bool"):
                 value = _parse_env(key, kind, value)
             settings[field.name] = _validate(field.name, kind, value)
         except ConfigError as error:

@@ -351,9 +351,9 @@ def test_a_write_that_fails_midway_leaves_the_file_and_no_temporary_file(
             raise OSError(28, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(nginx.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
 
-    with pytest.raises(UpstreamFileError, match="cannot write .*: No space left on device"):
+    with pytest.raises(UpstreamFileError, match=r"cannot write .*: No space left on device"):
         site.controller().down("127.0.0.1:8001")
 
     assert site.upstream.read_bytes() == before

@@ -265,3 +265,22 @@ def test_no_running_master_is_refused_before_the_file_is_touched(site: Site) -> 
     assert result.returncode == 9, result.stderr
     assert "no nginx master to reload" in result.stderr
     assert site.upstream.read_bytes() == before
+
+
+def test_the_example_upstream_file_passes_nginx_t(tmp_path: Path) -> None:
+    nginx_bin = nginx_binary()
+    example = Path(__file__).resolve().parents[2] / "integrations" / "nginx" / "upstream.conf"
+    shutil.copy(example, tmp_path / "upstream.conf")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(nginx_conf(tmp_path, unused_port()))
+
+    result = subprocess.run(
+        [nginx_bin, "-p", str(tmp_path), "-c", str(conf), "-t", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert [s.state for s in UpstreamController(example, "app").status()] == ["up"] * 3

@@ -236,6 +236,15 @@ class Load:
             session.close()
 
 
+def direct_rejection(node: Node) -> dict[str, str] | None:
+    """The headers that matter of a 503 from ``node`` to ``GET /ping``; None if not a 503."""
+    reply = requests.get(node.url + "/ping", timeout=5)
+    if reply.status_code != 503:
+        return None
+    names = ("retry-after", "graceful-state", "connection")
+    return {name: reply.headers.get(name, "") for name in names}
+
+
 def recorded_ids(*nodes: Node) -> list[str]:
     lines: list[str] = []
     for node in nodes:
@@ -305,6 +314,14 @@ def test_draining_then_stopping_a_node_behind_nginx_fails_no_request(
             a.url + "/-/graceful/drain", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
         )
         assert drained.status_code == 200, drained.text
+        # Straight to A (every worker learns of the drain within ~20 ms): refused, and the
+        # connection closed (gunicorn's pre_request hook closes it while draining).
+        rejected = wait_until(lambda: direct_rejection(a), message="A rejecting /ping")
+        assert rejected == {
+            "retry-after": "1",
+            "graceful-state": "draining",
+            "connection": "close",
+        }
         # Reject mode at work: A answers 503 and nginx sends the request on to B.
         wait_until(
             lambda: retried_after_503(access_log, a) or load.failures,
@@ -317,6 +334,7 @@ def test_draining_then_stopping_a_node_behind_nginx_fails_no_request(
             timeout=SLOW_SECONDS + 10,
             message="node A drained",
         )
+        slow_reader.join(10.0)  # its answer was sent before the node could turn drained
         assert slow_reply == [(200, f"slept {SLOW_SECONDS:g}\n".encode())]
 
         a.proc.send_signal(signal.SIGTERM)
