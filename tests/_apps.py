@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias
 
 import graceful
+from graceful.pytest_plugin import FakeClock as FakeClock  # re-exported: the plugin's clock
 
 Environ: TypeAlias = dict[str, Any]
 StartResponse: TypeAlias = Callable[..., Callable[[bytes], object]]
@@ -39,19 +40,6 @@ AUTH = (("Authorization", f"Bearer {TOKEN}"),)
 
 
 # -- time and waiting ----------------------------------------------------------------------
-
-
-class FakeClock:
-    """A clock the test moves by hand: pass it as ``Lifecycle(..., clock=clock)``."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
