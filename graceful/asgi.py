@@ -7,7 +7,7 @@ completes, or at the first request when the server runs no lifespan.
 
 At the end of a drain's delay (or at once on a stop) the middleware says goodbye to long-lived
 connections: open websockets get close code 1012 (service restart) unless the app closed them
-first, and under uvicorn open-ended HTTP streams are ended (see :mod:`graceful.uvicorn`), so
+first, and under uvicorn open-ended HTTP streams are ended (see :mod:`graceful._goodbye`), so
 their ``receive()`` answers ``http.disconnect``. Under uvicorn it also takes over the server's
 signal handler at lifespan start-up or the first request, so that SIGTERM drains.
 """
@@ -17,12 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
-from typing import Any
 
-from . import signals
 from ._adapter import AdapterBase
 from ._events import Subscriber, format_comment, format_event
+from ._goodbye import Goodbye
 from ._http import EVENTS_HEADERS, OpenEvents, Response, Route, RunChecks, WaitDrained
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config
@@ -32,10 +30,6 @@ __all__ = ["ASGIMiddleware"]
 
 logger = logging.getLogger("graceful")
 
-#: The websocket close code sent at the end of the delay: "Service Restart" (RFC 6455, IANA).
-GOODBYE_CODE = 1012
-_GOODBYE_REASON = "service restart"
-_GONE: Message = {"type": "websocket.disconnect", "code": GOODBYE_CODE}
 _ANNOUNCE = (b"graceful-state", b"draining")
 _CLOSE = (b"connection", b"close")
 _FINAL_PHASES = ("stopping", "stopped")
@@ -65,13 +59,7 @@ class ASGIMiddleware(AdapterBase):
         self._ready_on_request = auto_ready
         self._requests = self.lifecycle.requests
         self._websockets = self.lifecycle.websockets
-        # Set once the middleware runs on an event loop (lifespan start-up or first call).
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server_link: Any = None  # a graceful.uvicorn.ServerLink under uvicorn
-        self._sockets: set[_Socket] = set()  # accepted websockets the app has not closed
-        self._goodbye_task: asyncio.Task[None] | None = None
-        self._goodbye_wake: asyncio.Event | None = None
-        self._said_goodbye = False
+        self._goodbye = Goodbye(self.lifecycle, self._clock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -117,7 +105,7 @@ class ASGIMiddleware(AdapterBase):
         super()._first_request()
         if self._ready_on_request:
             _ready(self.lifecycle)
-        self._on_loop()
+        self._goodbye.on_loop()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._unchecked:
@@ -125,91 +113,13 @@ class ASGIMiddleware(AdapterBase):
         now = self._clock()
         if self.drain_file is not None:
             self.drain_file.check(now)
-        socket = _Socket(self, receive, send)
+        socket = self._goodbye.socket(receive, send)
         token = self._websockets.begin("WEBSOCKET", scope["path"], now)
         try:
             await self.app(scope, socket.receive, socket.send)
         finally:
-            self._sockets.discard(socket)
+            self._goodbye.forget(socket)
             self._websockets.end(token)
-
-    # -- the goodbye to long-lived connections ---------------------------------------------
-
-    def _on_loop(self) -> None:
-        """On a new event loop: follow the lifecycle for the goodbye, link the server."""
-        loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            return
-        if self._loop is None:
-            lifecycle = self.lifecycle
-            signals.drain_started.connect(self._on_drain, sender=lifecycle)
-            signals.stopping.connect(self._on_drain, sender=lifecycle)
-            signals.resumed.connect(self._on_resumed, sender=lifecycle)
-        self._loop, self._server_link = loop, None
-        self._goodbye_task = self._goodbye_wake = None
-        self._said_goodbye = False
-        lifecycle = self.lifecycle
-        if "uvicorn.server" in sys.modules:  # only then can uvicorn be the server
-            from . import uvicorn
-
-            self._server_link = uvicorn.attach(lifecycle)
-        if lifecycle.announcing:
-            self._arm_goodbye()
-
-    def _on_drain(self, sender: object, **kwargs: Any) -> None:
-        self._on_loop_soon(self._arm_goodbye)
-
-    def _on_resumed(self, sender: object, **kwargs: Any) -> None:
-        self._on_loop_soon(self._disarm_goodbye)
-
-    def _on_loop_soon(self, callback: Any) -> None:
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nothing to close
-                loop.call_soon_threadsafe(callback)
-
-    def _arm_goodbye(self) -> None:
-        wake = self._goodbye_wake
-        if wake is None:
-            wake = self._goodbye_wake = asyncio.Event()
-        wake.set()  # a running goodbye looks at the lifecycle again
-        if self._goodbye_task is None or self._goodbye_task.done():
-            self._goodbye_task = asyncio.ensure_future(self._goodbye_after_delay(wake))
-
-    def _disarm_goodbye(self) -> None:
-        self._said_goodbye = False
-        if self._goodbye_wake is not None:
-            self._goodbye_wake.set()
-
-    async def _goodbye_after_delay(self, wake: asyncio.Event) -> None:
-        lifecycle = self.lifecycle
-        while True:
-            wake.clear()
-            phase = lifecycle.phase
-            if phase in (Phase.STARTING, Phase.SERVING):
-                return  # resumed before the delay was over
-            if phase in (Phase.STOPPING, Phase.STOPPED):
-                break
-            end, now = lifecycle.delay_ends_at(), self._clock()
-            if end is None or now >= end:
-                break
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), end - now)  # the delay IS the wait
-        if not self._said_goodbye:
-            self._said_goodbye = True
-            await self._say_goodbye()
-
-    async def _say_goodbye(self) -> None:
-        sockets = list(self._sockets)
-        if sockets:
-            logger.info("closing %d websocket(s) with code %d", len(sockets), GOODBYE_CODE)
-            await asyncio.gather(*(socket.goodbye() for socket in sockets))
-        link = self._server_link
-        if link is not None:
-            try:
-                await link.end_streams()
-            except Exception:
-                logger.exception("ending the open HTTP streams failed")
 
     # -- lifespan --------------------------------------------------------------------------
 
@@ -221,7 +131,7 @@ class ASGIMiddleware(AdapterBase):
         async def watched_receive() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._on_loop()
+                self._goodbye.on_loop()
             elif message["type"] == "lifespan.shutdown":
                 with contextlib.suppress(LifecycleError):
                     lifecycle.stop("server shutting down")
@@ -238,8 +148,7 @@ class ASGIMiddleware(AdapterBase):
             if kind == "lifespan.shutdown.complete":
                 with contextlib.suppress(LifecycleError):
                     lifecycle.mark_stopped()
-                if self._server_link is not None:
-                    self._server_link.uninstall()  # the server is done with its signals
+                self._goodbye.release_server()  # the server is done with its signals
 
         try:
             await self.app(scope, watched_receive, watched_send)
@@ -254,7 +163,7 @@ class ASGIMiddleware(AdapterBase):
 
     async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         lifecycle = self.lifecycle
-        self._on_loop()
+        self._goodbye.on_loop()
         if self._ready_on_request and lifecycle._phase is Phase.STARTING:
             lifecycle.mark_ready()
         if route in (Route.READYZ, Route.STATUS, Route.EVENTS):
@@ -326,63 +235,6 @@ class ASGIMiddleware(AdapterBase):
             if now >= next_beat and not gone.is_set():
                 next_beat = now + heartbeat
                 await _chunk(send, format_comment("heartbeat"))
-
-
-class _ClosedByDrain(OSError):
-    """A send on a websocket the drain has closed (ASGI asks for an ``OSError`` there)."""
-
-
-class _Socket:
-    """One websocket: the app's view of it, so the drain can close it with 1012."""
-
-    __slots__ = ("_middleware", "_receive", "_send", "closed_by_drain", "open")
-
-    def __init__(self, middleware: ASGIMiddleware, receive: Receive, send: Send) -> None:
-        self._middleware = middleware
-        self._receive = receive
-        self._send = send
-        self.open = False
-        self.closed_by_drain = False
-
-    async def receive(self) -> Message:
-        if self.closed_by_drain:
-            return dict(_GONE)
-        message = await self._receive()
-        if message["type"] == "websocket.disconnect":
-            self._closed()
-        return message
-
-    async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if self.closed_by_drain:
-            if kind == "websocket.close":
-                return  # closed already, with 1012
-            raise _ClosedByDrain(f"websocket closed with {GOODBYE_CODE} by the drain")
-        await self._send(message)
-        if kind == "websocket.accept":
-            self.open = True
-            middleware = self._middleware
-            middleware._sockets.add(self)
-            if middleware._said_goodbye and middleware.lifecycle.announcing:
-                await self.goodbye()  # accepted after the delay: go elsewhere at once
-        elif kind == "websocket.close":
-            self._closed()
-
-    async def goodbye(self) -> None:
-        """Close with 1012 unless closed already."""
-        if not self.open or self.closed_by_drain:
-            return
-        self.closed_by_drain = True
-        self._closed()
-        message = {"type": "websocket.close", "code": GOODBYE_CODE, "reason": _GOODBYE_REASON}
-        try:
-            await self._send(message)
-        except Exception as exc:  # the client went away meanwhile
-            logger.debug("websocket close failed: %r", exc)
-
-    def _closed(self) -> None:
-        self.open = False
-        self._middleware._sockets.discard(self)
 
 
 def _ready(lifecycle: Lifecycle) -> None:

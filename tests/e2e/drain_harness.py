@@ -33,7 +33,7 @@ import requests
 if TYPE_CHECKING:
     from conftest import Proc
 
-__all__ = ["DrainReport", "assert_lossless", "sigterm_under_load"]
+__all__ = ["DrainReport", "assert_livez_held", "assert_lossless", "sigterm_under_load"]
 
 #: How often the load balancer probes, and how long a probe may take before it counts as failed.
 PROBE_INTERVAL = 0.1
@@ -137,6 +137,17 @@ class DrainReport:
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more failures")
         return "\n".join(lines)
+
+
+def assert_livez_held(report: DrainReport) -> None:
+    """/livez answered 200 until the server stopped: no failed status ever, and a failed
+    connection (refused, reset, closed unanswered) only once the last request was answered,
+    when the listener closes."""
+    failed, at, last = report.livez_failed_with, report.livez_failed_at, report.last_response_at
+    if failed is None:
+        return
+    if failed.startswith("status") or at is None or last is None or at < last - 0.05:
+        raise AssertionError("/livez failed while the node still served\n" + report.summary())
 
 
 def assert_lossless(report: DrainReport) -> None:
