@@ -209,7 +209,7 @@ def test_async_checks_under_asgi_run_on_the_running_loop() -> None:
 
 def test_async_checks_run_to_completion_under_both_adapters(kind: Kind) -> None:
     async def db() -> bool:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # ok: a real await inside the check
         return False
 
     reply = _probe(kind, {"db": db})

@@ -6,10 +6,7 @@ load-balancer-like harness while a server-sent-event stream and a websocket are 
 
 from __future__ import annotations
 
-import base64
 import http.client
-import os
-import socket
 import struct
 import sys
 import threading
@@ -19,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 from drain_harness import assert_lossless, sigterm_under_load
+from ws_client import WebSocket
 
 if TYPE_CHECKING:
     from conftest import Spawn, WaitUntil
@@ -31,44 +29,16 @@ COMMAND = "uvicorn --app-dir examples/fastapi fastapi_shop:app"
 DELAY = 1.0
 
 
-class WebSocket(threading.Thread):
-    """A minimal websocket client (RFC 6455): reads frames in a thread until the close frame,
-    which it echoes, as a client does."""
+class WebSocketReader(WebSocket, threading.Thread):
+    """The websocket client, reading frames in a thread until the close frame, which it echoes,
+    as a client does."""
 
     def __init__(self, port: int, path: str) -> None:
-        super().__init__(daemon=True)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        self.reader = self.sock.makefile("rb")
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        status = self.reader.readline()
-        assert b" 101 " in status, status
-        while self.reader.readline() not in (b"\r\n", b""):
-            pass
+        threading.Thread.__init__(self, daemon=True)
+        WebSocket.__init__(self, port, path)
         self.texts: list[bytes] = []
         self.close_code: int | None = None
         self.error: BaseException | None = None
-
-    def send(self, opcode: int, payload: bytes) -> None:
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        assert len(payload) < 126
-        self.sock.sendall(bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + masked)
-
-    def receive(self) -> tuple[int, bytes]:
-        head = self.reader.read(2)
-        if len(head) < 2:
-            raise ConnectionError("closed without a close frame")
-        length = head[1] & 0x7F
-        if length == 126:
-            length = struct.unpack("!H", self.reader.read(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", self.reader.read(8))[0]
-        return head[0] & 0x0F, self.reader.read(length)
 
     def run(self) -> None:
         try:
@@ -129,7 +99,7 @@ def test_fastapi_example_drains_under_load_and_ends_its_stream_and_websocket(
         return started and requests.get(url + "/readyz", timeout=5).status_code == 200
 
     wait_until(ready, timeout=30, message=lambda: f"the example ready:\n{proc.output()}")
-    ws = WebSocket(free_port, "/ws")
+    ws = WebSocketReader(free_port, "/ws")
     ws.send(0x1, b"hello")
     assert ws.receive() == (0x1, b"hello")
     ws.start()
