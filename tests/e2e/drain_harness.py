@@ -33,7 +33,13 @@ import requests
 if TYPE_CHECKING:
     from conftest import Proc
 
-__all__ = ["DrainReport", "assert_livez_held", "assert_lossless", "sigterm_under_load"]
+__all__ = [
+    "DrainReport",
+    "assert_livez_held",
+    "assert_lossless",
+    "probe_readyz_after_signal",
+    "sigterm_under_load",
+]
 
 #: How often the load balancer probes, and how long a probe may take before it counts as failed.
 PROBE_INTERVAL = 0.1
@@ -137,6 +143,24 @@ class DrainReport:
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more failures")
         return "\n".join(lines)
+
+
+def probe_readyz_after_signal(
+    base_url: str, sent: float, *, within: float, after_failure: int = 20
+) -> tuple[float | None, list[int]]:
+    """Poll ``/readyz`` back to back from ``sent`` (a signal's ``time.monotonic()``) for at most
+    ``within`` seconds: when it first answered 503 (seconds after ``sent``, None if never), and
+    every status seen (stops ``after_failure`` probes after the first 503)."""
+    first_fail: float | None = None
+    answers: list[int] = []
+    while time.monotonic() - sent < within:  # bounded by ``within``
+        status = requests.get(base_url + "/readyz", timeout=PROBE_TIMEOUT).status_code
+        answers.append(status)
+        if status == 503 and first_fail is None:
+            first_fail = time.monotonic() - sent
+        if first_fail is not None and len(answers) > after_failure:
+            break
+    return first_fail, answers
 
 
 def assert_livez_held(report: DrainReport) -> None:

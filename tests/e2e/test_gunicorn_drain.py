@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import pytest
 import requests
-from drain_harness import assert_livez_held, assert_lossless, sigterm_under_load
+from drain_harness import (
+    assert_livez_held,
+    assert_lossless,
+    probe_readyz_after_signal,
+    sigterm_under_load,
+)
 
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil
@@ -165,15 +170,7 @@ def test_readyz_fails_on_every_worker_within_200ms(start_node: StartNode, kind: 
     node: Node = start_node(kind, workers=3)
     node.proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
-    first_fail = None
-    answers = []
-    while time.monotonic() - sent < DELAY * 0.8:  # bounded: within the delay
-        status = _get(node.url, "/readyz").status_code
-        answers.append(status)
-        if status == 503 and first_fail is None:
-            first_fail = time.monotonic() - sent
-        if first_fail is not None and len(answers) > 30:
-            break
+    first_fail, answers = probe_readyz_after_signal(node.url, sent, within=DELAY * 0.8)
     assert first_fail is not None and first_fail < 0.2, (first_fail, answers)
     after = answers[answers.index(503) :]
     assert set(after) == {503}, "a worker answered ready after another had failed"

@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import pytest
 import requests
-from drain_harness import assert_livez_held, assert_lossless, sigterm_under_load
+from drain_harness import (
+    assert_livez_held,
+    assert_lossless,
+    probe_readyz_after_signal,
+    sigterm_under_load,
+)
 from ws_client import WebSocket
 
 if TYPE_CHECKING:
@@ -216,15 +221,7 @@ def test_readyz_fails_within_200ms_and_livez_stays_ok(
     else:
         node.proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
-    first_fail = None
-    answers = []
-    while time.monotonic() - sent < DELAY * 0.8:  # bounded: within the delay
-        status = _get(node.url, "/readyz").status_code
-        answers.append(status)
-        if status == 503 and first_fail is None:
-            first_fail = time.monotonic() - sent
-        if first_fail is not None and len(answers) > 20:
-            break
+    first_fail, answers = probe_readyz_after_signal(node.url, sent, within=DELAY * 0.8)
     assert first_fail is not None and first_fail < bound, (first_fail, answers)
     assert set(answers[answers.index(503) :]) == {503}, "a worker answered ready again"
     assert _get(node.url, "/livez").status_code == 200
