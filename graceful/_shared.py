@@ -9,7 +9,11 @@ slot per worker. There is no lock a killed process could hold:
 - the header (the node's drain state) is written by whoever starts a drain, resume or stop,
   last writer wins, with a generation number that readers compare to notice a change.
 
-Readers see each 8-byte field whole (aligned, written with one ``pack_into``).
+Every number is one aligned 8-byte word, read and written with a single load or store
+(through a memoryview cast to native words), so a reader sees the old value or the new one,
+never a mix or a zero in between. ``struct.pack_into`` will not do: it zeroes its whole range
+before filling it in, and a master that read "0 in flight" there stopped a node mid-request.
+Texts (the drain reason, a request's method and path) are informative only and may tear.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import struct
 import threading
 import time
 import weakref
@@ -37,10 +40,16 @@ __all__ = [
 
 logger = logging.getLogger("graceful")
 
-_HEADER = struct.Struct("<qq64s")  # generation, phase code, reason
-_HEADER_SIZE = 128
-# pid, inflight, websockets, oldest start, requests served while draining, method, path
-_SLOT = struct.Struct("<qqqdq16s96s")
+_WORD = 8
+# header words: generation, phase code, reason (8 words), spare
+_GENERATION, _PHASE, _REASON, _HEADER_WORDS = 0, 1, 2, 16
+_REASON_BYTES = 64
+# slot words: pid, in flight, websockets, oldest start (a float), served while draining,
+# method (2 words), path (12 words)
+_PID, _INFLIGHT, _WEBSOCKETS, _OLDEST, _SERVED, _METHOD, _PATH, _SLOT_WORDS = (
+    0, 1, 2, 3, 4, 5, 7, 19
+)  # fmt: skip
+_METHOD_BYTES, _PATH_BYTES = 16, 96
 _FREE, _CLAIMED = 0, -1
 _PHASES = (Phase.SERVING, Phase.DRAINING, Phase.STOPPING)
 _CODES = {phase: code for code, phase in enumerate(_PHASES)}
@@ -50,6 +59,8 @@ POLL_INTERVAL = 0.02
 
 
 class Slot:
+    """One worker's slot as read at one moment."""
+
     __slots__ = (
         "index",
         "inflight",
@@ -61,12 +72,17 @@ class Slot:
         "websockets",
     )
 
-    def __init__(self, index: int, fields: tuple[int, int, int, float, int, bytes, bytes]) -> None:
-        self.index = index
-        self.pid, self.inflight, self.websockets, self.oldest = fields[:4]
-        self.served_while_draining = fields[4]
-        self.method = fields[5].rstrip(b"\0").decode("latin-1")
-        self.path = fields[6].rstrip(b"\0").decode("latin-1")
+    def __init__(
+        self,
+        index: int,
+        pid: int,
+        counts: tuple[int, int, float, int],
+        method: str,
+        path: str,
+    ) -> None:
+        self.index, self.pid = index, pid
+        self.inflight, self.websockets, self.oldest, self.served_while_draining = counts
+        self.method, self.path = method, path
 
 
 class SharedNode:
@@ -74,85 +90,91 @@ class SharedNode:
 
     def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
         self.slots = slots
-        self._map = mmap.mmap(-1, _HEADER_SIZE + slots * _SLOT.size)
+        self._map = mmap.mmap(-1, (_HEADER_WORDS + slots * _SLOT_WORDS) * _WORD)
+        self._words = memoryview(self._map).cast("q")
+        self._floats = memoryview(self._map).cast("d")
         self._claim_lock = threading.Lock()  # within the master only
         self.write_header(Phase.SERVING, "serving")
+
+    def _text(self, word: int, size: int, encoding: str) -> str:
+        start = word * _WORD
+        return self._map[start : start + size].rstrip(b"\0").decode(encoding, "replace")
+
+    def _put_text(self, word: int, size: int, text: bytes) -> None:
+        start = word * _WORD
+        self._map[start : start + size] = text[:size].ljust(size, b"\0")
 
     # -- header ----------------------------------------------------------------------------
 
     def header(self) -> tuple[int, Phase, str]:
-        generation, code, reason = _HEADER.unpack_from(self._map, 0)
+        generation, code = self._words[_GENERATION], self._words[_PHASE]
         phase = _PHASES[code] if 0 <= code < len(_PHASES) else Phase.SERVING
-        return generation, phase, reason.rstrip(b"\0").decode("utf-8", "replace")
+        return generation, phase, self._text(_REASON, _REASON_BYTES, "utf-8")
 
     def generation(self) -> int:
-        generation: int = struct.unpack_from("<q", self._map, 0)[0]
-        return generation
+        return self._words[_GENERATION]
 
     def write_header(self, phase: Phase, reason: str) -> int:
         generation = self.generation() + 1
-        encoded = reason.encode("utf-8")[:64]
-        _HEADER.pack_into(self._map, 0, generation, _CODES[phase], encoded)
+        self._put_text(_REASON, _REASON_BYTES, reason.encode("utf-8"))
+        self._words[_PHASE] = _CODES[phase]
+        self._words[_GENERATION] = generation
         return generation
 
     # -- slots (claimed and cleared by the master, counts written by their worker) ---------
 
-    def _offset(self, index: int) -> int:
-        return _HEADER_SIZE + index * _SLOT.size
+    def _base(self, index: int) -> int:
+        return _HEADER_WORDS + index * _SLOT_WORDS
 
     def slot(self, index: int) -> Slot:
-        return Slot(index, _SLOT.unpack_from(self._map, self._offset(index)))
+        base, words = self._base(index), self._words
+        counts = (
+            words[base + _INFLIGHT],
+            words[base + _WEBSOCKETS],
+            self._floats[base + _OLDEST],
+            words[base + _SERVED],
+        )
+        method = self._text(base + _METHOD, _METHOD_BYTES, "latin-1")
+        path = self._text(base + _PATH, _PATH_BYTES, "latin-1")
+        return Slot(index, words[base + _PID], counts, method, path)
 
     def claim(self) -> int | None:
         """A free slot for a worker about to be forked, or None when all are taken."""
         with self._claim_lock:
             for index in range(self.slots):
-                if struct.unpack_from("<q", self._map, self._offset(index))[0] == _FREE:
-                    self._write_slot(index, _CLAIMED, 0, 0, 0.0, 0, "", "")
+                if self._words[self._base(index) + _PID] == _FREE:
+                    self._clear(index)
+                    self._words[self._base(index) + _PID] = _CLAIMED
                     return index
         return None
 
     def release(self, index: int) -> None:
         """Clear a slot once its worker has exited (whatever it left in it)."""
-        self._write_slot(index, _FREE, 0, 0, 0.0, 0, "", "")
+        self._words[self._base(index) + _PID] = _FREE
+        self._clear(index)
 
-    def _write_slot(
-        self,
-        index: int,
-        pid: int,
-        inflight: int,
-        ws: int,
-        oldest: float,
-        served: int,
-        method: str,
-        path: str,
-    ) -> None:
-        _SLOT.pack_into(
-            self._map,
-            self._offset(index),
-            pid,
-            inflight,
-            ws,
-            oldest,
-            served,
-            method.encode("latin-1", "replace")[:16],
-            path.encode("latin-1", "replace")[:96],
-        )
+    def _clear(self, index: int) -> None:
+        base = self._base(index)
+        for word in (_INFLIGHT, _WEBSOCKETS, _SERVED):
+            self._words[base + word] = 0
+        self._floats[base + _OLDEST] = 0.0
+        self._put_text(base + _METHOD, _METHOD_BYTES, b"")
+        self._put_text(base + _PATH, _PATH_BYTES, b"")
 
-    def publish(self, index: int, lifecycle: Lifecycle) -> None:
-        """Write this worker's counts and oldest request into its slot."""
+    def publish(self, index: int, lifecycle: Lifecycle, pid: int | None = None) -> None:
+        """Write this worker's (or ``pid``'s) counts and oldest request into its slot."""
         entries = lifecycle.requests.entries()
         oldest = entries[0] if entries else None
-        self._write_slot(
-            index,
-            os.getpid(),
-            len(entries),
-            len(lifecycle.websockets),
-            0.0 if oldest is None else oldest.started,
-            lifecycle.served_while_draining,
-            "" if oldest is None else oldest.method,
-            "" if oldest is None else oldest.path,
-        )
+        base, words = self._base(index), self._words
+        words[base + _INFLIGHT] = len(entries)
+        words[base + _WEBSOCKETS] = len(lifecycle.websockets)
+        words[base + _SERVED] = lifecycle.served_while_draining
+        self._floats[base + _OLDEST] = 0.0 if oldest is None else oldest.started
+        method, path = ("", "") if oldest is None else (oldest.method, oldest.path)
+        self._put_text(base + _METHOD, _METHOD_BYTES, method.encode("latin-1", "replace"))
+        self._put_text(base + _PATH, _PATH_BYTES, path.encode("latin-1", "replace"))
+        # last: once the pid shows, the counts are in place
+        words[base + _PID] = os.getpid() if pid is None else pid
 
     def workers(self) -> list[Slot]:
         """Slots of live workers (claimed and written at least once)."""
@@ -160,13 +182,13 @@ class SharedNode:
         return [slot for slot in slots if slot.pid > 0]
 
     def total(self, exclude: int | None = None) -> int:
-        """In flight in every live worker but ``exclude`` (reads two fields a slot)."""
-        count = 0
+        """In flight in every live worker but ``exclude`` (two word reads a slot)."""
+        count, words = 0, self._words
         for index in range(self.slots):
             if index != exclude:
-                pid, inflight = struct.unpack_from("<qq", self._map, self._offset(index))
-                if pid > 0:
-                    count += inflight
+                base = self._base(index)
+                if words[base + _PID] > 0:
+                    count += words[base + _INFLIGHT]
         return count
 
 

@@ -95,7 +95,11 @@ def test_inflight_gauge_is_the_node_total_over_the_shared_worker_slots(
     mine, other = shared.claim(), shared.claim()
     assert mine is not None and other is not None
     lifecycle.node = SlotView(shared, mine)
-    shared._write_slot(other, 4242, 2, 0, 100.0, 5, "GET", "/slow")  # 2 in flight, 5 served
+    elsewhere = Lifecycle(Config())  # another worker: 2 in flight, 5 served while draining
+    for _ in range(2):
+        elsewhere.requests.begin("GET", "/slow", 100.0)
+    elsewhere.served_while_draining = 5
+    shared.publish(other, elsewhere, pid=4242)
     app = graceful.WSGIMiddleware(hello, lifecycle)
     result = call_wsgi(app)
     assert value(registry, "graceful_inflight") == 3

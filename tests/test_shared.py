@@ -98,7 +98,9 @@ def test_a_drain_completes_only_when_the_other_workers_are_idle_too(
     me, other = shared.claim(), shared.claim()
     assert me is not None and other is not None
     # Another worker (pid 4242) with one request in flight, as its follower publishes it.
-    shared._write_slot(other, 4242, 1, 0, clock.now, 0, "GET", "/slow")
+    elsewhere = lifecycle_on(SlotView(shared, other), clock)
+    request = elsewhere.requests.begin("GET", "/slow", clock.now)
+    shared.publish(other, elsewhere, pid=4242)
     lifecycle = lifecycle_on(SlotView(shared, me), clock)
     lifecycle.mark_ready()
     lifecycle.drain("test")
@@ -107,7 +109,8 @@ def test_a_drain_completes_only_when_the_other_workers_are_idle_too(
     snapshot = lifecycle.snapshot()
     assert snapshot["inflight"] == 1
     assert snapshot["inflight_by_worker"] == {"4242": 1, str(os.getpid()): 0}
-    shared._write_slot(other, 4242, 0, 0, 0.0, 0, "", "")
+    elsewhere.requests.end(request)
+    shared.publish(other, elsewhere, pid=4242)
     assert phase_of(lifecycle) is Phase.DRAINED
 
 
@@ -163,3 +166,38 @@ def test_following_is_idempotent(phase: Phase) -> None:
         follower.sync()
         changes.append(phase_of(lifecycle))
     assert changes == [phase] * 3
+
+
+def test_a_reader_never_sees_a_half_written_slot_or_header() -> None:
+    """A worker republishes the same count and the master rewrites the same phase, over and
+    over, in another process: every read in between must see them (a write that zeroes the
+    fields before filling them in let the master read 0 in flight and stop mid-request)."""
+    shared = SharedNode(slots=2)
+    index = shared.claim()
+    assert index is not None
+    shared.write_header(Phase.DRAINING, "SIGTERM")
+    lifecycle = Lifecycle(Config(delay=0.0))
+    lifecycle.requests.begin("GET", "/slow", 1.0)
+    shared.publish(index, lifecycle)
+    pid = os.fork()
+    if pid == 0:  # the writer: a bounded number of rewrites
+        try:
+            for _ in range(100_000):
+                shared.publish(index, lifecycle)
+                shared.write_header(Phase.DRAINING, "SIGTERM")
+        finally:
+            os._exit(0)
+    torn = reads = 0
+    running = True
+    try:
+        while running:
+            reads += 1
+            if shared.total() != 1 or shared.header()[1] is not Phase.DRAINING:
+                torn += 1
+            running = os.waitpid(pid, os.WNOHANG) == (0, 0)
+    finally:
+        if running:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    assert reads > 1000, "the writer finished before the reader got going"
+    assert torn == 0, f"{torn} of {reads} reads saw a half-written slot or header"
