@@ -16,7 +16,7 @@ import requests
 __all__ = ["EXIT_CODES", "main"]
 
 OK, FAILED, USAGE, UNREACHABLE, UNAUTHORIZED, CONTROL_OFF, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
-BAD_EDIT, NGINX_REJECTED, NOT_APPLIED = 7, 8, 9
+BAD_EDIT, NGINX_REJECTED, NOT_APPLIED, ROLLOUT_STOPPED = 7, 8, 9, 10
 EXIT_CODES = {
     OK: "success",
     FAILED: "the node refused or answered something unexpected (409: cannot drain while starting)",
@@ -30,6 +30,8 @@ EXIT_CODES = {
     "upstream or server (file untouched)",
     NGINX_REJECTED: "nginx: nginx -t rejected the edit (file restored; nginx's message printed)",
     NOT_APPLIED: "nginx: no master running, nginx could not run or reload failed (file restored)",
+    ROLLOUT_STOPPED: "rollout: a step failed; that node is out of rotation, the nodes not yet "
+    "touched are in service (the output says which step and why)",
 }
 
 POLL_INTERVAL = 0.2
@@ -245,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--for", dest="target", choices=("ready", "drained"), required=True)
     wait.set_defaults(run=cmd_wait)
     _nginx_verbs(verbs, parser.epilog)
+    _rollout_verb(verbs, parser.epilog)
     return parser
 
 
@@ -330,6 +333,143 @@ def _nginx_verbs(verbs: Any, epilog: str | None) -> None:
             "--timeout", type=_seconds, default=10.0, help="seconds per step (default 10)"
         )
         sub.set_defaults(run=cmd_nginx, needs_node=False)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from . import rollout
+
+    token = args.token or os.environ.get("GRACEFUL_TOKEN") or None
+    try:
+        nodes = rollout.make_nodes(args.node)
+        balancer = _balancer(args)
+        plan = rollout.Rollout(
+            nodes,
+            balancer,
+            restart=args.restart,
+            before_restart=args.before_restart,
+            verify=args.verify,
+            token=token,
+            batch=args.batch,
+            drain_timeout=args.drain_timeout,
+            ready_timeout=args.ready_timeout,
+            restart_timeout=args.restart_timeout,
+            prefix=args.prefix,
+            readyz=args.readyz_path,
+            out=lambda line: print(line, flush=True),
+        )
+    except rollout.RolloutUsageError as exc:
+        raise Failure(USAGE, str(exc)) from None
+    if args.dry_run:
+        for line in plan.plan():
+            print(line)
+        return OK
+    try:
+        ok = plan.run()
+    finally:
+        if args.log_json:
+            plan.write_timeline(args.log_json)
+    return OK if ok else ROLLOUT_STOPPED
+
+
+def _balancer(args: argparse.Namespace) -> Any:
+    from . import haproxy, nginx, rollout
+
+    nginx_given = [o for o in ("nginx_upstream_file", "nginx_upstream") if getattr(args, o)]
+    haproxy_given = [o for o in ("haproxy_socket", "haproxy_backend") if getattr(args, o)]
+
+    def flags(names: list[str]) -> str:
+        return ", ".join("--" + name.replace("_", "-") for name in names)
+
+    if args.lb != "nginx" and nginx_given:
+        raise rollout.RolloutUsageError(f"{flags(nginx_given)}: only for --lb nginx")
+    if args.lb != "haproxy" and haproxy_given:
+        raise rollout.RolloutUsageError(f"{flags(haproxy_given)}: only for --lb haproxy")
+    if args.lb == "nginx":
+        if len(nginx_given) < 2:
+            raise rollout.RolloutUsageError(
+                "--lb nginx needs --nginx-upstream-file FILE and --nginx-upstream NAME"
+            )
+        controller = nginx.UpstreamController(
+            args.nginx_upstream_file,
+            args.nginx_upstream,
+            nginx_bin=args.nginx_bin,
+            conf=args.nginx_conf,
+            prefix=args.nginx_prefix,
+            pid_file=args.nginx_pid_file,
+        )
+        return rollout.NginxBalancer(controller)
+    if args.lb == "haproxy":
+        if len(haproxy_given) < 2:
+            raise rollout.RolloutUsageError(
+                "--lb haproxy needs --haproxy-socket PATH and --haproxy-backend NAME"
+            )
+        api = haproxy.RuntimeAPI(args.haproxy_socket)
+        return rollout.HAProxyBalancer(
+            api,
+            args.haproxy_backend,
+            drain_timeout=args.drain_timeout,
+            ready_timeout=args.ready_timeout,
+        )
+    return rollout.NoBalancer(args.lb)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _rollout_verb(verbs: Any, epilog: str | None) -> None:
+    sub = verbs.add_parser(
+        "rollout",
+        help="restart every node behind a load balancer, a batch at a time, losing nothing",
+        description="For each node: cut its traffic at the load balancer, drain it, run "
+        "--before-restart, run --restart, wait for /readyz, check each --verify path, give its "
+        "traffic back. The first failure stops the rollout: that node stays out of rotation, "
+        "the nodes not yet touched stay in service. Commands are split like a shell would (no "
+        "shell runs them) and {url} {host} {port} {index} are filled in (index from 0).",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument(
+        "--node", action="append", required=True, type=_base_url, metavar="URL",
+        help="a node's base URL, e.g. http://10.0.0.5:8000 (repeat, in rollout order)",
+    )  # fmt: skip
+    sub.add_argument("--restart", required=True, metavar="CMD", help="restarts one node")
+    sub.add_argument(
+        "--lb",
+        choices=("nginx", "haproxy", "readiness", "none"),
+        default="readiness",
+        help="how traffic is cut (default readiness: the load balancer polls /readyz)",
+    )
+    sub.add_argument("--nginx-upstream-file", metavar="FILE", help="managed upstream file")
+    sub.add_argument("--nginx-upstream", metavar="NAME", help="the upstream's name")
+    sub.add_argument("--nginx-bin", default="nginx", metavar="PATH", help="default: nginx")
+    sub.add_argument("--nginx-conf", metavar="PATH", help="nginx -c (default: nginx's own)")
+    sub.add_argument("--nginx-prefix", metavar="PATH", help="nginx -p (default: nginx's own)")
+    sub.add_argument("--nginx-pid-file", metavar="PATH", help="default: from the conf's pid line")
+    sub.add_argument("--haproxy-socket", metavar="PATH", help="runtime API socket (level admin)")
+    sub.add_argument("--haproxy-backend", metavar="NAME", help="the backend holding the nodes")
+    sub.add_argument(
+        "--verify", action="append", default=[], type=_path, metavar="PATH",
+        help="GET it on the restarted node directly; must answer 2xx (repeatable)",
+    )  # fmt: skip
+    sub.add_argument("--before-restart", metavar="CMD", help="run before each restart")
+    sub.add_argument("--token", help="bearer token (default: $GRACEFUL_TOKEN); drains nodes")
+    sub.add_argument("--batch", type=_count, default=1, metavar="N", help="nodes at a time")
+    for name, default, what in (
+        ("--drain-timeout", 60.0, "wait for a node to drain"),
+        ("--ready-timeout", 60.0, "wait for /readyz (and HAProxy's check) after a restart"),
+        ("--restart-timeout", 120.0, "let each command run"),
+    ):
+        sub.add_argument(
+            name, type=_seconds, default=default, metavar="S", help=f"{what} (default {default:g})"
+        )
+    sub.add_argument("--prefix", type=_path, default="/-/graceful", help="control route prefix")
+    sub.add_argument("--readyz-path", type=_path, default="/readyz", help="readiness route")
+    sub.add_argument("--dry-run", action="store_true", help="print the plan, touch nothing")
+    sub.add_argument("--log-json", metavar="FILE", help="write a JSON timeline of every step")
+    sub.set_defaults(run=cmd_rollout, needs_node=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

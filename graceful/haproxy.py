@@ -98,6 +98,8 @@ class ServerState:
     """``show stat``'s status column (``UP``, ``DOWN``, ``DRAIN``, ``MAINT``, ``UP 1/2``...)."""
     sessions: int | None = None
     """Connections HAProxy has open to this server right now (``scur``)."""
+    address: str | None = None
+    """``HOST:PORT`` the server line points at (``srv_addr``:``srv_port``)."""
 
     @property
     def in_rotation(self) -> bool:
@@ -137,11 +139,17 @@ def parse_servers_state(text: str) -> list[ServerState]:
                     admin=admin_state(flags),
                     operational=_OPERATIONAL.get(op, "down"),
                     admin_flags=flags,
+                    address=_address(row),
                 )
             )
         except (KeyError, ValueError) as exc:
             raise HAProxyError(f"cannot read 'show servers state' row {line!r}: {exc}") from None
     return states
+
+
+def _address(row: dict[str, str]) -> str | None:
+    host, port = row.get("srv_addr"), row.get("srv_port")
+    return None if not host or not port else f"{host}:{port}"
 
 
 def parse_stat_csv(text: str) -> list[dict[str, str]]:
@@ -255,6 +263,15 @@ class RuntimeAPI:
         raise self._lookup_error(answer, backend, server) or HAProxyError(
             f"HAProxy refused to set {backend}/{server} to {state}: {answer}"
         )
+
+    def servers(self, backend: str) -> list[ServerState]:
+        """Every server of ``backend`` (``show servers state``): names, addresses, states."""
+        _check_name("backend", backend)
+        answer = self.command(f"show servers state {backend}")
+        error = self._lookup_error(answer.strip(), backend, "")
+        if error is not None:
+            raise error
+        return parse_servers_state(answer)
 
     def server_state(self, backend: str, server: str) -> ServerState:
         """The admin and operational state of one server, with its status and open sessions."""

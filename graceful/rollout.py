@@ -1,0 +1,636 @@
+"""``graceful rollout``: restart every node behind a load balancer, a batch at a time.
+
+For each node: cut its traffic at the load balancer, let it drain, run ``--before-restart``,
+restart it, wait until ``/readyz`` passes, verify it directly, give its traffic back. The first
+failure stops the rollout: the node that failed stays out of rotation, the nodes not yet touched
+stay in service, and the exit status says so.
+
+How traffic is cut depends on the load balancer (``--lb``):
+
+- ``nginx``: the node's ``server`` line in a managed upstream file is marked ``down`` and nginx
+  is reloaded (:class:`graceful.nginx.UpstreamController`); ``up`` and a reload give it back.
+- ``haproxy``: ``set server BACKEND/SERVER state drain`` over the runtime API, then the rollout
+  waits until HAProxy has no session left on it; ``state ready`` (and HAProxy's own check
+  passing) gives it back.
+- ``readiness``: the load balancer polls ``/readyz``; draining the node is what takes it out.
+- ``none``: nothing to tell (a retrying proxy in front of nodes in reject mode, say).
+
+With a token the node is drained through ``POST /-/graceful/drain?wait=1`` and the rollout goes
+on once it reports drained. Without one, the restart command's SIGTERM drains it (the library's
+own stop), so the restart command should return once the old process has exited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import shlex
+import string
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import requests
+
+from . import haproxy, nginx
+
+__all__ = [
+    "Balancer",
+    "HAProxyBalancer",
+    "NginxBalancer",
+    "NoBalancer",
+    "Node",
+    "Rollout",
+    "RolloutUsageError",
+    "StepFailed",
+    "check_template",
+    "make_nodes",
+]
+
+PLACEHOLDERS = ("url", "host", "port", "index")
+POLL_INTERVAL = 0.2
+REQUEST_TIMEOUT = 10.0
+
+
+class RolloutUsageError(ValueError):
+    """The rollout was asked for something it cannot do; nothing was touched."""
+
+
+class StepFailed(Exception):
+    """A step of the rollout failed; the message says what happened and what to check."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    index: int
+    url: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT``, as a load balancer's server line has it."""
+        return f"{self.host}:{self.port}"
+
+    def command(self, template: str) -> list[str]:
+        """The template split like a shell would (no shell runs it), placeholders filled in."""
+        fields = {"url": self.url, "host": self.host, "port": self.port, "index": self.index}
+        return [word.format(**fields) for word in shlex.split(template)]
+
+
+def make_nodes(urls: Sequence[str]) -> list[Node]:
+    """Nodes from base URLs (``http://HOST:PORT``); duplicates and URLs without a port refused."""
+    nodes: list[Node] = []
+    for index, url in enumerate(urls):
+        parts = urllib.parse.urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RolloutUsageError(f"--node {url!r} is not a node URL like http://10.0.0.5:8000")
+        port = port or (443 if parts.scheme == "https" else 80)
+        node = Node(index, url.rstrip("/"), parts.hostname, port)
+        if any(other.address == node.address for other in nodes):
+            raise RolloutUsageError(f"--node {url!r} is given twice")
+        nodes.append(node)
+    if not nodes:
+        raise RolloutUsageError("give at least one --node")
+    return nodes
+
+
+def check_template(option: str, template: str) -> str:
+    """Refuse a command template that cannot be split or names an unknown placeholder."""
+    try:
+        words = shlex.split(template)
+    except ValueError as exc:
+        raise RolloutUsageError(f"{option} {template!r} cannot be split: {exc}") from None
+    if not words:
+        raise RolloutUsageError(f"{option} is empty")
+    known = ", ".join("{" + name + "}" for name in PLACEHOLDERS)
+    for word in words:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
+        except ValueError as exc:
+            raise RolloutUsageError(
+                f"{option}: {exc} in {word!r} (write {{{{ for a brace)"
+            ) from None
+        for name in names:
+            if name not in PLACEHOLDERS:
+                raise RolloutUsageError(
+                    f"{option}: unknown placeholder {{{name}}} in {word!r}; known: {known}"
+                )
+    return template
+
+
+# -- load balancers ----------------------------------------------------------------------------
+
+
+class Balancer(Protocol):
+    """Takes a node out of rotation and gives it back. Raises :class:`StepFailed`."""
+
+    name: str
+
+    def preflight(self, nodes: Sequence[Node]) -> None: ...
+
+    def cut(self, node: Node) -> str | None: ...
+
+    def restore(self, node: Node) -> str | None: ...
+
+    def plan(self, node: Node) -> tuple[str | None, str | None]: ...
+
+
+class NoBalancer:
+    """``readiness`` or ``none``: nothing to tell a load balancer."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def preflight(self, nodes: Sequence[Node]) -> None:
+        return None
+
+    def cut(self, node: Node) -> str | None:
+        return None
+
+    def restore(self, node: Node) -> str | None:
+        return None
+
+    def plan(self, node: Node) -> tuple[str | None, str | None]:
+        return None, None
+
+
+class NginxBalancer:
+    """Marks the node's server line ``down`` / back up, with ``nginx -t`` and a confirmed reload.
+
+    nginx's passive checks (``max_fails``, default 1) would mark nodes that refused a
+    connection or answered 503 while restarting as failed for ``fail_timeout``; a rollout
+    going through the nodes faster than that can leave no live upstream at all. The preflight
+    refuses an upstream whose servers do not set ``max_fails=0``.
+    """
+
+    name = "nginx"
+
+    def __init__(self, controller: nginx.UpstreamController) -> None:
+        self.controller = controller
+
+    def preflight(self, nodes: Sequence[Node]) -> None:
+        servers = self._call("preflight", self.controller.status)
+        addresses = {server.address for server in servers}
+        where = f"upstream {self.controller.upstream!r} in {self.controller.path}"
+        for node in nodes:
+            if node.address not in addresses:
+                raise StepFailed(
+                    "preflight",
+                    f"{where} has no server {node.address} for --node {node.url} "
+                    f"(servers: {', '.join(sorted(addresses)) or 'none'})",
+                )
+        passive = [s.address for s in servers if "max_fails=0" not in s.params]
+        if passive:
+            raise StepFailed(
+                "preflight",
+                f"{where}: {', '.join(passive)} without max_fails=0: nginx's passive checks "
+                "would mark a restarting node as failed for fail_timeout (10s by default), and "
+                "a rollout can then leave no live upstream (502 for everyone); add max_fails=0 "
+                "(readiness and the rollout take nodes out, see integrations/nginx)",
+            )
+        down = [s.address for s in servers if s.down]
+        if down:
+            raise StepFailed(
+                "preflight",
+                f"{where}: {', '.join(down)} already down; bring it back first "
+                "(graceful nginx up) so the rollout does not take out more than it should",
+            )
+
+    def cut(self, node: Node) -> str:
+        return self._done(self._call("cut", lambda: self.controller.down(node.address)))
+
+    def restore(self, node: Node) -> str:
+        return self._done(self._call("restore", lambda: self.controller.up(node.address)))
+
+    def plan(self, node: Node) -> tuple[str, str]:
+        where = f"{self.controller.path} upstream {self.controller.upstream}"
+        return (
+            f"nginx: mark {node.address} down in {where}, nginx -t, reload",
+            f"nginx: mark {node.address} up in {where}, nginx -t, reload",
+        )
+
+    @staticmethod
+    def _done(change: nginx.Change) -> str:
+        if not change.changed:
+            return f"{change.server.address} already {change.server.state}"
+        return (
+            f"{change.server.address} {change.server.state}, nginx reloaded ({change.seconds:.2f}s)"
+        )
+
+    @staticmethod
+    def _call(step: str, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except (nginx.NginxError, TimeoutError) as exc:
+            raise StepFailed(step, f"nginx: {exc}") from None
+
+
+class HAProxyBalancer:
+    """``set server BACKEND/SERVER state drain|ready`` over HAProxy's runtime API.
+
+    Servers are found by address: the backend's server whose ``HOST:PORT`` is the node's.
+    """
+
+    name = "haproxy"
+
+    def __init__(
+        self, api: haproxy.RuntimeAPI, backend: str, *, drain_timeout: float, ready_timeout: float
+    ) -> None:
+        self.api = api
+        self.backend = backend
+        self.drain_timeout = drain_timeout
+        self.ready_timeout = ready_timeout
+        self.names: dict[str, str] = {}
+
+    def preflight(self, nodes: Sequence[Node]) -> None:
+        try:
+            servers = self.api.servers(self.backend)
+        except (haproxy.HAProxyError, ValueError) as exc:
+            raise StepFailed("preflight", f"haproxy: {exc}") from None
+        by_address = {s.address: s for s in servers if s.address}
+        for node in nodes:
+            server = by_address.get(node.address)
+            if server is None:
+                known = ", ".join(f"{s.server}={s.address}" for s in servers) or "none"
+                raise StepFailed(
+                    "preflight",
+                    f"haproxy: backend {self.backend!r} has no server at {node.address} for "
+                    f"--node {node.url} (servers: {known})",
+                )
+            if not server.in_rotation:
+                raise StepFailed(
+                    "preflight",
+                    f"haproxy: {self.backend}/{server.server} ({node.address}) is not in "
+                    f"rotation (admin {server.admin}, check {server.operational}); fix it first",
+                )
+            self.names[node.address] = server.server
+
+    def cut(self, node: Node) -> str:
+        server = self.names[node.address]
+        started = time.monotonic()
+        try:
+            self.api.set_state(self.backend, server, "drain")
+            self.api.wait_for_state(
+                self.backend, server, max_sessions=0, timeout=self.drain_timeout
+            )
+        except haproxy.HAProxyError as exc:
+            raise StepFailed("cut", f"haproxy: {exc}") from None
+        took = time.monotonic() - started
+        return f"{self.backend}/{server} drain, no sessions left ({took:.2f}s)"
+
+    def restore(self, node: Node) -> str:
+        server = self.names[node.address]
+        started = time.monotonic()
+        try:
+            self.api.set_state(self.backend, server, "ready")
+            self.api.wait_for_state(
+                self.backend, server, admin="ready", operational="up", timeout=self.ready_timeout
+            )
+        except haproxy.HAProxyError as exc:
+            raise StepFailed("restore", f"haproxy: {exc}") from None
+        took = time.monotonic() - started
+        return f"{self.backend}/{server} ready and up ({took:.2f}s)"
+
+    def plan(self, node: Node) -> tuple[str, str]:
+        server = f"{self.backend}/<server at {node.address}>"
+        return (
+            f"haproxy: set server {server} state drain, wait for 0 sessions",
+            f"haproxy: set server {server} state ready, wait until its check says up",
+        )
+
+
+# -- the rollout -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    t: float
+    index: int | None
+    node: str | None
+    step: str
+    ok: bool
+    detail: str
+
+
+class Rollout:
+    """The rollout of ``nodes``, ``batch`` at a time. :meth:`run` answers whether it finished."""
+
+    def __init__(
+        self,
+        nodes: Sequence[Node],
+        balancer: Balancer,
+        *,
+        restart: str,
+        before_restart: str | None = None,
+        verify: Sequence[str] = (),
+        token: str | None = None,
+        batch: int = 1,
+        drain_timeout: float = 60.0,
+        ready_timeout: float = 60.0,
+        restart_timeout: float = 120.0,
+        prefix: str = "/-/graceful",
+        readyz: str = "/readyz",
+        out: Callable[[str], object] = print,
+    ) -> None:
+        if batch < 1:
+            raise RolloutUsageError(f"--batch must be at least 1, not {batch}")
+        if len(nodes) > 1 and batch >= len(nodes):
+            raise RolloutUsageError(
+                f"--batch {batch} would take all {len(nodes)} nodes out of rotation at once; "
+                f"use at most {len(nodes) - 1}"
+            )
+        self.nodes = list(nodes)
+        self.balancer = balancer
+        self.restart = check_template("--restart", restart)
+        self.before_restart = (
+            None if before_restart is None else check_template("--before-restart", before_restart)
+        )
+        self.verify = list(verify)
+        self.token = token
+        self.batch = batch
+        self.drain_timeout = drain_timeout
+        self.ready_timeout = ready_timeout
+        self.restart_timeout = restart_timeout
+        self.prefix = prefix
+        self.readyz = readyz
+        self.out = out
+        self.events: list[Event] = []
+        self.ok: bool | None = None
+        self._session = requests.Session()
+        self._started = time.monotonic()
+
+    # -- plan --------------------------------------------------------------------------------
+
+    def plan(self) -> list[str]:
+        """What :meth:`run` would do, one line per step, touching nothing."""
+        lines = [
+            f"preflight: every node answers {self.readyz} 200"
+            + ("" if isinstance(self.balancer, NoBalancer) else f"; {self.balancer.name} knows it")
+        ]
+        for batch in self._batches():
+            for node in batch:
+                cut, restore = self.balancer.plan(node)
+                steps = [
+                    cut,
+                    self._plan_drain(),
+                    None
+                    if self.before_restart is None
+                    else "before-restart: " + shlex.join(node.command(self.before_restart)),
+                    "restart: " + shlex.join(node.command(self.restart)),
+                    f"wait until GET {node.url}{self.readyz} answers 200 "
+                    f"(at most {self.ready_timeout:g}s)",
+                    *(f"verify: GET {node.url}{path} answers 2xx" for path in self.verify),
+                    restore,
+                ]
+                lines += [f"{self._who(node)}: {step}" for step in steps if step is not None]
+        return lines
+
+    def _plan_drain(self) -> str:
+        if self.token is None:
+            return "drain: no token, the restart command's SIGTERM drains the node"
+        return (
+            f"drain: POST {self.prefix}/drain?wait=1, wait until drained "
+            f"(at most {self.drain_timeout:g}s)"
+        )
+
+    # -- run -----------------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Roll every node; False (after saying why) when a step failed."""
+        self._started = time.monotonic()
+        try:
+            self._step(None, "preflight", self._preflight)
+            for batch in self._batches():
+                self._roll(batch)
+        except StepFailed:
+            self.ok = False
+            return False
+        self.ok = True
+        self._say(None, "done", True, f"{len(self.nodes)} node(s) restarted and back in rotation")
+        return True
+
+    def _roll(self, batch: list[Node]) -> None:
+        cut: list[Node] = []
+        try:
+            for node in batch:
+                self._step(node, "cut", functools.partial(self.balancer.cut, node))
+                cut.append(node)
+        except StepFailed:
+            self._give_back_untouched(cut)
+            raise
+        for node in batch:
+            try:
+                self._roll_one(node)
+            except StepFailed:
+                self._give_back_untouched(cut[cut.index(node) + 1 :])
+                raise
+
+    def _roll_one(self, node: Node) -> None:
+        if self.token is not None:
+            self._step(node, "drain", lambda: self._drain(node))
+        if self.before_restart is not None:
+            command = node.command(self.before_restart)
+            self._step(node, "before-restart", lambda: self._run_command(command))
+        command = node.command(self.restart)
+        self._step(node, "restart", lambda: self._run_command(command))
+        self._step(node, "ready", lambda: self._wait_ready(node))
+        for path in self.verify:
+            self._step(node, "verify", functools.partial(self._check, node, path))
+        self._step(node, "restore", lambda: self.balancer.restore(node))
+
+    def _give_back_untouched(self, nodes: list[Node]) -> None:
+        """Batch peers that were cut but not yet drained or restarted go back into rotation."""
+        for node in nodes:
+            with contextlib.suppress(StepFailed):  # said already; the rollout is stopping
+                self._step(node, "restore", functools.partial(self.balancer.restore, node))
+
+    def _preflight(self) -> str:
+        for node in self.nodes:
+            code, output = self._readiness(node)
+            if code != 200:
+                raise StepFailed(
+                    "preflight",
+                    f"{node.url}{self.readyz} answers {output} before the rollout: bring every "
+                    "node into service first",
+                )
+        self.balancer.preflight(self.nodes)
+        return f"{len(self.nodes)} node(s) ready"
+
+    def _drain(self, node: Node) -> str:
+        url = f"{node.url}{self.prefix}/drain"
+        params = {"wait": "1", "timeout": f"{self.drain_timeout:g}"}
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            response = self._session.post(
+                url, params=params, headers=headers, timeout=self.drain_timeout + REQUEST_TIMEOUT
+            )
+        except requests.RequestException as exc:
+            raise StepFailed("drain", f"POST {url}: {_describe(exc)}") from None
+        if response.status_code == 200:
+            return f"drained (in flight {_json(response).get('inflight', 0)})"
+        if response.status_code == 202:
+            raise StepFailed(
+                "drain",
+                f"still draining after {self.drain_timeout:g}s "
+                f"({_json(response).get('inflight')} in flight); raise --drain-timeout or "
+                "look at what the node is stuck on (graceful status)",
+            )
+        hints = {
+            401: "401: wrong or missing token (--token or GRACEFUL_TOKEN)",
+            404: "404: the node's control routes are off (no GRACEFUL_TOKEN on the node) "
+            f"or not under {self.prefix}",
+        }
+        raise StepFailed(
+            "drain", hints.get(response.status_code, f"POST {url}: {response.status_code}")
+        )
+
+    def _run_command(self, argv: list[str]) -> str:
+        started = time.monotonic()
+        try:
+            done = subprocess.run(  # noqa: S603 - the operator's own command, no shell
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=self.restart_timeout,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise StepFailed("command", f"{argv[0]}: command not found") from None
+        except PermissionError:
+            raise StepFailed("command", f"{argv[0]}: permission denied") from None
+        except subprocess.TimeoutExpired:
+            raise StepFailed(
+                "command",
+                f"{shlex.join(argv)} still running after {self.restart_timeout:g}s "
+                "(--restart-timeout); it was killed",
+            ) from None
+        took = time.monotonic() - started
+        if done.returncode != 0:
+            tail = _tail(done.stderr or done.stdout)
+            raise StepFailed(
+                "command",
+                f"{shlex.join(argv)} exited with status {done.returncode}"
+                + (f": {tail}" if tail else ""),
+            )
+        return f"{shlex.join(argv)} ok ({took:.2f}s)"
+
+    def _wait_ready(self, node: Node) -> str:
+        started = time.monotonic()
+        deadline = started + self.ready_timeout
+        last = "no answer yet"
+        while True:
+            code, last = self._readiness(node)
+            if code == 200:
+                return f"{node.url}{self.readyz} 200 after {time.monotonic() - started:.2f}s"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StepFailed(
+                    "ready",
+                    f"{node.url}{self.readyz} not 200 within {self.ready_timeout:g}s "
+                    f"(last: {last}); the node stays out of rotation",
+                )
+            time.sleep(min(POLL_INTERVAL, remaining))  # the poll interval, bounded by the deadline
+
+    def _check(self, node: Node, path: str) -> str:
+        url = node.url + path
+        try:
+            response = self._session.get(url, timeout=REQUEST_TIMEOUT, allow_redirects=False)
+        except requests.RequestException as exc:
+            raise StepFailed("verify", f"GET {url}: {_describe(exc)}") from None
+        if not 200 <= response.status_code < 300:
+            raise StepFailed(
+                "verify",
+                f"GET {url} answered {response.status_code}, not 2xx: {_tail(response.text)}",
+            )
+        return f"GET {path} {response.status_code}"
+
+    def _readiness(self, node: Node) -> tuple[int | None, str]:
+        try:
+            response = self._session.get(node.url + self.readyz, timeout=REQUEST_TIMEOUT)
+        except requests.RequestException as exc:
+            return None, _describe(exc)
+        output = _json(response).get("output")
+        return response.status_code, f"{response.status_code}" + (f" {output}" if output else "")
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[list[Node]]:
+        for start in range(0, len(self.nodes), self.batch):
+            yield self.nodes[start : start + self.batch]
+
+    def _who(self, node: Node) -> str:
+        return f"node {node.index + 1}/{len(self.nodes)} {node.url}"
+
+    def _step(self, node: Node | None, step: str, action: Callable[[], str | None]) -> None:
+        try:
+            detail = action()
+        except StepFailed as failure:
+            self._say(node, step, False, str(failure))
+            raise
+        if detail is not None:
+            self._say(node, step, True, detail)
+
+    def _say(self, node: Node | None, step: str, ok: bool, detail: str) -> None:
+        t = time.monotonic() - self._started
+        self.events.append(
+            Event(
+                round(t, 3),
+                None if node is None else node.index,
+                None if node is None else node.url,
+                step,
+                ok,
+                detail,
+            )
+        )
+        who = "rollout" if node is None else self._who(node)
+        status = "" if ok else "FAILED: "
+        self.out(f"[{t:7.2f}s] {who}: {step}: {status}{detail}")
+
+    def timeline(self) -> dict[str, Any]:
+        """The JSON document ``--log-json`` writes."""
+        return {
+            "ok": self.ok,
+            "lb": self.balancer.name,
+            "nodes": [node.url for node in self.nodes],
+            "batch": self.batch,
+            "events": [dataclasses.asdict(event) for event in self.events],
+        }
+
+    def write_timeline(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.timeline(), indent=2) + "\n", encoding="utf-8")
+
+
+def _json(response: requests.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _describe(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "no answer in time"
+    if isinstance(exc, requests.ConnectionError):
+        return "cannot connect"
+    return type(exc).__name__
+
+
+def _tail(text: str, limit: int = 300) -> str:
+    text = " | ".join(line.strip() for line in text.strip().splitlines()[-5:] if line.strip())
+    return text if len(text) <= limit else "..." + text[-limit:]

@@ -1,0 +1,456 @@
+"""``graceful rollout``: every way it can fail stops it, leaves the failed node out and the
+untouched ones in service; bad command lines change nothing.
+
+The nodes are real (``tests/e2e/apps/load_app.py`` under wsgiref with the signal handlers,
+SIGTERM drains); the rollout runs in process through ``graceful.cli.main``. The zero-loss
+rollouts behind real nginx and HAProxy are in ``tests/e2e/test_rollout_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import Proc, Spawn, WaitUntil, child_env, unused_port
+
+from graceful import cli
+from graceful.rollout import NoBalancer, Node, Rollout, RolloutUsageError, StepFailed, make_nodes
+
+APPS = Path(__file__).parent / "e2e" / "apps"
+TOKEN = "rollout-test-token"
+PY = shlex.quote(sys.executable)
+
+StartNode = Callable[[], tuple[str, Proc]]
+
+
+@pytest.fixture
+def start_node(spawn: Spawn, tmp_path: Path, wait_until: WaitUntil) -> StartNode:
+    def start() -> tuple[str, Proc]:
+        port = unused_port()
+        env = child_env(
+            {
+                "GRACEFUL_TOKEN": TOKEN,
+                "GRACEFUL_DELAY": "0.2",
+                "GRACEFUL_DRAIN_TIMEOUT": "10",
+                "LOAD_RECORD_DIR": str(tmp_path),
+            }
+        )
+        proc = spawn(
+            [sys.executable, str(APPS / "load_app.py"), "--port", str(port)], env=env, name="node"
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _ready(url), timeout=20, message=lambda: f"{url} ready\n{proc.output()}")
+        return url, proc
+
+    return start
+
+
+def _ready(url: str) -> bool:
+    try:
+        return requests.get(url + "/readyz", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _readyz(url: str) -> str:
+    try:
+        response = requests.get(url + "/readyz", timeout=2)
+    except requests.RequestException:
+        return "unreachable"
+    return f"{response.status_code} {response.json().get('output')}"
+
+
+def rollout(*args: str) -> int:
+    return cli.main(["rollout", *args])
+
+
+def marker_command(path: Path, status: int = 0) -> str:
+    """A command that appends its node's index to ``path`` and exits with ``status``."""
+    code = f"import sys; open({str(path)!r}, 'a').write(sys.argv[1] + '\\n'); sys.exit({status})"
+    return f"{PY} -c {shlex.quote(code)} {{index}}"
+
+
+def stop_command(proc: Proc) -> str:
+    """A 'restart' that only stops the node (SIGTERM, like a real one) and starts nothing."""
+    code = f"import os, signal; os.kill({proc.pid}, signal.SIGTERM)"
+    return f"{PY} -c {shlex.quote(code)}"
+
+
+def nodes_args(*urls: str) -> list[str]:
+    return [arg for url in urls for arg in ("--node", url)]
+
+
+# -- failure paths -------------------------------------------------------------------------
+
+
+def test_a_failing_restart_stops_the_rollout_and_leaves_that_node_out(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    ran = tmp_path / "restarted"
+    timeline = tmp_path / "timeline.json"
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "none", "--token", TOKEN,
+        "--restart", marker_command(ran, status=3),
+        "--log-json", str(timeline),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED == 10
+    assert "restart: FAILED" in out and "exited with status 3" in out
+    assert ran.read_text() == "0\n"  # the second node's restart never ran
+    assert _readyz(first) == "503 drained"  # left out of rotation
+    assert _readyz(second) == "200 serving"  # not yet touched: in service
+    log = json.loads(timeline.read_text())
+    assert log["ok"] is False and log["lb"] == "none"
+    failed = [event for event in log["events"] if not event["ok"]]
+    assert [(e["index"], e["step"]) for e in failed] == [(0, "restart")]
+    assert TOKEN not in timeline.read_text() and TOKEN not in out
+
+
+def test_a_node_that_never_turns_ready_stops_the_rollout(
+    start_node: StartNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, proc), (second, _) = start_node(), start_node()
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "readiness", "--token", TOKEN, "--ready-timeout", "1",
+        "--restart", stop_command(proc),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert "ready: FAILED" in out and "not 200 within 1s" in out
+    assert _readyz(second) == "200 serving"
+
+
+def test_a_failed_verification_stops_the_rollout(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    ran = tmp_path / "restarted"
+    # No token: the node is not drained by the rollout, so a no-op restart leaves it ready.
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "none", "--verify", "/ping", "--verify", "/no-such-page",
+        "--restart", marker_command(ran),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert "verify: GET /ping 200" in out
+    assert "verify: FAILED: GET " + first + "/no-such-page answered 404, not 2xx" in out
+    assert ran.read_text() == "0\n"
+
+
+def test_a_node_that_does_not_drain_in_time_stops_the_rollout_before_its_restart(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str], wait_until: WaitUntil
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    slow = requests.Session()
+    busy = threading.Thread(
+        target=lambda: slow.get(first + "/slow?seconds=4", timeout=20), daemon=True
+    )
+    busy.start()
+    wait_until(lambda: _inflight(first) == 1, timeout=10, message="a slow request in flight")
+    ran = tmp_path / "restarted"
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "none", "--token", TOKEN, "--drain-timeout", "1",
+        "--restart", marker_command(ran),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    busy.join(20)
+    assert code == cli.ROLLOUT_STOPPED
+    assert "drain: FAILED: still draining after 1s (1 in flight)" in out
+    assert not ran.exists()
+
+
+def _inflight(url: str) -> int:
+    status = requests.get(
+        url + "/-/graceful/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2
+    ).json()
+    return int(status["inflight"])
+
+
+def test_a_wrong_token_stops_the_rollout_before_anything_restarts(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    ran = tmp_path / "restarted"
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "none", "--token", "not-the-token", "--restart", marker_command(ran),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert "drain: FAILED: 401" in out and "not-the-token" not in out
+    assert not ran.exists()
+    assert _readyz(first) == "200 serving"
+
+
+def test_a_failing_before_restart_command_keeps_the_restart_from_running(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    backed_up, ran = tmp_path / "backup", tmp_path / "restarted"
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "none", "--token", TOKEN,
+        "--before-restart", marker_command(backed_up, status=1),
+        "--restart", marker_command(ran),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert "before-restart: FAILED" in out
+    assert backed_up.read_text() == "0\n" and not ran.exists()
+
+
+@pytest.mark.parametrize(
+    ("restart", "timeout", "expected"),
+    [
+        ("/no/such/restart-command {port}", "5", "/no/such/restart-command: command not found"),
+        (f"{PY} -c 'import time; time.sleep(30)'", "0.5", "still running after 0.5s"),
+    ],
+    ids=["not-found", "hangs"],
+)
+def test_a_restart_command_that_cannot_run_or_hangs_stops_the_rollout(
+    start_node: StartNode,
+    capsys: pytest.CaptureFixture[str],
+    restart: str,
+    timeout: str,
+    expected: str,
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "none", "--restart", restart, "--restart-timeout", timeout,
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert expected in out
+
+
+def test_a_node_not_ready_before_the_rollout_stops_it_before_anything_is_touched(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    requests.post(
+        second + "/-/graceful/drain", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
+    )
+    ran = tmp_path / "restarted"
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "none", "--token", TOKEN, "--restart", marker_command(ran),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert "preflight: FAILED" in out and second in out
+    assert not ran.exists()
+    assert _readyz(first) == "200 serving"
+
+
+def test_an_unreachable_node_stops_the_rollout_in_preflight(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, _ = start_node()
+    nowhere = f"http://127.0.0.1:{unused_port()}"
+    code = rollout(*nodes_args(first, nowhere), "--lb", "none", "--restart", "true")
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert f"{nowhere}/readyz answers cannot connect" in out
+
+
+def test_nginx_preflight_refuses_passive_checks_and_unknown_servers_touching_nothing(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    upstream = tmp_path / "upstream.conf"
+    a, b = first.removeprefix("http://"), second.removeprefix("http://")
+    upstream.write_text(f"upstream app {{\n    server {a} max_fails=0;\n    server {b};\n}}\n")
+    before = upstream.read_bytes()
+    common = ["--lb", "nginx", "--nginx-upstream-file", str(upstream), "--nginx-upstream", "app"]
+    code = rollout(*nodes_args(first, second), *common, "--restart", "true")
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert f"{b} without max_fails=0" in out and "no live upstream" in out
+    upstream.write_text(f"upstream app {{\n    server {a} max_fails=0;\n}}\n")
+    before = upstream.read_bytes()
+    code = rollout(*nodes_args(first, second), *common, "--restart", "true")
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert f"has no server {b}" in out
+    assert upstream.read_bytes() == before
+    assert not (tmp_path / "upstream.conf.prev").exists()
+
+
+def test_haproxy_without_its_socket_stops_the_rollout_in_preflight(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    socket = tmp_path / "no-haproxy.sock"
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "haproxy", "--haproxy-socket", str(socket), "--haproxy-backend", "app",
+        "--restart", "true",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED
+    assert f"no HAProxy runtime API socket at {socket}" in out
+
+
+# -- command lines that are refused (exit 2, nothing touched) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "2"], "--batch 2 would take all 2 nodes out of rotation at once"),
+        (["--batch", "0"], "is not a whole number of at least 1"),
+        (["--restart", "x {host} {pid}"], "unknown placeholder {pid}"),
+        (["--restart", "x 'unclosed"], "cannot be split"),
+        (["--lb", "nginx"], "--lb nginx needs --nginx-upstream-file FILE and --nginx-upstream"),
+        (["--lb", "haproxy"], "--lb haproxy needs --haproxy-socket PATH and --haproxy-backend"),
+        (["--nginx-upstream", "app"], "--nginx-upstream: only for --lb nginx"),
+        (["--haproxy-backend", "app", "--lb", "nginx"], "--haproxy-backend: only for --lb haproxy"),
+        (["--node", "http://127.0.0.1:1"], "is given twice"),
+        (["--node", "ftp://x"], "is not a node URL"),
+        (["--verify", "version"], "is not a path like /readyz"),
+        (["--drain-timeout", "-1"], "is not a number of seconds"),
+        (["--lb", "f5"], "invalid choice: 'f5'"),
+    ],
+)
+def test_a_bad_command_line_is_refused_with_a_message_naming_the_option(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ran = tmp_path / "restarted"
+    base = ["--node", "http://127.0.0.1:1", "--node", "http://127.0.0.1:2"]
+    restart = [] if "--restart" in args else ["--restart", marker_command(ran)]
+    try:
+        code = rollout(*base, *restart, *args)
+    except SystemExit as exc:  # argparse's own refusals
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    assert code == cli.USAGE
+    assert message in captured.err
+    assert not ran.exists()
+
+
+def test_dry_run_prints_every_step_and_touches_nothing(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    ran = tmp_path / "restarted"
+    code = rollout(
+        *nodes_args(first, second),
+        "--lb", "none", "--token", TOKEN, "--verify", "/ping", "--dry-run",
+        "--before-restart", marker_command(ran), "--restart", marker_command(ran),
+    )  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert code == cli.OK
+    for index, url in enumerate((first, second)):
+        steps = [line.split(": ", 1)[1] for line in lines if line.startswith(f"node {index + 1}/2")]
+        assert [step.split(":")[0].split(" ")[0] for step in steps] == [
+            "drain",
+            "before-restart",
+            "restart",
+            "wait",
+            "verify",
+        ]
+        assert any(step.endswith(f" {index}") for step in steps if step.startswith("restart"))
+        assert url in " ".join(steps)
+    assert not ran.exists()
+    assert _readyz(first) == _readyz(second) == "200 serving"
+
+
+# -- the orchestration, with a balancer that records what it was told ---------------------
+
+
+class RecordingBalancer(NoBalancer):
+    def __init__(self, fail_cut_at: int | None = None) -> None:
+        super().__init__("recording")
+        self.calls: list[tuple[str, int]] = []
+        self.fail_cut_at = fail_cut_at
+
+    def cut(self, node: Node) -> str:
+        if node.index == self.fail_cut_at:
+            raise StepFailed("cut", "refused")
+        self.calls.append(("cut", node.index))
+        return "cut"
+
+    def restore(self, node: Node) -> str:
+        self.calls.append(("restore", node.index))
+        return "restored"
+
+
+def test_a_batch_is_cut_together_and_peers_not_yet_restarted_go_back_when_one_fails(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    urls = [start_node()[0] for _ in range(3)]
+    balancer = RecordingBalancer()
+    ran = tmp_path / "restarted"
+    lines: list[str] = []
+    plan = Rollout(
+        make_nodes(urls), balancer, restart=marker_command(ran, status=1), batch=2, out=lines.append
+    )
+    assert plan.run() is False
+    # Nodes 0 and 1 were cut together; 0's restart failed, so it stays out; 1 (never drained
+    # or restarted) goes back; 2 was never touched.
+    assert balancer.calls == [("cut", 0), ("cut", 1), ("restore", 1)]
+    assert ran.read_text() == "0\n"
+
+
+def test_a_failed_cut_gives_back_the_batch_peers_already_cut(start_node: StartNode) -> None:
+    urls = [start_node()[0] for _ in range(3)]
+    balancer = RecordingBalancer(fail_cut_at=1)
+    plan = Rollout(make_nodes(urls), balancer, restart="true", batch=2, out=lambda line: None)
+    assert plan.run() is False
+    assert balancer.calls == [("cut", 0), ("restore", 0)]
+
+
+def test_rollout_objects_refuse_what_the_command_line_refuses() -> None:
+    nodes = make_nodes(["http://127.0.0.1:1", "http://127.0.0.1:2"])
+    with pytest.raises(RolloutUsageError, match="--batch 2 would take all 2 nodes"):
+        Rollout(nodes, NoBalancer("none"), restart="true", batch=2)
+    with pytest.raises(RolloutUsageError, match="--batch must be at least 1"):
+        Rollout(nodes, NoBalancer("none"), restart="true", batch=0)
+    with pytest.raises(RolloutUsageError, match="--restart is empty"):
+        Rollout(nodes, NoBalancer("none"), restart="  ")
+    with pytest.raises(RolloutUsageError, match="give at least one --node"):
+        make_nodes([])
+
+
+def test_a_single_node_may_be_rolled_on_its_own() -> None:
+    nodes = make_nodes(["http://127.0.0.1:1"])
+    assert Rollout(nodes, NoBalancer("none"), restart="true").batch == 1
+
+
+def test_node_commands_fill_placeholders_per_argument_without_a_shell() -> None:
+    (node,) = make_nodes(["http://10.0.0.5:8000/"])
+    assert node.command("ssh {host} 'systemctl restart app@{port}' {index} {url} {{x}}") == [
+        "ssh",
+        "10.0.0.5",
+        "systemctl restart app@8000",
+        "0",
+        "http://10.0.0.5:8000",
+        "{x}",
+    ]
+
+
+def test_sigterm_from_a_restart_drains_the_node_when_no_token_is_given(
+    start_node: StartNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a token there is no drain step: the restart's SIGTERM is what drains."""
+    (first, proc), (second, _) = start_node(), start_node()
+    code = rollout(
+        *nodes_args(first, second), "--lb", "none", "--ready-timeout", "1",
+        "--restart", stop_command(proc),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.ROLLOUT_STOPPED and ": drain:" not in out
+    assert proc.wait(10) == 0 and proc.popen.returncode != -signal.SIGKILL
