@@ -243,8 +243,23 @@ def test_server_state_combines_servers_state_and_stat(
 ) -> None:
     server = fake(haproxy_26)
     state = RuntimeAPI(server.path).server_state("app", "n3")
-    assert state == ServerState("app", "n3", "ready", "up", 0, status="UP", sessions=7)
+    assert state == ServerState(
+        "app", "n3", "ready", "up", 0, status="UP", sessions=7, address="127.0.0.1:18093"
+    )
     assert server.commands == ["show servers state app", "show stat app 4 -1"]
+
+
+def test_servers_lists_a_backend_with_each_server_address(
+    fake: Callable[[Callable[[str], str]], FakeHAProxy],
+) -> None:
+    api = RuntimeAPI(fake(haproxy_26).path)
+    assert [(s.server, s.address) for s in api.servers("app")] == [
+        ("n1", "127.0.0.1:18091"),
+        ("n2", "127.0.0.1:18092"),
+        ("n3", "127.0.0.1:18093"),
+    ]
+    with pytest.raises(UnknownBackendError, match="no backend 'nope'"):
+        api.servers("nope")
 
 
 def test_server_state_names_an_unknown_backend_or_server(
