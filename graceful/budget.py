@@ -9,7 +9,8 @@ runs long is cut off by SIGKILL: the requests it was waiting for fail.
 
 Sans-io: every function takes what was already read (a settings object, a parsed manifest, the
 text of a unit) and returns warnings, one sentence each, naming the setting and the numbers.
-Malformed input (a duration like ``30x``) raises :class:`BudgetError`.
+Malformed input (a duration like ``30x``) raises :class:`BudgetError`. A warning that means
+requests fail (the budget does not fit, no drain at all) is a :class:`Problem`, still a ``str``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "SERVER_STOP",
     "SYSTEMD_TIMEOUT_STOP",
     "BudgetError",
+    "Problem",
     "check_budget",
     "kubernetes_budget",
     "parse_timespan",
@@ -51,6 +53,15 @@ DOCKER_STOP_TIMEOUT = 10.0
 
 class BudgetError(ConfigError):
     """A manifest, unit or duration could not be read. The message names the setting."""
+
+
+class Problem(str):
+    """A warning that means failed requests (a drain cut short, or none at all), not just advice.
+
+    ``graceful check-config`` reports these as errors. A ``str``, like every other warning.
+    """
+
+    __slots__ = ()
 
 
 def check_budget(
@@ -86,9 +97,11 @@ def check_budget(
         return []
     terms = " + ".join(f"{name} ({_s(seconds)})" for seconds, name in parts)
     return [
-        f"{terms} = {_s(needed)} does not fit {deadline_name} ({_s(kill_deadline)}): the "
-        "process is killed before a long drain can end; lower GRACEFUL_DELAY or "
-        f"GRACEFUL_DRAIN_TIMEOUT, or raise {deadline_name} to at least {math.ceil(needed)} s"
+        Problem(
+            f"{terms} = {_s(needed)} does not fit {deadline_name} ({_s(kill_deadline)}): the "
+            "process is killed before a long drain can end; lower GRACEFUL_DELAY or "
+            f"GRACEFUL_DRAIN_TIMEOUT, or raise {deadline_name} to at least {math.ceil(needed)} s"
+        )
     ]
 
 
@@ -193,7 +206,7 @@ def kubernetes_budget(
         warnings += hook_warnings
         warnings += _probes(item, where, config)
         warnings += [
-            f"{where}: {text}"
+            Problem(f"{where}: {text}")
             for text in check_budget(
                 config,
                 deadline,
@@ -330,8 +343,10 @@ def _probes(item: Mapping[str, Any], where: str, config: Config) -> list[str]:
         path = _get(live, "httpGet", "path")
         if path == config.readyz_path:
             warnings.append(
-                f"{where}: livenessProbe checks {config.readyz_path}: a draining pod fails it "
-                f"and is restarted mid-drain; point it at {config.livez_path}"
+                Problem(
+                    f"{where}: livenessProbe checks {config.readyz_path}: a draining pod fails "
+                    f"it and is restarted mid-drain; point it at {config.livez_path}"
+                )
             )
         elif path != config.livez_path:
             warnings.append(
@@ -390,14 +405,18 @@ def systemd_budget(unit_text: str, *, server_stop: float = SERVER_STOP) -> list[
             else (f"KillMode={kill_mode}")
         )
         warnings.append(
-            f"{shown}: {why}; set KillMode=mixed (SIGTERM to the main process only, "
-            "SIGKILL to the rest at the end)"
+            Problem(
+                f"{shown}: {why}; set KillMode=mixed (SIGTERM to the main process only, "
+                "SIGKILL to the rest at the end)"
+            )
         )
     kill_signal = _signal_name(service.get("KillSignal", ["SIGTERM"])[-1])
     if kill_signal != "SIGTERM":
         warnings.append(
-            f"KillSignal={kill_signal}: only SIGTERM drains (SIGINT is a quick stop without the "
-            "delay, SIGQUIT stops at once); remove KillSignal or set KillSignal=SIGTERM"
+            Problem(
+                f"KillSignal={kill_signal}: only SIGTERM drains (SIGINT is a quick stop without "
+                "the delay, SIGQUIT stops at once); remove KillSignal or set KillSignal=SIGTERM"
+            )
         )
     timeout_key = next((k for k in ("TimeoutStopSec", "TimeoutSec") if k in service), None)
     if timeout_key is None:

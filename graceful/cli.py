@@ -13,6 +13,8 @@ from typing import Any
 
 import requests
 
+from . import check_config
+
 __all__ = ["EXIT_CODES", "main"]
 
 OK, FAILED, USAGE, UNREACHABLE, UNAUTHORIZED, CONTROL_OFF, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
@@ -248,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.set_defaults(run=cmd_wait)
     _nginx_verbs(verbs, parser.epilog)
     _rollout_verb(verbs, parser.epilog)
+    check_config.add_verb(verbs, parser.epilog)
     return parser
 
 

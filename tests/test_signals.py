@@ -28,6 +28,7 @@ ALL = {
     "drained": signals.drained,
     "resumed": signals.resumed,
     "stopping": signals.stopping,
+    "node_changed": signals.node_changed,
 }
 
 
