@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 import requests
 from conftest import unused_port
 
-from graceful import nginx
+from graceful import cli, nginx
 from graceful.nginx import UpstreamController, ValidationError
 
 if TYPE_CHECKING:
@@ -284,3 +285,58 @@ def test_the_example_upstream_file_passes_nginx_t(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert [s.state for s in UpstreamController(example, "app").status()] == ["up"] * 3
+
+
+def rollout_args(site: Site, restart: str) -> list[str]:
+    nodes = [arg for addr in site.backends.values() for arg in ("--node", f"http://{addr}")]
+    return [
+        "rollout",
+        *nodes,
+        "--lb", "nginx",
+        "--nginx-upstream-file", str(site.upstream),
+        "--nginx-upstream", "app",
+        "--nginx-bin", site.nginx_bin,
+        "--nginx-conf", str(site.conf),
+        "--nginx-prefix", str(site.dir),
+        "--readyz-path", "/who",  # the http.server backends have no /readyz
+        "--restart", restart,
+    ]  # fmt: skip
+
+
+def test_rollout_takes_each_node_down_and_back_through_nginx(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen = tmp_path / "seen"
+    # The 'restart' records which backends nginx still sends traffic to while this node is down.
+    code = (
+        "import sys, urllib.request\n"
+        "who = {urllib.request.urlopen(sys.argv[1], timeout=5).read().decode() for _ in range(6)}\n"
+        "open(sys.argv[2], 'a').write(sys.argv[3] + ' ' + ','.join(sorted(who)) + '\\n')\n"
+    )
+    code = code.replace("{", "{{").replace("}", "}}")  # literal braces in a command template
+    restart = f"{sys.executable} -c {shlex.quote(code)} {site.url} {seen} {{index}}"
+    before = site.upstream.read_text()
+
+    assert cli.main(rollout_args(site, restart)) == 0
+
+    out = capsys.readouterr().out
+    assert out.count("nginx reloaded") == 6, out
+    assert seen.read_text().splitlines() == ["0 b,c", "1 a,c", "2 a,b"]
+    assert site.upstream.read_text() == before  # every server up again
+    assert set(site.who(6)) == set(NAMES)
+
+
+def test_rollout_stops_when_nginx_cannot_be_reloaded_and_leaves_the_file_untouched(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site.master.stop()
+    (site.dir / "nginx.pid").unlink(missing_ok=True)
+    before = site.upstream.read_bytes()
+    ran = tmp_path / "restarted"
+
+    assert cli.main(rollout_args(site, f"touch {ran}")) == cli.ROLLOUT_STOPPED
+
+    out = capsys.readouterr().out
+    assert "cut: FAILED: nginx: " in out and "no nginx master to reload" in out
+    assert site.upstream.read_bytes() == before
+    assert not ran.exists()
