@@ -11,6 +11,7 @@ Without the ``haproxy`` binary these tests skip, except under CI (``CI`` set), w
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 import requests
 from conftest import unused_port
 
+from graceful import cli
 from graceful.haproxy import RuntimeAPI
 
 if TYPE_CHECKING:
@@ -353,3 +355,47 @@ def test_drain_then_sigterm_under_load_through_haproxy_loses_nothing(
     assert set(load.acked) <= set(recorded), "an acknowledged order was not recorded"
     assert load.slow_done == 4
     assert load.sent >= 160
+
+
+def test_rollout_drains_each_server_in_haproxy_and_gives_it_back(
+    start_site: StartSite, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = start_site()
+    states = tmp_path / "states"
+    # The 'restart' records what HAProxy says of every server while it runs (no real restart:
+    # without a token nothing drains the node itself, so it stays ready).
+    code = (
+        "import sys\nfrom graceful.haproxy import RuntimeAPI\n"
+        "servers = RuntimeAPI(sys.argv[1]).servers('app')\n"
+        "line = ' '.join(s.server + '=' + s.admin for s in servers)\n"
+        "open(sys.argv[2], 'a').write(line + '\\n')\n"
+    )
+    restart = f"{sys.executable} -c {shlex.quote(code)} {site.api.socket_path} {states}"
+    nodes = [arg for node in site.nodes.values() for arg in ("--node", node.url)]
+    args = ["rollout", *nodes, "--lb", "haproxy", "--haproxy-socket", site.api.socket_path]
+
+    assert cli.main([*args, "--haproxy-backend", BACKEND, "--restart", restart]) == 0
+
+    out = capsys.readouterr().out
+    assert out.count("no sessions left") == 2 and out.count("ready and up") == 2, out
+    assert states.read_text().splitlines() == ["node1=drain node2=ready", "node1=ready node2=drain"]
+    for name in NAMES:
+        assert site.api.server_state(BACKEND, name).in_rotation
+
+
+def test_rollout_refuses_a_backend_or_node_haproxy_does_not_know(
+    start_site: StartSite, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = start_site()
+    first, second = (node.url for node in site.nodes.values())
+    args = ["rollout", "--lb", "haproxy", "--haproxy-socket", site.api.socket_path]
+    args += ["--restart", "true", "--node", first]
+    assert cli.main([*args, "--node", second, "--haproxy-backend", "nope"]) == 10
+    assert "haproxy: HAProxy has no backend 'nope'" in capsys.readouterr().out
+    # The same node by another name: HAProxy knows 127.0.0.1, not localhost.
+    by_name = second.replace("127.0.0.1", "localhost")
+    assert cli.main([*args, "--node", by_name, "--haproxy-backend", BACKEND]) == 10
+    out = capsys.readouterr().out
+    assert f"has no server at localhost:{by_name.rsplit(':', 1)[1]}" in out
+    for name in NAMES:
+        assert site.api.server_state(BACKEND, name).in_rotation
