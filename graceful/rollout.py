@@ -370,6 +370,7 @@ class Rollout:
         self.out = out
         self.events: list[Event] = []
         self.ok: bool | None = None
+        self._old_pids: dict[int, set[str]] = {}  # per node: the processes it drained
         self._session = requests.Session()
         self._started = time.monotonic()
 
@@ -481,6 +482,7 @@ class Rollout:
         except requests.RequestException as exc:
             raise StepFailed("drain", f"POST {url}: {_describe(exc)}") from None
         if response.status_code == 200:
+            self._old_pids[node.index] = _pids(_json(response))
             return f"drained (in flight {_json(response).get('inflight', 0)})"
         if response.status_code == 202:
             raise StepFailed(
@@ -536,6 +538,7 @@ class Rollout:
         while True:
             code, last = self._readiness(node)
             if code == 200:
+                self._check_replaced(node)
                 return f"{node.url}{self.readyz} 200 after {time.monotonic() - started:.2f}s"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -545,6 +548,26 @@ class Rollout:
                     f"(last: {last}); the node stays out of rotation",
                 )
             time.sleep(min(POLL_INTERVAL, remaining))  # the poll interval, bounded by the deadline
+
+    def _check_replaced(self, node: Node) -> None:
+        """With a token: the processes answering now must not be the ones that were drained."""
+        old = self._old_pids.get(node.index)
+        if not old:
+            return
+        url = f"{node.url}{self.prefix}/status"
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            response = self._session.get(url, headers=headers, timeout=REQUEST_TIMEOUT)
+        except requests.RequestException as exc:
+            raise StepFailed("ready", f"GET {url}: {_describe(exc)}") from None
+        still = old & _pids(_json(response))
+        if still:
+            raise StepFailed(
+                "ready",
+                f"{node.url} still answers from the process(es) it drained (pid "
+                f"{', '.join(sorted(still))}): the restart command returned before replacing "
+                "them; make it wait until the old process has exited",
+            )
 
     def _check(self, node: Node, path: str) -> str:
         url = node.url + path
@@ -621,6 +644,16 @@ def _json(response: requests.Response) -> dict[str, Any]:
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def _pids(status: dict[str, Any]) -> set[str]:
+    """The processes a status snapshot comes from: every worker of the node, and the one that
+    answered."""
+    by_worker = status.get("inflight_by_worker")
+    pids = {str(pid) for pid in by_worker} if isinstance(by_worker, dict) else set()
+    if status.get("pid") is not None:
+        pids.add(str(status["pid"]))
+    return pids
 
 
 def _describe(exc: requests.RequestException) -> str:

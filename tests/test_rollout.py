@@ -454,3 +454,26 @@ def test_sigterm_from_a_restart_drains_the_node_when_no_token_is_given(
     out = capsys.readouterr().out
     assert code == cli.ROLLOUT_STOPPED and ": drain:" not in out
     assert proc.wait(10) == 0 and proc.popen.returncode != -signal.SIGKILL
+
+
+def test_a_restart_that_leaves_the_drained_process_serving_is_caught(
+    start_node: StartNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 'restart' that returns with the old process still there (here: it resumes it) must not
+    pass for a restart: with a token the rollout compares the processes before and after."""
+    (first, _), (second, _) = start_node(), start_node()
+    code = (
+        (
+            "import sys, urllib.request\n"
+            "request = urllib.request.Request(sys.argv[1] + '/-/graceful/resume', method='POST',"
+            f" headers={{'Authorization': 'Bearer {TOKEN}'}})\n"
+            "urllib.request.urlopen(request, timeout=5)\n"
+        )
+        .replace("{", "{{")
+        .replace("}", "}}")
+    )
+    restart = f"{PY} -c {shlex.quote(code)} {{url}}"
+    assert rollout(*nodes_args(first, second), "--lb", "none", "--token", TOKEN,
+                   "--restart", restart) == cli.ROLLOUT_STOPPED  # fmt: skip
+    out = capsys.readouterr().out
+    assert "ready: FAILED: " + first + " still answers from the process(es) it drained" in out

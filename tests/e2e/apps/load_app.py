@@ -14,9 +14,13 @@ Routes:
 - ``POST /orders`` with body ``id=<id>`` (form-encoded or plain text): appends the id as one
   line to ``$LOAD_RECORD_DIR/<pid>.ids``, then answers 201.
 - ``GET /slow?seconds=N``: answers 200 after N seconds (at most 60).
+- ``GET /version``: 200, JSON ``{"version": $APP_VERSION or "v1", "pid": <this process>}``.
+- ``GET /stream?count=N``: a bounded stream, ``chunk 0001`` ... ``chunk N`` (one line every
+  100 ms) then ``end``, with a Content-Length (N at most 600): complete, or visibly cut.
+- ``wsgi_routes`` itself is the same WSGI app without the middleware (a node with no library).
 - ASGI only: websocket ``/ws`` echoes until closed, then appends the close code to
   ``<pid>.ws``; ``GET /stream`` sends a server-sent event every 100 ms until ``http.disconnect``,
-  then appends ``stream-ended`` to ``<pid>.streams``.
+  then appends ``stream-ended`` to ``<pid>.streams`` (``/stream`` without ``count``).
 
 Run as a script, it serves ``wsgi_app`` with wsgiref on 127.0.0.1 (``--port``): with
 ``install_signal_handlers`` (SIGTERM drains), or with ``--naive`` without them (SIGTERM kills).
@@ -26,11 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socketserver
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -39,6 +44,9 @@ import graceful
 from graceful._types import Environ, Receive, Scope, Send, StartResponse
 
 MAX_SLOW = 60.0
+MAX_CHUNKS = 600  # GET /stream?count=N: at most a minute
+CHUNK_PACE = 0.1
+STREAM_END = b"end\n"
 TEXT = "text/plain; charset=utf-8"
 
 
@@ -62,6 +70,33 @@ def slow_seconds(query: str) -> float:
     return min(float(parse_qs(query).get("seconds", ["1"])[0]), MAX_SLOW)
 
 
+def version_body() -> bytes:
+    version = os.environ.get("APP_VERSION", "v1")
+    return json.dumps({"version": version, "pid": os.getpid()}).encode()
+
+
+def stream_count(query: str) -> int | None:
+    """``count`` of ``GET /stream?count=N`` (bounded), or None without one."""
+    values = parse_qs(query).get("count")
+    return None if not values else max(0, min(int(values[0]), MAX_CHUNKS))
+
+
+def chunk(number: int) -> bytes:
+    return f"chunk {number:04d}\n".encode()
+
+
+def stream_length(count: int) -> int:
+    return count * len(chunk(1)) + len(STREAM_END)
+
+
+def wsgi_stream(count: int) -> Iterator[bytes]:
+    for number in range(1, count + 1):
+        if number > 1:
+            time.sleep(CHUNK_PACE)  # the pace of the stream IS the behaviour
+        yield chunk(number)
+    yield STREAM_END
+
+
 # -- WSGI ------------------------------------------------------------------------------------
 
 
@@ -82,6 +117,14 @@ def wsgi_routes(environ: Environ, start_response: StartResponse) -> Iterable[byt
         seconds = slow_seconds(environ.get("QUERY_STRING", ""))
         time.sleep(seconds)  # the slow request IS the behaviour
         status, body = "200 OK", f"slept {seconds:g}\n".encode()
+    elif (method, path) == ("GET", "/version"):
+        status, body = "200 OK", version_body()
+    elif (method, path) == ("GET", "/stream"):
+        count = stream_count(environ.get("QUERY_STRING", ""))
+        if count is not None:
+            size = str(stream_length(count))
+            start_response("200 OK", [("Content-Type", TEXT), ("Content-Length", size)])
+            return wsgi_stream(count)
     start_response(status, [("Content-Type", TEXT), ("Content-Length", str(len(body)))])
     return [body]
 
@@ -96,7 +139,11 @@ async def asgi_routes(scope: Scope, receive: Receive, send: Send) -> None:
     elif kind == "websocket":
         await echo(receive, send)
     elif kind == "http" and (scope["method"], scope["path"]) == ("GET", "/stream"):
-        await stream(receive, send)
+        count = stream_count(scope["query_string"].decode("latin-1"))
+        if count is None:
+            await stream(receive, send)
+        else:
+            await bounded_stream(count, send)
     elif kind == "http":
         await http(scope, receive, send)
 
@@ -127,6 +174,8 @@ async def http(scope: Scope, receive: Receive, send: Send) -> None:
         seconds = slow_seconds(scope["query_string"].decode("latin-1"))
         await asyncio.sleep(seconds)  # the slow request IS the behaviour
         status, body = 200, f"slept {seconds:g}\n".encode()
+    elif (method, path) == ("GET", "/version"):
+        status, body = 200, version_body()
     headers = [(b"content-type", TEXT.encode()), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -174,6 +223,20 @@ async def stream(receive: Receive, send: Send) -> None:
     finally:
         disconnected.cancel()
     record("streams", "stream-ended")
+
+
+async def bounded_stream(count: int, send: Send) -> None:
+    """``count`` chunks 100 ms apart, then ``end``; a Content-Length, so never open-ended."""
+    headers = [
+        (b"content-type", TEXT.encode()),
+        (b"content-length", str(stream_length(count)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for number in range(1, count + 1):
+        if number > 1:
+            await asyncio.sleep(CHUNK_PACE)  # the pace of the stream IS the behaviour
+        await send({"type": "http.response.body", "body": chunk(number), "more_body": True})
+    await send({"type": "http.response.body", "body": STREAM_END})
 
 
 async def wait_disconnect(receive: Receive) -> None:
