@@ -27,6 +27,7 @@ none answers, :class:`NoNodeAvailable` names every node and why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from . import signals
@@ -99,6 +101,7 @@ class Pool(requests.Session):
         self.mount("http://", adapter)
         self.mount("https://", adapter)
         self._side = requests.Session()  # probes and event streams, apart from the calls
+        self._streams: dict[str, Any] = {}  # each node's open events stream, for close()
         self._threads = [threading.Thread(target=self._probe_loop, name="graceful-probe")]
         if watch:
             self._threads += [
@@ -115,7 +118,7 @@ class Pool(requests.Session):
         self, method: str, url: str, *args: Any, **kwargs: Any
     ) -> requests.Response:
         """Send ``method path`` to a node in service; see the module doc for the retry rules."""
-        if "://" in url or not url.startswith("/"):
+        if not url.startswith("/"):  # a path; "://" may be in its query (?next=http://...)
             raise ValueError(f"Pool requests take a path like /orders/1, not {url!r}")
         if self._closed.is_set():
             raise RuntimeError("this Pool is closed")
@@ -212,6 +215,9 @@ class Pool(requests.Session):
                 with self._side.get(
                     url + self.events_path, stream=True, timeout=(3.05, 60.0)
                 ) as response:
+                    self._streams[url] = response.raw
+                    if self._closed.is_set():  # close() came first: it did not see this one
+                        return
                     if response.status_code == 200:
                         for notice in _notices(_lines(response.raw)):
                             with self._lock:
@@ -224,15 +230,27 @@ class Pool(requests.Session):
                             self._announce(changed)
                             if self._closed.is_set():
                                 return
-            except requests.RequestException:
-                pass  # the node is restarting or gone: the calls and the prober see to it
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
+                # The node is restarting or gone: the calls and the prober see to it. A stream
+                # cut mid-read raises urllib3's own errors (ProtocolError), not requests'.
+                pass
             self._closed.wait(pause)
 
     def close(self) -> None:
         self._closed.set()
         self._probe_wanted.set()
+        for raw in list(self._streams.values()):
+            _shut_down(raw)  # a watcher blocked reading its stream wakes up and ends
         self._side.close()
         super().close()
+
+
+def _shut_down(raw: Any) -> None:
+    """Wake a thread blocked reading ``raw`` (closing it from another thread would not)."""
+    shutdown = getattr(raw, "shutdown", None)  # urllib3 >= 2.3; older ones end at the next notice
+    if shutdown is not None:
+        with contextlib.suppress(Exception):  # that stream has ended already
+            shutdown()
 
 
 def _lines(raw: Any) -> Iterator[bytes]:

@@ -1,0 +1,662 @@
+"""``graceful.client.Pool`` against real servers on 127.0.0.1: each retry rule (and the POST that
+must not be sent twice), ``NoNodeAvailable``, the fall back to draining nodes, each way a node
+leaves rotation (push notice, in-band header, refused connection) and comes back (probe, push).
+
+Real nodes are ``tests/e2e/apps/load_app.py`` under wsgiref (graceful middleware, control routes
+with a token, ``GET /version`` answers with the process id, ``POST /orders`` records each id in
+``<pid>.ids``). Where no graceful node can behave a certain way (closing a connection before
+any answer, holding an answer, ``Connection: close``), a small in-process fake server does, and
+counts what it received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import itertools
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from conftest import Proc, Spawn, unused_port, wait_until
+
+from graceful import signals
+from graceful.client import NodeState, NodeStatus, NoNodeAvailable, Pool
+
+APPS = Path(__file__).parent / "e2e" / "apps"
+TOKEN = "client-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NO_PROBE = 60.0  # a probe interval no test lasts: what changes a node is not a probe
+NODE_ENV = {"GRACEFUL_TOKEN": TOKEN, "GRACEFUL_DELAY": "0.2", "GRACEFUL_DRAIN_TIMEOUT": "2"}
+
+
+# -- real nodes ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Node:
+    url: str
+    proc: Proc
+    records: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def ids(self) -> list[str]:
+        path = self.records / f"{self.pid}.ids"
+        return path.read_text().split() if path.exists() else []
+
+    def control(self, action: str) -> None:
+        response = requests.post(f"{self.url}/-/graceful/{action}", headers=AUTH, timeout=5)
+        assert response.status_code == 200, response.text
+
+
+def node_argv(port: int) -> list[str]:
+    return [sys.executable, str(APPS / "load_app.py"), "--port", str(port)]
+
+
+def ready(url: str) -> bool:
+    try:
+        return requests.get(url + "/readyz", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_ready(nodes: list[Node]) -> None:
+    for node in nodes:
+        wait_ready_one(node)
+
+
+def wait_ready_one(node: Node) -> None:
+    wait_until(
+        lambda: ready(node.url),
+        timeout=20,
+        message=lambda: f"{node.url} ready; output:\n{node.proc.output()}",
+    )
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
+    """Two healthy nodes for the tests that never drain them (ids are unique per test)."""
+    records = tmp_path_factory.mktemp("shared-records")
+    nodes = []
+    try:
+        for n in range(2):
+            port = unused_port()
+            env = {**NODE_ENV, "LOAD_RECORD_DIR": str(records)}
+            proc = Proc(node_argv(port), records / f"node-{n}.log", env=env)
+            nodes.append(Node(f"http://127.0.0.1:{port}", proc, records))
+        wait_ready(nodes)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.proc.stop()
+
+
+StartNodes = Callable[..., list[Node]]
+
+
+@pytest.fixture
+def start_nodes(spawn: Spawn, tmp_path: Path) -> StartNodes:
+    """Start ``count`` nodes of this test's own (stopped at teardown), optionally on ``ports``."""
+
+    def start(count: int = 1, *, ports: list[int] | None = None, **env: str) -> list[Node]:
+        nodes = []
+        for port in ports or [unused_port() for _ in range(count)]:
+            extra = {**NODE_ENV, "LOAD_RECORD_DIR": str(tmp_path), **env}
+            proc = spawn(node_argv(port), env=extra, name="node")
+            nodes.append(Node(f"http://127.0.0.1:{port}", proc, tmp_path))
+        wait_ready(nodes)
+        return nodes
+
+    return start
+
+
+# -- fake nodes ------------------------------------------------------------------------------
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+
+class Fake:
+    """An in-process server on 127.0.0.1 that behaves one way and counts what it received.
+
+    ``close``: reads the request, closes the connection without any answer. ``hold``: answers
+    only once ``release`` is set. ``connection-close``: answers 200 with ``Connection: close``.
+    """
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.received: list[tuple[str, str, bytes]] = []
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes
+
+            def do_GET(self) -> None:
+                fake.handle(self)
+
+            do_POST = do_PUT = do_GET
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = _Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))
+        self.thread.start()
+
+    def handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        self.received.append((handler.command, handler.path, body))
+        if self.behaviour == "close":
+            handler.close_connection = True  # no answer at all: the socket just closes
+            return
+        if self.behaviour == "hold":
+            self.holding.set()
+            self.release.wait(10)  # bounded: teardown sets it
+        handler.send_response(200)
+        handler.send_header("Content-Length", "4")
+        if self.behaviour == "connection-close":
+            handler.send_header("Connection", "close")
+            handler.close_connection = True
+        handler.end_headers()
+        handler.wfile.write(b"fake")
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def fake() -> Iterator[Callable[[str], Fake]]:
+    fakes: list[Fake] = []
+
+    def make(behaviour: str) -> Fake:
+        fakes.append(Fake(behaviour))
+        return fakes[-1]
+
+    try:
+        yield make
+    finally:
+        for one in fakes:
+            one.close()
+
+
+# -- pools -----------------------------------------------------------------------------------
+
+MakePool = Callable[..., Pool]
+
+
+@pytest.fixture
+def make_pool() -> Iterator[MakePool]:
+    pools: list[Pool] = []
+
+    def make(*urls: str, **kwargs: Any) -> Pool:
+        kwargs.setdefault("watch", False)
+        kwargs.setdefault("probe_interval", NO_PROBE)
+        pools.append(Pool(list(urls), **kwargs))
+        return pools[-1]
+
+    try:
+        yield make
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+def status(pool: Pool, url: str) -> NodeStatus:
+    return next(node for node in pool.nodes if node.url == url)
+
+
+def refused_url() -> str:
+    return f"http://127.0.0.1:{unused_port()}"  # nothing listens there
+
+
+def served_by(response: requests.Response) -> int:
+    assert response.status_code == 200, response.text
+    pid: int = response.json()["pid"]
+    return pid
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# -- retry rules -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_refused_connection_goes_to_the_next_node_whatever_the_method(
+    method: str, shared: list[Node], make_pool: MakePool
+) -> None:
+    good = shared[0]
+    dead = refused_url()
+    pool = make_pool(dead, good.url)  # round robin starts with the first node: the dead one
+
+    oid = new_id()
+    if method == "GET":
+        assert served_by(pool.get("/version")) == good.pid
+    else:
+        assert pool.post("/orders", data={"id": oid}).status_code == 201
+        assert good.ids().count(oid) == 1
+
+    assert status(pool, dead).state is NodeState.DOWN
+    assert status(pool, dead).reason == "refused (ConnectionError)"
+    assert status(pool, good.url).state is NodeState.IN_SERVICE
+
+
+def test_a_503_draining_in_reject_mode_goes_to_the_next_node_and_the_app_never_saw_it(
+    shared: list[Node], start_nodes: StartNodes, make_pool: MakePool
+) -> None:
+    (rejecting,) = start_nodes(GRACEFUL_REJECT_WHEN_DRAINING="1")
+    good = shared[0]
+    rejecting.control("drain")
+    direct = requests.post(rejecting.url + "/orders", data={"id": "direct"}, timeout=5)
+    assert (direct.status_code, direct.headers.get("Graceful-State")) == (503, "draining")
+    pool = make_pool(rejecting.url, good.url)  # it does not know: watch=False, no request yet
+
+    oid = new_id()
+    response = pool.post("/orders", data={"id": oid})
+
+    assert response.status_code == 201
+    assert good.ids().count(oid) == 1
+    assert rejecting.ids() == []  # neither the direct POST nor the pool's reached the app
+    assert status(pool, rejecting.url).state is NodeState.DRAINING
+    assert status(pool, rejecting.url).reason == "response: draining (Graceful-State: draining)"
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("GET", {}), ("PUT", {}), ("POST", {"Idempotency-Key": "k-1"})],
+    ids=["GET", "PUT", "POST with Idempotency-Key"],
+)
+def test_a_connection_closed_before_an_answer_goes_to_the_next_node_when_replayable(
+    method: str,
+    headers: dict[str, str],
+    shared: list[Node],
+    fake: Callable[[str], Fake],
+    make_pool: MakePool,
+) -> None:
+    closing, good = fake("close"), shared[0]
+    pool = make_pool(closing.url, good.url)
+    oid = new_id()
+
+    response = pool.request(method, "/orders", data={"id": oid}, headers=headers)
+
+    assert len(closing.received) == 1
+    assert closing.received[0][:2] == (method, "/orders")
+    if method == "POST":
+        assert response.status_code == 201
+        assert good.ids().count(oid) == 1
+    else:
+        assert response.status_code == 404  # the good node has no such route: it answered
+    # A closed connection is no sign of a drain: the node stays in rotation.
+    assert status(pool, closing.url).state is NodeState.IN_SERVICE
+
+
+def test_a_plain_post_whose_connection_closed_before_an_answer_is_not_sent_again(
+    shared: list[Node], fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    closing, good = fake("close"), shared[0]
+    pool = make_pool(closing.url, good.url)
+    oid = new_id()
+
+    with pytest.raises(requests.ConnectionError) as raised:
+        pool.post("/orders", data={"id": oid})
+
+    assert not isinstance(raised.value, NoNodeAvailable)  # the caller's own error, as it was
+    assert closing.received == [("POST", "/orders", f"id={oid}".encode())]  # received once
+    assert oid not in good.ids()  # and never sent to the other node
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("GET", {}), ("POST", {"Idempotency-Key": "k-2"})],
+    ids=["GET", "POST with Idempotency-Key"],
+)
+def test_a_read_timeout_is_never_sent_again(
+    method: str, headers: dict[str, str], fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    holding, other = fake("hold"), fake("connection-close")
+    pool = make_pool(holding.url, other.url)
+
+    with pytest.raises(requests.ReadTimeout):
+        pool.request(method, "/slow", headers=headers, timeout=(3, 0.3))
+
+    assert len(holding.received) == 1
+    assert other.received == []
+    assert [node.inflight for node in pool.nodes] == [0, 0]
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2, 3])
+def test_at_most_max_attempts_sends(
+    max_attempts: int, fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    closing = [fake("close") for _ in range(4)]
+    kwargs = {} if max_attempts == 3 else {"max_attempts": max_attempts}  # 3 is the default
+    pool = make_pool(*(one.url for one in closing), **kwargs)
+
+    with pytest.raises(NoNodeAvailable) as raised:
+        pool.get("/x")
+
+    assert sum(len(one.received) for one in closing) == max_attempts
+    assert str(raised.value).count("connection closed before an answer") == max_attempts
+
+
+def test_max_attempts_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="max_attempts must be at least 1, not 0"):
+        Pool([refused_url()], max_attempts=0, watch=False)
+
+
+# -- no node available, and the fall back to draining nodes ----------------------------------
+
+
+def test_no_node_available_names_each_node_and_why(
+    shared: list[Node], start_nodes: StartNodes, make_pool: MakePool
+) -> None:
+    dead_1, dead_2 = refused_url(), refused_url()
+    (draining,) = start_nodes(GRACEFUL_REJECT_WHEN_DRAINING="1")
+    draining.control("drain")
+    pool = make_pool(dead_1, dead_2, draining.url)
+
+    with pytest.raises(NoNodeAvailable) as raised:
+        pool.get("/version")
+    message = str(raised.value)
+    assert message.startswith("no node could take the request: ")
+    assert f"{dead_1} (connection refused)" in message
+    assert f"{dead_2} (connection refused)" in message
+    assert f"{draining.url} (503 draining)" in message
+
+    # Now that it knows: every node is down or draining; the draining one is still tried.
+    with pytest.raises(NoNodeAvailable) as raised:
+        pool.get("/version")
+    message = str(raised.value)
+    assert f"{dead_1} (down: refused (ConnectionError))" in message
+    assert f"{dead_2} (down: refused (ConnectionError))" in message
+    assert f"{draining.url} (503 draining)" in message
+
+
+def test_no_node_available_is_raised_at_once_when_every_node_is_down(
+    make_pool: MakePool,
+) -> None:
+    dead = refused_url()
+    pool = make_pool(dead)
+    with pytest.raises(NoNodeAvailable):
+        pool.get("/x")
+    with pytest.raises(NoNodeAvailable, match=r"down: refused \(ConnectionError\)"):
+        pool.get("/x")
+
+
+def test_when_every_node_is_draining_the_draining_nodes_still_serve(
+    start_nodes: StartNodes, make_pool: MakePool
+) -> None:
+    nodes = start_nodes(2)
+    for node in nodes:
+        node.control("drain")
+    pool = make_pool(*(node.url for node in nodes))
+
+    pids = {served_by(pool.get("/version")) for _ in range(6)}
+
+    assert [node.state for node in pool.nodes] == [NodeState.DRAINING] * 2
+    assert pids <= {node.pid for node in nodes}
+    oid = new_id()
+    assert pool.post("/orders", data={"id": oid}).status_code == 201
+    assert sum(node.ids().count(oid) for node in nodes) == 1
+
+
+# -- leaving rotation in band, coming back by probe ------------------------------------------
+
+
+def test_a_response_saying_graceful_state_draining_takes_the_node_out(
+    shared: list[Node], start_nodes: StartNodes, make_pool: MakePool
+) -> None:
+    (draining,) = start_nodes()
+    good = shared[0]
+    draining.control("drain")
+    pool = make_pool(draining.url, good.url)
+
+    first = pool.get("/version")
+    assert served_by(first) == draining.pid  # it still serves: in-flight and this one
+    assert first.headers["Graceful-State"] == "draining"
+    assert status(pool, draining.url).state is NodeState.DRAINING
+
+    assert {served_by(pool.get("/version")) for _ in range(6)} == {good.pid}
+
+
+def test_a_response_with_connection_close_takes_the_node_out(
+    shared: list[Node], fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    closing, good = fake("connection-close"), shared[0]
+    pool = make_pool(closing.url, good.url)
+
+    assert pool.get("/version").text == "fake"
+    assert status(pool, closing.url).state is NodeState.DRAINING
+    assert status(pool, closing.url).reason == "response: draining (Connection: close)"
+
+    assert {served_by(pool.get("/version")) for _ in range(6)} == {good.pid}
+    assert len(closing.received) == 1
+
+
+def test_the_probe_readmits_a_node_once_its_readyz_passes(
+    shared: list[Node], start_nodes: StartNodes, make_pool: MakePool
+) -> None:
+    interval = 0.3
+    good, port = shared[0], unused_port()
+    late = f"http://127.0.0.1:{port}"
+    pool = make_pool(late, good.url, probe_interval=interval)
+    assert served_by(pool.get("/version")) == good.pid  # refused by the node not yet started
+    assert status(pool, late).state is NodeState.DOWN
+
+    (node,) = start_nodes(ports=[port])  # returns once its /readyz passes
+    ready_at = time.monotonic()
+    wait_until(lambda: status(pool, late).state is NodeState.IN_SERVICE, timeout=10)
+    back_after = time.monotonic() - ready_at
+
+    assert status(pool, late).reason == "probe: ready"
+    assert back_after <= interval + 1.0
+    assert node.pid in {served_by(pool.get("/version")) for _ in range(4)}
+
+
+# -- push notices ----------------------------------------------------------------------------
+
+
+def test_watch_takes_a_drained_node_out_and_a_resume_readmits_it_without_a_probe(
+    shared: list[Node], start_nodes: StartNodes, make_pool: MakePool
+) -> None:
+    (node,) = start_nodes()
+    good = shared[0]
+    pool = make_pool(node.url, good.url, watch=True)  # probe_interval 60 s: no probe in time
+    changes: list[NodeStatus] = []
+
+    def receiver(sender: Pool, node: NodeStatus) -> None:
+        changes.append(node)
+
+    signals.node_changed.connect(receiver, sender=pool)
+    try:
+        node.control("drain")
+        wait_until(lambda: changes, timeout=10, message="the push notice")
+        assert changes[0].url == node.url
+        assert changes[0].state is NodeState.DRAINING
+        assert changes[0].reason == "notice: draining (drained by control route)"
+        assert status(pool, node.url).state is NodeState.DRAINING
+
+        assert {served_by(pool.get("/version")) for _ in range(6)} == {good.pid}
+
+        node.control("resume")
+        wait_until(lambda: status(pool, node.url).state is NodeState.IN_SERVICE, timeout=10)
+    finally:
+        signals.node_changed.disconnect(receiver, sender=pool)
+    assert status(pool, node.url).reason == "notice: serving (resumed by control route)"
+    assert [change.state for change in changes] == [NodeState.DRAINING, NodeState.IN_SERVICE]
+    assert node.pid in {served_by(pool.get("/version")) for _ in range(4)}
+
+
+def test_a_node_flapping_between_draining_and_serving_ends_as_its_last_notice_says(
+    start_nodes: StartNodes, make_pool: MakePool
+) -> None:
+    (node,) = start_nodes()
+    pool = make_pool(node.url, watch=True)
+    changes: list[NodeStatus] = []
+
+    def receiver(sender: Pool, node: NodeStatus) -> None:
+        changes.append(node)
+
+    signals.node_changed.connect(receiver, sender=pool)
+    slow: list[requests.Response] = []
+    # One request in flight through all of it (the slow endpoint's sleep IS the behaviour).
+    call = threading.Thread(target=lambda: slow.append(pool.get("/slow?seconds=1.5")))
+    call.start()
+    try:
+        wait_until(lambda: status(pool, node.url).inflight == 1, timeout=5)
+        node.control("drain")
+        wait_until(lambda: changes, timeout=10, message="the first push notice")  # subscribed
+        for action in ("resume", "drain", "resume", "drain"):
+            node.control(action)
+        wait_until(lambda: len(changes) == 5, timeout=10, message=lambda: f"5 changes: {changes}")
+        assert status(pool, node.url).state is NodeState.DRAINING
+        assert status(pool, node.url).inflight == 1
+    finally:
+        signals.node_changed.disconnect(receiver, sender=pool)
+        call.join(10)
+    assert [change.state for change in changes] == [
+        NodeState.DRAINING,
+        NodeState.IN_SERVICE,
+        NodeState.DRAINING,
+        NodeState.IN_SERVICE,
+        NodeState.DRAINING,
+    ]
+    assert [response.status_code for response in slow] == [200]
+    assert status(pool, node.url).inflight == 0
+    assert served_by(pool.get("/version")) == node.pid  # the only node: draining, it serves
+
+
+# -- what the pool reports, and what it refuses ----------------------------------------------
+
+
+def test_pool_nodes_report_state_inflight_last_change_and_reason(
+    fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    holding = fake("hold")
+    dead = refused_url()
+    before = time.monotonic()
+    pool = make_pool(holding.url + "/", dead)  # a trailing slash is dropped
+    after = time.monotonic()
+
+    nodes = pool.nodes
+    assert [(n.url, n.state, n.inflight, n.reason) for n in nodes] == [
+        (holding.url, NodeState.IN_SERVICE, 0, "new"),
+        (dead, NodeState.IN_SERVICE, 0, "new"),
+    ]
+    assert all(before <= n.changed_at <= after for n in nodes)
+
+    call = threading.Thread(target=pool.get, args=("/held",))
+    call.start()
+    try:
+        wait_until(lambda: status(pool, holding.url).inflight == 1, timeout=5)
+    finally:
+        holding.release.set()
+        call.join(10)
+    assert status(pool, holding.url).inflight == 0
+
+    pool.get("/next")  # round robin: the dead node, refused, then the holding one
+    down = status(pool, dead)
+    assert (down.state, down.inflight, down.reason) == (
+        NodeState.DOWN,
+        0,
+        "refused (ConnectionError)",
+    )
+    assert down.changed_at > after
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/x", "https://example.com/", "orders/1", ""])
+def test_requests_take_a_path_not_a_url(
+    url: str, fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    node = fake("connection-close")
+    pool = make_pool(node.url)
+    with pytest.raises(ValueError, match="Pool requests take a path like /orders/1"):
+        pool.get(url)
+    assert node.received == []
+
+
+def test_a_path_may_carry_a_url_in_its_query(
+    fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    node = fake("connection-close")
+    pool = make_pool(node.url)
+    assert pool.get("/callback?next=http://example.com/x").status_code == 200
+    assert node.received == [("GET", "/callback?next=http://example.com/x", b"")]
+
+
+@pytest.mark.parametrize(
+    "node", ["127.0.0.1:8000", "ftp://127.0.0.1:8000", "http://", "http://127.0.0.1:8000/?a=1"]
+)
+def test_a_node_is_a_base_url(node: str) -> None:
+    with pytest.raises(ValueError, match="a node is a base URL like http://"):
+        Pool([node], watch=False)
+
+
+def test_a_closed_pool_refuses_requests_and_stops_its_threads(
+    shared: list[Node], make_pool: MakePool
+) -> None:
+    pool = make_pool(shared[0].url, shared[1].url, watch=True)
+    assert pool.get("/version").status_code == 200
+
+    pool.close()
+
+    with pytest.raises(RuntimeError, match="this Pool is closed"):
+        pool.get("/version")
+    wait_until(
+        lambda: not any(thread.is_alive() for thread in pool._threads),
+        timeout=5,
+        message=lambda: f"threads stopped: {[t.name for t in pool._threads if t.is_alive()]}",
+    )
+
+
+def test_one_pool_shared_by_threads_loses_and_duplicates_nothing(
+    shared: list[Node], make_pool: MakePool
+) -> None:
+    pool = make_pool(*(node.url for node in shared), watch=True)
+    ids = [new_id() for _ in range(8 * 15)]
+    chunks = [ids[i::8] for i in range(8)]
+    pids: list[int] = []
+    errors: list[BaseException] = []
+    counter = itertools.count()
+
+    def work(mine: list[str]) -> None:
+        try:
+            for oid in mine:
+                assert pool.post("/orders", data={"id": oid}).status_code == 201
+                if next(counter) % 2:
+                    pids.append(served_by(pool.get("/version")))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(chunk,)) for chunk in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert errors == []
+    wanted = set(ids)
+    recorded = [oid for node in shared for oid in node.ids() if oid in wanted]
+    assert sorted(recorded) == sorted(ids)  # each acknowledged POST processed exactly once
+    posted_to = {node.pid for node in shared if wanted.intersection(node.ids())}
+    assert set(pids) | posted_to == {node.pid for node in shared}  # both nodes served
+    assert [(n.state, n.inflight) for n in pool.nodes] == [(NodeState.IN_SERVICE, 0)] * 2
