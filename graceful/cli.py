@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from . import check_config
+from . import check_config, demo
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _nginx_verbs(verbs, parser.epilog)
     _rollout_verb(verbs, parser.epilog)
     check_config.add_verb(verbs, parser.epilog)
+    demo.add_verb(verbs, parser.epilog)
     return parser
 
 

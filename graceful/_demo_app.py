@@ -1,0 +1,101 @@
+"""The small app the nodes of ``graceful demo`` serve, as WSGI and as ASGI, with and without
+the library.
+
+- ``wsgi_plain`` / ``asgi_plain``: the routes alone (a node without the library);
+- ``wsgi_app`` / ``asgi_app``: the same routes behind :class:`graceful.WSGIMiddleware` /
+  :class:`graceful.ASGIMiddleware` (built on first access, so serving one never touches the
+  other)::
+
+    uvicorn graceful._demo_app:asgi_app
+    gunicorn -c python:graceful.gunicorn graceful._demo_app:wsgi_app
+
+Routes: ``GET /items/<id>`` answers 200 with a small JSON body; ``POST /items`` with a body
+``id=<id>`` answers 201. Each takes a few milliseconds (:data:`WORK`), so that requests are in
+flight when a node is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+from ._types import Environ, Receive, Scope, Send, StartResponse
+
+#: Seconds of "work" per request (a sleep: the work IS the behaviour being drained).
+WORK = 0.005
+JSON = "application/json"
+
+
+def _answer(method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    if method == "GET" and path.startswith("/items/"):
+        item = path[len("/items/") :]
+        return 200, json.dumps({"id": item, "pid": os.getpid()}).encode()
+    if method == "POST" and path == "/items":
+        ids = parse_qs(body.decode("utf-8", "replace")).get("id")
+        if not ids:
+            return 400, b'{"error": "missing id"}'
+        return 201, json.dumps({"created": ids[0], "pid": os.getpid()}).encode()
+    return 404, b'{"error": "not found"}'
+
+
+_REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found"}
+
+
+def wsgi_plain(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length) if length else b""
+    time.sleep(WORK)  # the request's work
+    status, payload = _answer(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""), body)
+    start_response(
+        f"{status} {_REASONS[status]}",
+        [("Content-Type", JSON), ("Content-Length", str(len(payload)))],
+    )
+    return [payload]
+
+
+async def asgi_plain(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    await asyncio.sleep(WORK)  # the request's work
+    status, payload = _answer(scope["method"], scope["path"], b"".join(chunks))
+    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+_built: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``wsgi_app`` and ``asgi_app``, built on first access (PEP 562)."""
+    if name not in ("wsgi_app", "asgi_app"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _built:
+        import graceful
+
+        if name == "wsgi_app":
+            _built[name] = graceful.WSGIMiddleware(wsgi_plain)
+        else:
+            _built[name] = graceful.ASGIMiddleware(asgi_plain)
+    return _built[name]

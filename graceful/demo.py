@@ -1,0 +1,828 @@
+"""``graceful demo``: watch a naive restart fail requests and a graceful one fail none.
+
+Starts ``--nodes`` local nodes of a small app (:mod:`graceful._demo_app`) on 127.0.0.1, drives
+steady load (a few threads, GETs and POSTs with ids), and restarts every node twice:
+
+1. naively: nodes without the library, each sent SIGTERM and started again;
+2. gracefully: nodes with the library's middleware and server shims, in reject mode, each sent
+   SIGTERM (they drain) and started again once the old one has exited.
+
+With nginx on the PATH (``--via nginx``) the load goes through nginx: in the naive round with
+nginx's own defaults, in the graceful round with ``integrations/nginx/graceful-proxy.conf`` (a
+draining node's 503 and a refused connection are sent to the next node). Without nginx
+(``--via pool``) the naive round calls the nodes round-robin with a plain ``requests.Session``
+(no retries) and the graceful round through :class:`graceful.client.Pool`.
+
+Every process it starts is in its own process group and is killed on the way out, also on
+Ctrl-C, SIGTERM or SIGHUP. Exit status: 0 when the graceful round failed no request, 1
+otherwise, 2 for bad options or a missing server, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import requests
+
+__all__ = ["add_verb", "main", "run"]
+
+SERVERS = ("uvicorn", "gunicorn")
+INSTALL_HINT = "pip install 'graceful-drain[uvicorn]'"
+DEFAULT_DURATION = 10.0
+DEFAULT_NODES = 3
+THREADS = 4
+#: Pause between two requests of one load thread: the pace of the load IS the behaviour.
+PACE = 0.01
+#: The library's settings on the graceful nodes.
+GRACEFUL_ENV = {
+    "GRACEFUL_DELAY": "1",
+    "GRACEFUL_DRAIN_TIMEOUT": "10",
+    "GRACEFUL_REJECT_WHEN_DRAINING": "1",
+}
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+REQUEST_TIMEOUT = (2.0, 10.0)
+SNIPPET = Path(__file__).resolve().parents[1] / "integrations" / "nginx" / "graceful-proxy.conf"
+#: The directives of ``integrations/nginx/graceful-proxy.conf``, for an installed package that
+#: does not ship the repository's ``integrations`` directory.
+SNIPPET_DIRECTIVES = """\
+proxy_http_version 1.1;
+proxy_set_header Connection "";
+proxy_next_upstream error timeout http_503 non_idempotent;
+proxy_request_buffering on;
+"""
+#: nginx's own retry rules with upstream keep-alive: a site without the library's snippet.
+PLAIN_PROXY = 'proxy_http_version 1.1;\nproxy_set_header Connection "";\n'
+
+
+class DemoError(Exception):
+    """The demo cannot run; the message says why (exit status 2)."""
+
+
+# -- options ------------------------------------------------------------------------------------
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too few: at least 2 (one node serves while another restarts)"
+        )
+    if value > 16:
+        raise argparse.ArgumentTypeError(f"{value} is too many for one machine: at most 16")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value > 600:
+        raise argparse.ArgumentTypeError(f"{text} seconds: give more than 0 and at most 600")
+    return value
+
+
+def installed(server: str) -> bool:
+    return importlib.util.find_spec(server) is not None
+
+
+def default_server() -> str | None:
+    return next((server for server in SERVERS if installed(server)), None)
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--duration",
+        type=_seconds,
+        default=DEFAULT_DURATION,
+        metavar="S",
+        help="seconds of load in each round, at least (the restarts may take longer); "
+        f"default {DEFAULT_DURATION:g}",
+    )
+    add(
+        "--nodes",
+        type=_count,
+        default=DEFAULT_NODES,
+        metavar="N",
+        help=f"how many nodes (2 to 16; default {DEFAULT_NODES})",
+    )
+    add(
+        "--server",
+        choices=SERVERS,
+        help="what the nodes run (default: uvicorn if installed, else gunicorn)",
+    )
+    add(
+        "--via",
+        choices=("nginx", "pool"),
+        help="the load goes through nginx, or calls the nodes itself (graceful.client.Pool); "
+        "default: nginx when it is on the PATH",
+    )
+    add("--json", action="store_true", help="print the result as JSON instead of a table")
+
+
+def add_verb(
+    verbs: argparse._SubParsersAction[argparse.ArgumentParser], epilog: str | None
+) -> None:
+    """Add ``demo`` to the ``graceful`` command's verbs."""
+    text = "restart local nodes under load, naively and gracefully, and compare failed requests"
+    sub = verbs.add_parser(
+        "demo",
+        help=text,
+        description=text,
+        epilog="exit status: 0 the graceful round failed no request, 1 it failed some, "
+        "2 bad options or no server installed, 130 interrupted",
+    )
+    add_arguments(sub)
+    sub.set_defaults(run=run, needs_node=False)
+
+
+# -- the nodes ----------------------------------------------------------------------------------
+
+
+def node_argv(server: str, graceful: bool, port: int) -> list[str]:
+    if server == "uvicorn":
+        app = "graceful._demo_app:asgi_app" if graceful else "graceful._demo_app:asgi_plain"
+        return [
+            *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
+            *("--log-level", "warning", "--timeout-keep-alive", "10"),
+        ]
+    hooks = ["-c", "python:graceful.gunicorn"] if graceful else []
+    app = "graceful._demo_app:wsgi_app" if graceful else "graceful._demo_app:wsgi_plain"
+    return [
+        *(sys.executable, "-m", "gunicorn", *hooks, "--bind", f"127.0.0.1:{port}"),
+        *("--workers", "1", "-k", "gthread", "--threads", "16", "--keep-alive", "10"),
+        *("--graceful-timeout", "10", "--log-level", "warning", app),
+    ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Processes:
+    """Every process the demo starts, each in its own process group; :meth:`kill_all` ends
+    them (and whatever they forked)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(  # noqa: S603 - our own argv: this Python, or nginx
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group: gunicorn's workers too
+        for proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRACEFUL_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclasses.dataclass
+class Node:
+    index: int
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Cluster:
+    def __init__(
+        self, processes: Processes, folder: Path, server: str, graceful: bool, count: int
+    ) -> None:
+        self.processes = processes
+        self.server = server
+        self.graceful = graceful
+        ports: set[int] = set()
+        while len(ports) < count:
+            ports.add(free_port())
+        kind = "graceful" if graceful else "naive"
+        self.nodes = [
+            Node(index, port, folder / f"{kind}-node{index}.log")
+            for index, port in enumerate(sorted(ports))
+        ]
+        self.probe = requests.Session()
+
+    def start(self, node: Node) -> None:
+        env = child_env(GRACEFUL_ENV if self.graceful else {})
+        node.proc = self.processes.start(
+            node_argv(self.server, self.graceful, node.port), node.log, env
+        )
+
+    def ready(self, node: Node) -> bool:
+        path = "/readyz" if self.graceful else "/items/ready"
+        try:
+            response = self.probe.get(node.url + path, timeout=(1.0, 2.0))
+        except requests.RequestException:
+            return False
+        response.close()
+        return response.status_code == 200
+
+    def wait_ready(self, node: Node, stop: threading.Event) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.ready(node):
+            if node.proc is not None and node.proc.poll() is not None:
+                raise DemoError(f"node {node.url} exited at start-up; its log:\n{tail(node.log)}")
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"node {node.url} not ready after {START_TIMEOUT:g}s:\n" + tail(node.log)
+                )
+            if stop.wait(0.05):
+                raise KeyboardInterrupt
+
+    def stop(self, node: Node) -> None:
+        """SIGTERM and wait for the exit (the node's own stop: a drain with the library)."""
+        proc = node.proc
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind in its group
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- nginx ------------------------------------------------------------------------------------
+
+
+class Nginx:
+    def __init__(self, processes: Processes, binary: str, folder: Path) -> None:
+        self.processes = processes
+        self.binary = binary
+        self.folder = folder
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, nodes: Sequence[Node], graceful: bool) -> subprocess.Popen[bytes]:
+        site = self.folder / ("nginx-graceful" if graceful else "nginx-naive")
+        site.mkdir()
+        # Graceful: integrations/nginx/upstream.conf's max_fails=0 and the shipped snippet.
+        # Naive: nginx's defaults (max_fails=1 fail_timeout=10s; a POST that reached a node
+        # is not sent to another one), upstream keep-alive as usual.
+        params = " max_fails=0" if graceful else ""
+        servers = "".join(f"        server 127.0.0.1:{node.port}{params};\n" for node in nodes)
+        if graceful:
+            proxy = f"include {SNIPPET};" if SNIPPET.is_file() else SNIPPET_DIRECTIVES
+        else:
+            proxy = PLAIN_PROXY
+        temp = " ".join(
+            f"{kind}_temp_path {site / kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = site / "nginx.conf"
+        conf.write_text(f"""\
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {site / "nginx.pid"};
+error_log {site / "error.log"} warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    {temp}
+    upstream app {{
+{servers}
+        keepalive 32;
+        keepalive_timeout 4s;
+    }}
+    server {{
+        listen 127.0.0.1:{self.port};
+        location / {{
+            proxy_pass http://app;
+            {proxy}
+        }}
+    }}
+}}
+""")
+        args = [self.binary, "-p", str(site), "-c", str(conf), "-e", str(site / "error.log")]
+        checked = subprocess.run(  # noqa: S603 - nginx from the PATH, our own config
+            [*args, "-t"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if checked.returncode != 0:
+            raise DemoError(f"nginx -t refused the demo's configuration:\n{checked.stderr}")
+        proc = self.processes.start(args, site / "nginx.out", child_env({}))
+        deadline = time.monotonic() + START_TIMEOUT
+        session = requests.Session()
+        while True:
+            try:
+                if session.get(self.url + "/items/ready", timeout=(1.0, 2.0)).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise DemoError(f"nginx did not start:\n{tail(site / 'error.log')}")
+            time.sleep(0.05)  # polling nginx's start-up
+        session.close()
+        return proc
+
+
+# -- the load -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    seconds: float
+    failure: str | None
+
+
+def failure_kind(exc: BaseException) -> str:
+    from .client import NoNodeAvailable
+
+    if isinstance(exc, NoNodeAvailable):
+        return "no node available"
+    if isinstance(exc, requests.Timeout):
+        return "timeout"
+    if isinstance(exc, requests.ConnectionError):
+        text = repr(exc)
+        if "NewConnectionError" in text or "Connection refused" in text:
+            return "connection refused"
+        if "RemoteDisconnected" in text or "reset" in text.lower() or "Aborted" in text:
+            return "connection closed"
+        return "connection error"
+    return type(exc).__name__
+
+
+class Load:
+    """``THREADS`` callers, each alternating ``GET /items/<n>`` and ``POST /items`` (an id in
+    the body and an ``Idempotency-Key``), until :meth:`stop`."""
+
+    def __init__(self, call: Callable[[str, str, dict[str, Any]], requests.Response]) -> None:
+        self.call = call
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._caller, args=(n,), name=f"demo-load-{n}", daemon=True)
+            for n in range(THREADS)
+        ]
+        self.started = 0.0
+        self.seconds = 0.0
+
+    def start(self) -> Load:
+        self.started = time.monotonic()
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def _caller(self, number: int) -> None:
+        for turn in itertools.count():
+            if self.stopping.is_set():
+                return
+            if turn % 2:
+                oid = uuid.uuid4().hex
+                method, path = "POST", "/items"
+                kwargs: dict[str, Any] = {
+                    "data": {"id": oid},
+                    "headers": {"Idempotency-Key": oid},
+                }
+            else:
+                method, path, kwargs = "GET", f"/items/{number}-{turn}", {}
+            began = time.monotonic()
+            failure: str | None = None
+            try:
+                response = self.call(method, path, kwargs)
+                response.close()
+                if response.status_code not in (200, 201):
+                    failure = f"HTTP {response.status_code}"
+            except Exception as exc:  # every failure is counted, by kind
+                failure = failure_kind(exc)
+            with self.lock:
+                self.outcomes.append(Outcome(time.monotonic() - began, failure))
+            self.stopping.wait(PACE)
+
+    def counts(self) -> tuple[int, int]:
+        with self.lock:
+            return len(self.outcomes), sum(1 for o in self.outcomes if o.failure)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(REQUEST_TIMEOUT[0] + REQUEST_TIMEOUT[1] + 5)
+        self.seconds = time.monotonic() - self.started
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclasses.dataclass
+class RoundResult:
+    sent: int
+    failed: int
+    failures: dict[str, int]
+    p50_ms: float
+    p99_ms: float
+    wall_s: float
+    restarts: int
+
+    @classmethod
+    def of(cls, load: Load, restarts: int) -> RoundResult:
+        with load.lock:
+            outcomes = list(load.outcomes)
+        kinds = Counter(o.failure for o in outcomes if o.failure)
+        latencies = [o.seconds * 1000 for o in outcomes]
+        return cls(
+            sent=len(outcomes),
+            failed=sum(kinds.values()),
+            failures=dict(kinds.most_common()),
+            p50_ms=round(percentile(latencies, 0.50), 1),
+            p99_ms=round(percentile(latencies, 0.99), 1),
+            wall_s=round(load.seconds, 1),
+            restarts=restarts,
+        )
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+
+class Progress:
+    """One updating line on a terminal (``\\r``); one line per change of step elsewhere."""
+
+    def __init__(self, out: TextIO, quiet: bool = False) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.quiet = quiet
+        self.label = ""
+        self.step = ""
+        self.load: Load | None = None
+        self.started = time.monotonic()
+        self.width = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        if self.tty and not quiet:
+            self._thread = threading.Thread(target=self._tick, name="demo-progress", daemon=True)
+            self._thread.start()
+
+    def set(self, label: str, step: str, load: Load | None = None) -> None:
+        with self._lock:
+            if label != self.label:
+                self.load = None  # a new round: its own counts
+            self.label, self.step = label, step
+            if load is not None:
+                self.load = load
+        if not self.tty and not self.quiet:
+            self.out.write(self._line() + "\n")
+            self.out.flush()
+        elif self.tty:
+            self._draw()
+
+    def _line(self) -> str:
+        took = time.monotonic() - self.started
+        counts = ""
+        if self.load is not None:
+            sent, failed = self.load.counts()
+            counts = f" | sent {sent}, failed {failed}"
+        return f"[{took:5.1f}s] {self.label}: {self.step}{counts}"
+
+    def _draw(self) -> None:
+        if self.quiet:
+            return
+        with self._lock:
+            line = self._line()
+            pad = max(0, self.width - len(line))
+            self.width = len(line)
+            self.out.write("\r" + line + " " * pad)
+            self.out.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.25):
+            self._draw()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1)
+        if self.tty and not self.quiet:
+            with self._lock:
+                self.out.write("\r" + " " * self.width + "\r")
+                self.out.flush()
+
+
+# -- one round ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Settings:
+    server: str
+    nodes: int
+    duration: float
+    via: str
+    nginx: str | None
+
+
+def run_round(
+    settings: Settings,
+    processes: Processes,
+    folder: Path,
+    graceful: bool,
+    progress: Progress,
+    interrupted: threading.Event,
+) -> RoundResult:
+    label = "graceful" if graceful else "naive"
+    cluster = Cluster(processes, folder, settings.server, graceful, settings.nodes)
+    progress.set(label, f"starting {settings.nodes} {settings.server} nodes")
+    for node in cluster.nodes:
+        cluster.start(node)
+    for node in cluster.nodes:
+        cluster.wait_ready(node, interrupted)
+    front: subprocess.Popen[bytes] | None = None
+    pool: Any = None
+    sessions: threading.local = threading.local()
+    if settings.via == "nginx" and settings.nginx is not None:
+        nginx = Nginx(processes, settings.nginx, folder)
+        progress.set(label, "starting nginx")
+        front = nginx.start(cluster.nodes, graceful)
+        base = nginx.url
+
+        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
+            session = getattr(sessions, "session", None)
+            if session is None:
+                session = sessions.session = requests.Session()
+            return session.request(method, base + path, timeout=REQUEST_TIMEOUT, **kwargs)
+
+    elif graceful:
+        from .client import Pool
+
+        pool = Pool(
+            [node.url for node in cluster.nodes],
+            probe_interval=0.2,
+            timeout=REQUEST_TIMEOUT,
+            max_attempts=settings.nodes + 1,
+        )
+
+        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
+            response: requests.Response = pool.request(method, path, **kwargs)
+            return response
+
+    else:
+        session = requests.Session()
+        session.mount("http://", requests.adapters.HTTPAdapter(max_retries=0, pool_maxsize=32))
+        turn = itertools.count()
+
+        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
+            node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin, no retries
+            return session.request(method, node.url + path, timeout=REQUEST_TIMEOUT, **kwargs)
+
+    load = Load(call).start()
+    restarts = 0
+    try:
+        started = time.monotonic()
+        progress.set(label, "load running", load)
+        warm_up = min(2.0, settings.duration * 0.15)
+        if interrupted.wait(warm_up):
+            raise KeyboardInterrupt
+        for node in cluster.nodes:
+            progress.set(label, f"restarting node {node.index + 1}/{settings.nodes}")
+            cluster.stop(node)
+            cluster.start(node)
+            cluster.wait_ready(node, interrupted)
+            if pool is not None:  # back in the pool's rotation before the next one goes
+                wait_in_service(pool, node.url, interrupted)
+            restarts += 1
+        progress.set(label, "every node restarted; load running")
+        left = max(1.0, settings.duration - (time.monotonic() - started))
+        if interrupted.wait(left):
+            raise KeyboardInterrupt
+    finally:
+        load.stop()
+        if pool is not None:
+            pool.close()
+        for node in cluster.nodes:
+            if node.proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(node.proc.pid, signal.SIGKILL)
+        if front is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(front.pid, signal.SIGKILL)
+    return RoundResult.of(load, restarts)
+
+
+def wait_in_service(pool: Any, url: str, interrupted: threading.Event) -> None:
+    from .client import NodeState
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        states = {status.url: status.state for status in pool.nodes}
+        if states.get(url) is NodeState.IN_SERVICE:
+            return
+        if interrupted.wait(0.05):
+            raise KeyboardInterrupt
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def table(naive: RoundResult, graceful: RoundResult) -> str:
+    def kinds(result: RoundResult) -> list[str]:
+        return [f"{kind}: {count}" for kind, count in result.failures.items()] or ["none"]
+
+    rows: list[tuple[str, str, str]] = [
+        ("requests sent", str(naive.sent), str(graceful.sent)),
+        ("failed", str(naive.failed), str(graceful.failed)),
+    ]
+    naive_kinds, graceful_kinds = kinds(naive), kinds(graceful)
+    for number in range(max(len(naive_kinds), len(graceful_kinds))):
+        rows.append(
+            (
+                "failure kinds" if number == 0 else "",
+                naive_kinds[number] if number < len(naive_kinds) else "",
+                graceful_kinds[number] if number < len(graceful_kinds) else "",
+            )
+        )
+    rows += [
+        ("p50 latency", f"{naive.p50_ms:.1f} ms", f"{graceful.p50_ms:.1f} ms"),
+        ("p99 latency", f"{naive.p99_ms:.1f} ms", f"{graceful.p99_ms:.1f} ms"),
+        ("wall time", f"{naive.wall_s:.1f} s", f"{graceful.wall_s:.1f} s"),
+        ("nodes restarted", str(naive.restarts), str(graceful.restarts)),
+    ]
+    header = ("", "naive", "graceful")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    lines = []
+    for row in [header, *rows]:
+        lines.append(
+            f"{row[0]:<{widths[0]}} | {row[1]:>{widths[1]}} | {row[2]:>{widths[2]}}".rstrip()
+        )
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stop_signals(interrupted: threading.Event) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP all stop the demo the same way (main thread only)."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if not interrupted.is_set():  # once: the clean-up that follows is not cut short
+            interrupted.set()
+            raise KeyboardInterrupt
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, handle)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    server = args.server or default_server()
+    if server is None:
+        raise DemoError(f"neither uvicorn nor gunicorn is installed; install one: {INSTALL_HINT}")
+    if not installed(server):
+        hint = INSTALL_HINT.replace("uvicorn", server)
+        raise DemoError(f"--server {server}: {server} is not installed; install it: {hint}")
+    nginx = nginx_binary()
+    via = args.via or ("nginx" if nginx else "pool")
+    if via == "nginx" and nginx is None:
+        raise DemoError("--via nginx: nginx is not on the PATH; install it or use --via pool")
+    return Settings(server, args.nodes, args.duration, via, nginx)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from(args)
+    except DemoError as exc:
+        print(f"graceful demo: {exc}", file=sys.stderr)
+        return 2
+    for name in ("NO_PROXY", "no_proxy"):  # every request goes to 127.0.0.1: never a proxy
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1"]))
+    interrupted = threading.Event()
+    processes = Processes()
+    progress = Progress(sys.stderr, quiet=False)
+    results: dict[str, RoundResult] = {}
+    with stop_signals(interrupted):
+        try:
+            with tempfile.TemporaryDirectory(prefix="graceful-demo-") as folder:
+                for with_library in (False, True):
+                    results["graceful" if with_library else "naive"] = run_round(
+                        settings, processes, Path(folder), with_library, progress, interrupted
+                    )
+        except KeyboardInterrupt:
+            interrupted.set()
+            progress.close()
+            processes.kill_all()
+            print(
+                "graceful demo: interrupted; every process it started is stopped", file=sys.stderr
+            )
+            return 130
+        except DemoError as exc:
+            progress.close()
+            processes.kill_all()
+            print(f"graceful demo: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            progress.close()
+            processes.kill_all()
+    naive, graceful = results["naive"], results["graceful"]
+    ok = graceful.failed == 0
+    if args.json:
+        document = {
+            "server": settings.server,
+            "nodes": settings.nodes,
+            "via": settings.via,
+            "duration": settings.duration,
+            "naive": dataclasses.asdict(naive),
+            "graceful": dataclasses.asdict(graceful),
+            "ok": ok,
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        through = "nginx" if settings.via == "nginx" else "the client pool"
+        print(
+            f"{settings.nodes} {settings.server} nodes, each restarted under load "
+            f"({THREADS} callers through {through}, GETs and POSTs):\n"
+        )
+        print(table(naive, graceful))
+        verdict = "no request failed" if ok else f"{graceful.failed} requests failed"
+        print(f"\ngraceful restart: {verdict}; naive restart: {naive.failed} failed")
+    return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m graceful.demo``: the same as ``graceful demo``."""
+    parser = argparse.ArgumentParser(prog="graceful demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

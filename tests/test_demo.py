@@ -1,0 +1,259 @@
+"""``graceful demo`` for real: short runs of the command as a subprocess, its JSON, its options,
+and that it leaves no process behind, also when interrupted.
+
+Each run is marked with a variable of its own in its environment (the nodes and nginx inherit
+it), so the test finds every process the demo started by reading ``/proc/*/environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from conftest import child_env
+
+from graceful import demo
+
+if TYPE_CHECKING:
+    from conftest import WaitUntil
+
+pytestmark = pytest.mark.e2e
+
+ROUND_KEYS = {"sent", "failed", "failures", "p50_ms", "p99_ms", "wall_s", "restarts"}
+
+
+def marked_pids(mark: str) -> list[int]:
+    """Live processes whose environment carries ``mark`` (a zombie's environ reads empty)."""
+    needle = f"DEMO_TEST_MARK={mark}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def mark() -> Iterator[str]:
+    """A fresh mark; at teardown every process still carrying it is killed (also on failure)."""
+    value = uuid.uuid4().hex
+    yield value
+    for pid in marked_pids(value):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def demo_argv(*options: str) -> list[str]:
+    return [sys.executable, "-m", "graceful.demo", *options]
+
+
+def marked_env(mark: str) -> dict[str, str]:
+    # The demo scrubs GRACEFUL_* from its nodes' environment: the mark has another name.
+    return child_env({"DEMO_TEST_MARK": mark})
+
+
+def run_demo(mark: str, *options: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(
+        demo_argv(*options),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=marked_env(mark),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def servers() -> list[str]:
+    return [name for name in demo.SERVERS if importlib.util.find_spec(name) is not None]
+
+
+def assert_rounds(document: dict[str, Any], nodes: int) -> None:
+    assert set(document) == {"server", "nodes", "via", "duration", "naive", "graceful", "ok"}
+    for name in ("naive", "graceful"):
+        assert set(document[name]) == ROUND_KEYS, document[name]
+        assert document[name]["restarts"] == nodes
+        assert document[name]["sent"] > 0
+    graceful, naive = document["graceful"], document["naive"]
+    assert graceful["failed"] == 0, graceful
+    assert graceful["failures"] == {}
+    assert document["ok"] is True
+    # The naive round's numbers are there; its failures add up to its kinds.
+    assert naive["failed"] == sum(naive["failures"].values())
+    assert naive["p50_ms"] <= naive["p99_ms"]
+
+
+# -- real runs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", servers())
+def test_a_graceful_restart_through_the_client_pool_fails_no_request(
+    server: str, mark: str, wait_until: WaitUntil
+) -> None:
+    options = ["--json", "--duration", "3", "--nodes", "2", "--server", server, "--via", "pool"]
+    done = run_demo(mark, *options)
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = json.loads(done.stdout)
+    assert (document["server"], document["via"], document["nodes"]) == (server, "pool", 2)
+    assert_rounds(document, 2)
+    # The progress went to stderr, one line per step off a terminal.
+    assert "graceful: restarting node 2/2" in done.stderr
+    wait_until(lambda: not marked_pids(mark), timeout=10, message="no process left behind")
+
+
+def test_a_graceful_restart_through_nginx_fails_no_request_and_the_table_shows_both_rounds(
+    mark: str, wait_until: WaitUntil
+) -> None:
+    """nginx must be installed (as the other nginx tests require): a missing one fails."""
+    assert demo.nginx_binary() is not None, "nginx is not on the PATH"
+    done = run_demo(mark, "--duration", "3", "--nodes", "2", "--via", "nginx")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "through nginx" in lines[0]
+    header = next(line for line in lines if "naive" in line and "graceful" in line)
+    assert header.split("|")[1].strip() == "naive"
+    failed = next(line for line in lines if line.startswith("failed "))
+    assert failed.split("|")[2].strip() == "0", done.stdout
+    assert int(failed.split("|")[1]) >= 0
+    for row in ("requests sent", "failure kinds", "p50 latency", "p99 latency", "wall time"):
+        assert any(line.startswith(row) for line in lines), (row, done.stdout)
+    wait_until(lambda: not marked_pids(mark), timeout=10, message="no process left behind")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_demo_stops_every_process_it_started(
+    signum: int, mark: str, wait_until: WaitUntil
+) -> None:
+    proc = subprocess.Popen(
+        demo_argv("--duration", "30", "--nodes", "2", "--via", "pool"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=marked_env(mark),
+        start_new_session=True,
+    )
+    restarting = threading.Event()
+    err: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err.append(line)
+            if "restarting node" in line:
+                restarting.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert restarting.wait(40), "".join(err)
+        started = marked_pids(mark)
+        assert len(started) >= 3, started  # the demo and its nodes: there is something to stop
+        os.kill(proc.pid, signum)
+        assert proc.wait(30) == 130
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    reader.join(10)
+    assert "interrupted" in "".join(err)
+    wait_until(
+        lambda: not marked_pids(mark),
+        timeout=10,
+        message=lambda: f"the demo's processes gone; left: {marked_pids(mark)}",
+    )
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--nodes", "0"], "--nodes"),
+        (["--nodes", "two"], "--nodes"),
+        (["--duration", "-1"], "--duration"),
+        (["--duration", "0"], "--duration"),
+        (["--server", "waitress"], "--server"),
+        (["--via", "haproxy"], "--via"),
+    ],
+)
+def test_a_bad_option_exits_2_naming_it(
+    options: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        demo.main(options)
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_without_any_server_it_exits_2_with_the_install_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "installed", lambda server: False)
+    assert demo.main([]) == 2
+    err = capsys.readouterr().err
+    assert "neither uvicorn nor gunicorn is installed" in err
+    assert "pip install 'graceful-drain[uvicorn]'" in err
+
+
+def test_a_server_that_is_not_installed_is_named_with_its_install_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "installed", lambda server: server == "uvicorn")
+    assert demo.main(["--server", "gunicorn"]) == 2
+    assert "pip install 'graceful-drain[gunicorn]'" in capsys.readouterr().err
+
+
+def test_the_verb_registers_demo_without_a_node() -> None:
+    parser = argparse.ArgumentParser(prog="graceful")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    demo.add_verb(verbs, None)
+    args = parser.parse_args(["demo", "--nodes", "4", "--duration", "5", "--json"])
+    assert (args.nodes, args.duration, args.json) == (4, 5.0, True)
+    assert args.run is demo.run
+    assert args.needs_node is False
+
+
+def test_the_node_app_is_importable_from_the_installed_package() -> None:
+    from graceful import _demo_app
+
+    assert callable(_demo_app.wsgi_plain)
+    assert callable(_demo_app.asgi_plain)
+
+
+def test_the_table_puts_each_round_in_its_column() -> None:
+    naive = demo.RoundResult(100, 7, {"connection refused": 5, "HTTP 502": 2}, 3.0, 40.0, 6.0, 3)
+    graceful = demo.RoundResult(120, 0, {}, 4.0, 20.0, 6.5, 3)
+    rows = {
+        line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]]
+        for line in demo.table(naive, graceful).splitlines()
+        if "|" in line
+    }
+    assert rows["requests sent"] == ["100", "120"]
+    assert rows["failed"] == ["7", "0"]
+    assert rows["failure kinds"] == ["connection refused: 5", "none"]
+    assert rows[""] == ["HTTP 502: 2", ""]
+    assert rows["p99 latency"] == ["40.0 ms", "20.0 ms"]
+    assert rows["wall time"] == ["6.0 s", "6.5 s"]
