@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 from .lifecycle import Lifecycle
 
@@ -10,16 +11,20 @@ __all__ = ["DrainFileWatcher"]
 
 
 class DrainFileWatcher:
-    __slots__ = ("_interval", "_last", "_lifecycle", "_path")
+    __slots__ = ("_interval", "_last", "_lifecycle", "_lock", "_path")
 
     def __init__(self, lifecycle: Lifecycle, path: str, interval: float) -> None:
         self._lifecycle = lifecycle
         self._path = path
         self._interval = interval
         self._last = -float("inf")
+        # Looking and acting on what was seen, one thread at a time: a thread descheduled in
+        # between must not act on a stale look after another thread acted on a newer one.
+        self._lock = threading.Lock()
 
     def check(self, now: float, *, force: bool = False) -> None:
         if not force and now - self._last < self._interval:
             return
         self._last = now
-        self._lifecycle.sync_drain_file(os.path.exists(self._path), now=now)
+        with self._lock:
+            self._lifecycle.sync_drain_file(os.path.exists(self._path), now=now)
