@@ -41,8 +41,9 @@ class AdapterBase:
         self._end = lifecycle.requests.end
         self._match = self.surface.match
         self._unchecked = True
-        self._route_of = self.surface.routes.get
-        self._prefix = self.surface.prefix
+        # Every probe and control path starts with one of these: one C-level test lets every
+        # other request through, and only a path that passes it is matched exactly.
+        self._surface_starts = (*self.surface.routes, self.surface.prefix)
 
     def _first_request(self) -> None:
         """Once per middleware: warn when gunicorn runs without graceful's hooks."""

@@ -65,8 +65,7 @@ class ASGIMiddleware(AdapterBase):
         kind = scope["type"]
         if kind == "http":
             path = scope["path"]
-            route = self._route_of(path)
-            if route is not None or path.startswith(self._prefix):
+            if path.startswith(self._surface_starts):
                 route = self._match(path)
                 if route is not None:
                     await self._serve(route, scope, receive, send)

@@ -35,6 +35,20 @@ _STATUS_TEXT = {
 }
 
 
+class _ReleasedList(list[bytes]):
+    """A list response (most are), releasing its in-flight entry on ``close``.
+
+    Still a list, so that the server iterates it at C speed and can take its length.
+    """
+
+    __slots__ = ("_end", "_token")
+    _end: Callable[[int], None]
+    _token: int
+
+    def close(self) -> None:
+        self._end(self._token)
+
+
 class _Released:
     """The app's response iterable, releasing its in-flight entry exactly once on ``close``."""
 
@@ -51,11 +65,9 @@ class _Released:
     def close(self) -> None:
         iterable = self._iterable
         try:
-            # Most responses are lists; skip the failing attribute lookup for them.
-            if type(iterable) is not list:
-                close = getattr(iterable, "close", None)
-                if close is not None:
-                    close()
+            close = getattr(iterable, "close", None)
+            if close is not None:
+                close()
         finally:
             self._end(self._token)
 
@@ -109,8 +121,7 @@ class WSGIMiddleware(AdapterBase):
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        route = self._route_of(path)
-        if route is not None or path.startswith(self._prefix):
+        if path.startswith(self._surface_starts):
             route = self._match(path)
             if route is not None:
                 return self._serve(route, environ, start_response)
@@ -134,6 +145,10 @@ class WSGIMiddleware(AdapterBase):
         except BaseException:
             end(token)
             raise
+        if type(result) is list:
+            released = _ReleasedList(result)
+            released._end, released._token = end, token
+            return released
         wrapper = environ.get("wsgi.file_wrapper")
         if wrapper is not None and type(result) is wrapper and _patch_close(result, end, token):
             return result
