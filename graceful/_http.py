@@ -229,7 +229,8 @@ class Surface:
             return self._change(lifecycle.resume, "resumed by control route")
         answer = self._change(lifecycle.drain, "drained by control route")
         if answer.status == 200 and params.get("wait"):
-            default = lifecycle.config.delay + lifecycle.config.drain_timeout
+            # Bounded like an explicit ?timeout= (huge settings would overflow the wait).
+            default = min(lifecycle.config.delay + lifecycle.config.drain_timeout, MAX_WAIT)
             return WaitDrained(params.get("timeout", default))
         return answer
 

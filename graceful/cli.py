@@ -46,8 +46,12 @@ class Failure(Exception):
 
 
 def _base_url(text: str) -> str:
-    parsed = urllib.parse.urlsplit(text)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    try:
+        parsed = urllib.parse.urlsplit(text)
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError:
+        parsed = urllib.parse.urlsplit("")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a node URL; expected http://HOST:PORT (or https://)"
         )
@@ -72,13 +76,23 @@ def _path(text: str) -> str:
     return text.rstrip("/") or "/"
 
 
+def _token(token: str | None) -> str | None:
+    """The token, refused (never echoed) when no node could have it: nodes take printable ASCII
+    only, and anything else cannot even be sent in a header."""
+    if token is not None and not all(0x21 <= ord(ch) <= 0x7E for ch in token):
+        raise Failure(
+            USAGE, "the token (--token or GRACEFUL_TOKEN) is not printable ASCII without spaces"
+        )
+    return token
+
+
 class Client:
     def __init__(self, args: argparse.Namespace) -> None:
         self.url: str = args.url
         self.prefix: str = args.prefix
         self.readyz: str = args.readyz_path
         self.timeout: float = args.timeout
-        self.token: str | None = args.token or os.environ.get("GRACEFUL_TOKEN") or None
+        self.token: str | None = _token(args.token or os.environ.get("GRACEFUL_TOKEN") or None)
         self.session = requests.Session()
 
     def request(self, method: str, path: str, *, control: bool, **kwargs: Any) -> requests.Response:
@@ -342,7 +356,7 @@ def _nginx_verbs(verbs: Any, epilog: str | None) -> None:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from . import rollout
 
-    token = args.token or os.environ.get("GRACEFUL_TOKEN") or None
+    token = _token(args.token or os.environ.get("GRACEFUL_TOKEN") or None)
     try:
         nodes = rollout.make_nodes(args.node)
         balancer = _balancer(args)
