@@ -30,19 +30,19 @@ import dataclasses
 import http.client
 import os
 import resource
-import select
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from shutdown_overhead import ExitWatch  # the same pidfd watch
 
 from graceful._types import Receive, Scope, Send
 
@@ -133,28 +133,6 @@ def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(0.02)  # the poll interval, bounded by the deadline
-
-
-class ExitWatch:
-    """Notes the moment a process exits: a thread waits on its pidfd."""
-
-    def __init__(self, pid: int) -> None:
-        self.fd = os.pidfd_open(pid)
-        self.exited_at: float | None = None
-        self.thread = threading.Thread(target=self._wait, daemon=True)
-        self.thread.start()
-
-    def _wait(self) -> None:
-        readable, _, _ = select.select([self.fd], [], [], 300.0)
-        if readable:
-            self.exited_at = time.monotonic()
-
-    def join(self, timeout: float) -> float | None:
-        self.thread.join(timeout)
-        return self.exited_at
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 # -- the client ------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ class ExitWatch:
         self.thread.start()
 
     def _wait(self) -> None:
-        readable, _, _ = select.select([self.fd], [], [], 60.0)
+        readable, _, _ = select.select([self.fd], [], [], 300.0)
         if readable:
             self.exited_at = time.monotonic()
 
