@@ -40,10 +40,10 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from shutdown_overhead import ExitWatch  # the same pidfd watch
 
+from graceful._lazy import lazy_middleware
 from graceful._types import Receive, Scope, Send
 
 GOAL_BYTES = 300
@@ -90,18 +90,7 @@ async def plain_app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": LAST})
 
 
-_built: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    """``app``: ``plain_app`` behind the ASGI middleware, built on first access (PEP 562)."""
-    if name != "app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _built:
-        import graceful
-
-        _built[name] = graceful.ASGIMiddleware(plain_app)
-    return _built[name]
+__getattr__ = lazy_middleware(__name__, asgi={"app": plain_app})  # the app behind graceful
 
 
 # -- the node --------------------------------------------------------------------------------

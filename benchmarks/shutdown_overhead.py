@@ -35,9 +35,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs
 
+from graceful._lazy import lazy_middleware
 from graceful._types import Environ, Receive, Scope, Send, StartResponse
 
 GOAL_MS = 300.0
@@ -94,22 +94,9 @@ async def plain_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": LAST})
 
 
-_built: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    """``graceful_wsgi`` and ``graceful_asgi``, built on first access (PEP 562): a plain run
-    never creates graceful's middleware or lifecycle."""
-    if name not in ("graceful_wsgi", "graceful_asgi"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _built:
-        import graceful
-
-        if name == "graceful_wsgi":
-            _built[name] = graceful.WSGIMiddleware(plain_wsgi)
-        else:
-            _built[name] = graceful.ASGIMiddleware(plain_asgi)
-    return _built[name]
+__getattr__ = lazy_middleware(
+    __name__, wsgi={"graceful_wsgi": plain_wsgi}, asgi={"graceful_asgi": plain_asgi}
+)
 
 
 # -- the measurement -------------------------------------------------------------------------

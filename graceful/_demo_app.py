@@ -21,9 +21,9 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from typing import Any
 from urllib.parse import parse_qs
 
+from ._lazy import lazy_middleware
 from ._types import Environ, Receive, Scope, Send, StartResponse
 
 #: Seconds of "work" per request (a sleep: the work IS the behaviour being drained).
@@ -84,18 +84,6 @@ async def asgi_plain(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-_built: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    """``wsgi_app`` and ``asgi_app``, built on first access (PEP 562)."""
-    if name not in ("wsgi_app", "asgi_app"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _built:
-        import graceful
-
-        if name == "wsgi_app":
-            _built[name] = graceful.WSGIMiddleware(wsgi_plain)
-        else:
-            _built[name] = graceful.ASGIMiddleware(asgi_plain)
-    return _built[name]
+__getattr__ = lazy_middleware(
+    __name__, wsgi={"wsgi_app": wsgi_plain}, asgi={"asgi_app": asgi_plain}
+)

@@ -41,6 +41,7 @@ from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import graceful
+from graceful._lazy import lazy_middleware
 from graceful._types import Environ, Receive, Scope, Send, StartResponse
 
 MAX_SLOW = 60.0
@@ -246,18 +247,9 @@ async def wait_disconnect(receive: Receive) -> None:
 
 # -- the apps, built on first access (PEP 562) ---------------------------------------------
 
-_built: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in ("wsgi_app", "asgi_app"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _built:
-        if name == "wsgi_app":
-            _built[name] = graceful.WSGIMiddleware(wsgi_routes)
-        else:
-            _built[name] = graceful.ASGIMiddleware(asgi_routes)
-    return _built[name]
+__getattr__ = lazy_middleware(
+    __name__, wsgi={"wsgi_app": wsgi_routes}, asgi={"asgi_app": asgi_routes}
+)
 
 
 # -- a wsgiref runner for the harness's own tests --------------------------------------------

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any
 from urllib.parse import parse_qs
 
 import graceful
+from graceful._lazy import lazy_middleware
 from graceful._types import Environ, Receive, Scope, Send, StartResponse
 
 TEXT = "text/plain; charset=utf-8"
@@ -106,15 +106,6 @@ async def asgi_routes(scope: Scope, receive: Receive, send: Send) -> None:
 
 # -- the apps, built on first access (PEP 562) ---------------------------------------------
 
-_built: dict[str, Any] = {}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in ("wsgi_app", "asgi_app"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _built:
-        if name == "wsgi_app":
-            _built[name] = graceful.WSGIMiddleware(wsgi_routes)
-        else:
-            _built[name] = graceful.ASGIMiddleware(asgi_routes)
-    return _built[name]
+__getattr__ = lazy_middleware(
+    __name__, wsgi={"wsgi_app": wsgi_routes}, asgi={"asgi_app": asgi_routes}
+)
