@@ -12,11 +12,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EventHub", "Subscriber", "format_comment", "format_event"]
+__all__ = ["MIN_WAIT", "EventHub", "Subscriber", "format_comment", "format_event"]
 
 # A subscriber that never reads keeps at most this many notices; older ones are dropped.
 # Phase notices supersede each other, so the newest is what matters.
 MAX_QUEUED = 16
+
+# A stream sleeps at least this long between its looks (heartbeat, drain file), however small
+# events_heartbeat or drain_file_interval (0: every request looks) is: it must never spin.
+MIN_WAIT = 0.05
 
 
 class Subscriber:

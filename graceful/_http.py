@@ -21,6 +21,8 @@ from ._checks import CheckOutcome
 from .lifecycle import Lifecycle, LifecycleError, Phase
 
 __all__ = [
+    "EVENTS_FULL",
+    "MAX_WAIT",
     "OpenEvents",
     "Response",
     "Route",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 HEALTH_JSON = "application/health+json"
+#: The longest ``POST drain?wait=1`` waits (``?timeout=``); the command line refuses more.
 MAX_WAIT = 3600.0
 
 
@@ -109,6 +112,10 @@ def _json(
 
 def _fail(status: int, output: str, *, extra: Iterable[tuple[str, str]] = ()) -> Response:
     return _json(status, {"status": "fail", "output": output}, extra=extra)
+
+
+#: The answer to an events subscriber past ``events_max_subscribers``, wherever it is refused.
+EVENTS_FULL = _fail(503, "too many event subscribers", extra=(("Retry-After", "5"),))
 
 
 def rejection(delay: float) -> Response:
@@ -219,7 +226,7 @@ class Surface:
             return _json(200, lifecycle.snapshot(), "application/json", head=head)
         if route is Route.EVENTS:
             if len(lifecycle.events) >= lifecycle.events.max_subscribers:
-                return _fail(503, "too many event subscribers", extra=(("Retry-After", "5"),))
+                return EVENTS_FULL
             return OpenEvents()
         try:
             params = self._params(route, query)
@@ -254,6 +261,8 @@ class Surface:
             params[name] = (
                 _parse_bool(name, value) if name == "wait" else _parse_seconds(name, value)
             )
+        if "timeout" in params and not params.get("wait"):
+            raise ValueError("timeout applies only with wait=1")
         return params
 
     def _change(self, action: Any, reason: str) -> Response:

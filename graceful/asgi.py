@@ -19,9 +19,17 @@ import contextlib
 import logging
 
 from ._adapter import AdapterBase
-from ._events import Subscriber, format_comment, format_event
+from ._events import MIN_WAIT, Subscriber, format_comment, format_event
 from ._goodbye import Goodbye
-from ._http import EVENTS_HEADERS, OpenEvents, Response, Route, RunChecks, WaitDrained
+from ._http import (
+    EVENTS_FULL,
+    EVENTS_HEADERS,
+    OpenEvents,
+    Response,
+    Route,
+    RunChecks,
+    WaitDrained,
+)
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .config import Config
 from .lifecycle import Lifecycle, LifecycleError, Phase
@@ -186,7 +194,7 @@ class ASGIMiddleware(AdapterBase):
     async def _events(self, receive: Receive, send: Send) -> None:
         subscriber = self.lifecycle.subscribe()
         if subscriber is None:
-            await _respond(Response(503, (("Retry-After", "5"),), b""), send)
+            await _respond(EVENTS_FULL, send)  # another subscriber took the last slot
             return
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
@@ -228,7 +236,7 @@ class ASGIMiddleware(AdapterBase):
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(woken.wait(), self._events_wait())
+                await asyncio.wait_for(woken.wait(), max(MIN_WAIT, self._events_wait()))
             now = self._clock()
             self._look_at_drain_file(now)
             if now >= next_beat and not gone.is_set():

@@ -39,8 +39,9 @@ def default_delay(environ: Mapping[str, str] | None = None) -> float:
     return 5.0 if env.get("KUBERNETES_SERVICE_HOST") else 2.0
 
 
-def _setting(default: Any, kind: Kind, doc: str, **extra: Any) -> Any:
-    metadata = {"kind": kind, "doc": doc}
+def _setting(default: Any, kind: Kind, doc: str, *, positive: bool = False, **extra: Any) -> Any:
+    # ``positive``: a duration whose 0 means nothing (an interval, a bound on a run) must be > 0.
+    metadata = {"kind": kind, "doc": doc, "positive": positive}
     if callable(default):
         return dataclasses.field(default_factory=default, metadata=metadata, **extra)
     return dataclasses.field(default=default, metadata=metadata, **extra)
@@ -86,7 +87,7 @@ class Config:
         None, "file", "While this file exists the node is draining; removing it resumes."
     )
     drain_file_interval: float = _setting(
-        1.0, "seconds", "How often, at most, the drain file is looked at."
+        1.0, "seconds", "How often, at most, the drain file is looked at (0: on every request)."
     )
     checks: Mapping[str, Check] = _setting(
         dict,
@@ -94,15 +95,22 @@ class Config:
         "Readiness checks: name -> callable (sync or async). A check fails when it raises, "
         "returns False or outlives check_timeout. Python only.",
     )
-    check_timeout: float = _setting(2.0, "seconds", "Bound on one run of a readiness check.")
+    check_timeout: float = _setting(
+        2.0, "seconds", "Bound on one run of a readiness check (> 0).", positive=True
+    )
     check_cache: float = _setting(
-        1.0, "seconds", "How long a check result is reused, so a probe storm costs nothing."
+        1.0,
+        "seconds",
+        "How long a check result is reused, so a probe storm costs nothing (0: never reused).",
     )
     events_max_subscribers: int = _setting(
         100, "count", "Cap on concurrent events-stream subscribers; past it, 503."
     )
     events_heartbeat: float = _setting(
-        15.0, "seconds", "Interval of the heartbeat comment on the events stream."
+        15.0,
+        "seconds",
+        "Interval of the heartbeat comment on the events stream (> 0).",
+        positive=True,
     )
     reject_when_draining: bool = _setting(
         False,
@@ -149,7 +157,10 @@ class Config:
             key = ENV_PREFIX + field.name.upper()
             if kind == "checks" or key not in env:
                 continue
-            values[field.name] = _parse_env(key, kind, env[key])
+            value = _parse_env(key, kind, env[key])
+            if field.name not in overrides:  # an override wins: its own check names the setting
+                value = _validate_env(key, field.name, kind, env[key], value)
+            values[field.name] = value
         values.setdefault("delay", default_delay(env))  # Kubernetes is detected in ``env`` too
         known = {ENV_PREFIX + n.upper() for n, f in names.items() if f.metadata["kind"] != "checks"}
         for key in sorted(env):
@@ -168,6 +179,10 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """A copy with some settings changed (validated like the original)."""
         return dataclasses.replace(self, **changes)
+
+
+#: Durations whose 0 means nothing: they must be > 0.
+_POSITIVE = frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["positive"])
 
 
 def _parse_env(key: str, kind: str, raw: str) -> Any:
@@ -193,9 +208,19 @@ def _parse_env(key: str, kind: str, raw: str) -> Any:
     return raw if kind == "token" else text
 
 
+def _validate_env(key: str, name: str, kind: str, raw: str, value: Any) -> Any:
+    """:func:`_validate`, its refusal also naming the variable (and, but for a token, its text)."""
+    try:
+        return _validate(name, kind, value)
+    except ConfigError as error:
+        source = key if kind == "token" else f"{key}={raw!r}"
+        raise ConfigError(f"{error} (set by {source})") from None
+
+
 def _validate(name: str, kind: str, value: Any) -> Any:
     if kind == "seconds" or (kind == "optional_seconds" and value is not None):
-        return _validate_seconds(name, value, allow_zero=kind == "seconds")
+        allow_zero = kind == "seconds" and name not in _POSITIVE
+        return _validate_seconds(name, value, allow_zero=allow_zero)
     if kind == "count":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{name}={value!r} is not allowed; expected a whole number >= 0")

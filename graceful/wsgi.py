@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._adapter import AdapterBase
-from ._events import format_comment, format_event
-from ._http import EVENTS_HEADERS, OpenEvents, Response, Route, RunChecks, WaitDrained
+from ._events import MIN_WAIT, format_comment, format_event
+from ._http import EVENTS_FULL, EVENTS_HEADERS, OpenEvents, Response, Route, RunChecks, WaitDrained
 from ._types import Environ, ExcInfo, StartResponse, WSGIApp
 from .config import Config
 from .lifecycle import Lifecycle, Phase
@@ -182,14 +182,7 @@ class WSGIMiddleware(AdapterBase):
     def _events(self, start_response: StartResponse) -> Iterable[bytes]:
         subscriber = self.lifecycle.subscribe()
         if subscriber is None:
-            return _respond(
-                Response(
-                    503,
-                    (("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "5")),
-                    b"too many event subscribers\n",
-                ),
-                start_response,
-            )
+            return _respond(EVENTS_FULL, start_response)  # another subscriber took the last slot
         woken = threading.Event()
         subscriber.wake = woken.set
         start_response("200 OK", list(EVENTS_HEADERS))
@@ -214,7 +207,7 @@ class WSGIMiddleware(AdapterBase):
                     yield format_event(notice)
                     if notice["phase"] in _FINAL_PHASES:
                         return
-                woken.wait(self._events_wait())
+                woken.wait(max(MIN_WAIT, self._events_wait()))
                 now = self._clock()
                 self._look_at_drain_file(now)
                 if now >= next_beat:

@@ -64,16 +64,19 @@ VALUE_BAD: dict[str, list[Any]] = {
     "bool": ["maybe", 2, None],
 }
 
+#: Durations whose 0 means nothing: 0 is a bad value for them on top of their kind's.
+ZERO_BAD = {"check_timeout", "events_heartbeat"}
+
 ENV_CASES = [
     pytest.param(name, raw, id=f"{name}={raw!r}")
     for name, kind in FIELDS.items()
     if kind != "checks"  # Python only: never read from the environment
-    for raw in ENV_BAD[kind]
+    for raw in ENV_BAD[kind] + (["0", "0.0"] if name in ZERO_BAD else [])
 ]
 VALUE_CASES = [
     pytest.param(name, value, id=f"{name}={value!r:.20}")
     for name, kind in FIELDS.items()
-    for value in VALUE_BAD[kind]
+    for value in VALUE_BAD[kind] + ([0, 0.0] if name in ZERO_BAD else [])
 ]
 #: Settings that are each fine but clash together: (settings, a name the message must hold).
 TOGETHER = [
@@ -119,6 +122,7 @@ def test_a_bad_environment_variable_is_refused_naming_it(name: str, raw: str) ->
     with pytest.raises(ConfigError) as raised:
         Config.from_env({key(name): raw})
     assert_names(str(raised.value), name, raw)
+    assert key(name) in str(raised.value)  # the variable itself, not only the setting
 
 
 @pytest.mark.parametrize(("name", "raw"), ENV_CASES)
@@ -279,7 +283,9 @@ def test_any_environment_value_gives_a_config_or_a_config_error(name: str, raw: 
     try:
         config = Config.from_env({key(name): raw})
     except ConfigError as error:
-        assert_names(str(error), name, raw)
+        message = str(error)
+        assert_names(message, name, raw)
+        assert key(name) in message
     else:
         assert isinstance(config, Config)
 

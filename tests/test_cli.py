@@ -7,7 +7,9 @@ prove that the exit codes reach the shell.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import socket
 import socketserver
 import subprocess
@@ -24,6 +26,7 @@ import pytest
 import requests
 
 from graceful import Config, Lifecycle, Phase, WSGIMiddleware
+from graceful._http import MAX_WAIT
 from graceful.cli import EXIT_CODES, main
 
 TOKEN = "cli-Secret-93b1"
@@ -370,6 +373,66 @@ def test_wait_exits_6_when_its_timeout_expires(node: Node, run: Callable[..., Ru
     assert 0.4 <= elapsed < 5
 
 
+@pytest.fixture
+def stalling_url() -> Iterator[str]:
+    """A node on 127.0.0.1 that answers /readyz 503 at once for its first 1.5 s, then accepts
+    connections and never answers them."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    started = time.monotonic()
+    held: list[socket.socket] = []
+    body = b'{"output":"starting","status":"fail"}'
+    answer = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/health+json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    )
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed at teardown
+                return
+            if time.monotonic() - started >= 1.5:
+                held.append(conn)  # never answered
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        listener.close()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+
+
+def test_wait_timeout_bounds_the_whole_wait_even_when_the_last_request_hangs(
+    stalling_url: str, run: Callable[..., Run]
+) -> None:
+    # Requests fail fast for 1.5 s, then one hangs: it may only have the time left of the 2 s,
+    # not 2 s of its own (which would end the wait at about 3.5 s).
+    started = time.monotonic()
+
+    result = run("wait", stalling_url, "--for", "ready", "--timeout", "2")
+
+    elapsed = time.monotonic() - started
+    assert (result.code, result.out) == (6, "")
+    line = one_line(result.err)
+    assert line.startswith(f"graceful: {stalling_url} not ready after 2s")
+    assert "no answer within" in line
+    assert 1.9 <= elapsed < 2.75, elapsed
+
+
 def test_a_node_that_never_answers_exits_6(run: Callable[..., Run]) -> None:
     # A socket that listens but never accepts: the connection is made, no answer ever comes.
     with socket.socket() as silent:
@@ -410,6 +473,37 @@ def test_bad_command_line_exits_2_with_a_message(
     assert message in result.err
 
 
+@pytest.mark.parametrize("timeout", [f"{MAX_WAIT + 1:g}", "7200", "86400"])
+def test_drain_wait_longer_than_the_node_allows_exits_2_before_sending_anything(
+    timeout: str, node: Node, free_port: int, run: Callable[..., Run]
+) -> None:
+    for url in (node.url, f"http://127.0.0.1:{free_port}"):  # unreachable: still 2, not 3
+        result = run("drain", url, "--token", TOKEN, "--wait", "--timeout", timeout)
+
+        assert (result.code, result.out) == (2, "")
+        line = one_line(result.err)
+        assert f"--timeout {timeout}" in line
+        assert f"at most {MAX_WAIT:g}s" in line
+        assert "graceful wait URL --for drained --timeout S" in line
+    assert node.lifecycle.phase is Phase.SERVING
+
+
+def test_drain_wait_up_to_the_node_bound_is_accepted_by_the_node(
+    node: Node, run: Callable[..., Run]
+) -> None:
+    result = run("drain", node.url, "--token", TOKEN, "--wait", "--timeout", f"{MAX_WAIT:g}")
+
+    assert (result.code, result.err) == (0, "")
+    assert "phase=drained" in one_line(result.out)
+
+
+def test_drain_without_wait_takes_any_timeout(node: Node, run: Callable[..., Run]) -> None:
+    result = run("drain", node.url, "--token", TOKEN, "--timeout", "7200")
+
+    assert (result.code, result.err) == (0, "")
+    assert node.lifecycle.phase in (Phase.DRAINING, Phase.DRAINED)
+
+
 def test_token_never_appears_in_any_output(make_node: MakeNode, run: Callable[..., Run]) -> None:
     good, bad = make_node(), make_node(token=None)
     results = [
@@ -438,6 +532,16 @@ def test_help_documents_every_exit_code(run: Callable[..., Run]) -> None:
         for code, meaning in EXIT_CODES.items():
             assert f"  {code}  {meaning}" in result.out
         assert "GRACEFUL_TOKEN" in result.out
+    assert EXIT_CODES[130] == "interrupted (Ctrl-C)"
+
+
+def test_wait_help_says_an_unreachable_node_is_retried_until_the_timeout(
+    run: Callable[..., Run],
+) -> None:
+    text = " ".join(run("wait", "--help").out.split())  # argparse wraps lines
+    assert "cannot be reached is retried until --timeout" in text
+    assert "a bound on the whole wait" in text
+    assert "exit 6 naming the last error" in text
 
 
 # -- the real entry points -----------------------------------------------------------------
@@ -460,6 +564,27 @@ def test_python_m_graceful_cli_exits_with_the_code(node: Node, free_port: int) -
     assert unreachable.stderr.startswith("graceful: ")
     assert "Traceback" not in unreachable.stderr
     assert cli("status", "nonsense").returncode == 2
+
+
+def test_ctrl_c_exits_130_without_a_traceback(node: Node) -> None:
+    # /hold answers only when released: the command is surely waiting when SIGINT comes.
+    command = [sys.executable, "-m", "graceful.cli", "wait", node.url, "--for", "ready"]
+    with subprocess.Popen(
+        [*command, "--readyz-path", "/hold", "--timeout", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert node.held.wait(30), "the command never reached the node"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130
+    assert out == ""
+    assert "Traceback" not in err
 
 
 def test_console_script_is_installed_and_documents_exit_codes() -> None:

@@ -23,6 +23,8 @@ SECONDS = [
     "check_cache",
     "events_heartbeat",
 ]
+#: Durations whose 0 means nothing (a heartbeat every instant, a check given no time): > 0.
+POSITIVE = ["check_timeout", "events_heartbeat"]
 BAD_SECONDS: list[Any] = [-1, -0.001, math.nan, math.inf, -math.inf, True, False, "5", None, [1]]
 PATHS = ["livez_path", "readyz_path", "control_prefix"]
 BAD_PATHS: list[Any] = [
@@ -81,12 +83,23 @@ def test_bad_quiet_period_names_setting_value_and_what_is_allowed(value: Any) ->
         assert "> 0" in message
 
 
-@pytest.mark.parametrize("name", SECONDS)
+@pytest.mark.parametrize("name", [n for n in SECONDS if n not in POSITIVE])
 def test_zero_and_whole_numbers_are_accepted_as_seconds(name: str) -> None:
+    # 0 means "none" here: no delay, no wait, no cache, the drain file looked at every request.
     settings: dict[str, Any] = {"delay": 3.0, name: 0}
     config = Config(**settings)
     assert getattr(config, name) == 0.0
     assert isinstance(getattr(config, name), float)
+
+
+@pytest.mark.parametrize("name", POSITIVE)
+@pytest.mark.parametrize("value", [0, 0.0, -0.0], ids=repr)
+def test_zero_is_refused_where_it_means_nothing(name: str, value: float) -> None:
+    message = config_error(**{name: value})
+    assert f"{name}={value!r} is not allowed" in message
+    assert "number of seconds > 0" in message
+    settings: dict[str, Any] = {name: 3}
+    assert getattr(Config(**settings), name) == 3.0  # whole numbers are fine
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "3"], ids=repr)
@@ -267,6 +280,47 @@ def test_from_env_values_are_validated_like_arguments() -> None:
         Config.from_env(environ={"GRACEFUL_DELAY": "-1"})
     with pytest.raises(ConfigError, match="readyz_path='ready'"):
         Config.from_env(environ={"GRACEFUL_READYZ_PATH": "ready"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "allowed"),
+    [
+        ("GRACEFUL_DELAY", "-1", "seconds >= 0"),
+        ("GRACEFUL_DRAIN_TIMEOUT", "inf", "finite number of seconds >= 0"),
+        ("GRACEFUL_QUIET_PERIOD", "0", "seconds > 0"),
+        ("GRACEFUL_CHECK_TIMEOUT", "0", "seconds > 0"),
+        ("GRACEFUL_EVENTS_HEARTBEAT", "0", "seconds > 0"),
+        ("GRACEFUL_EVENTS_MAX_SUBSCRIBERS", "-1", "whole number >= 0"),
+        ("GRACEFUL_READYZ_PATH", "ready", "leading slash"),
+    ],
+)
+def test_from_env_values_out_of_range_name_the_variable_value_and_what_is_allowed(
+    variable: str, raw: str, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(environ={variable: raw})
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert f"{variable}={raw!r}" in message
+    assert allowed in message
+    assert variable.removeprefix("GRACEFUL_").lower() in message  # and the setting
+
+
+def test_from_env_a_bad_token_names_the_variable_but_never_its_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(environ={"GRACEFUL_TOKEN": SECRET + " x"})
+    message = str(info.value)
+    assert "GRACEFUL_TOKEN" in message
+    assert SECRET not in message
+
+
+def test_from_env_a_bad_variable_overridden_by_a_keyword_is_not_what_is_refused() -> None:
+    # The keyword wins; only its own value is checked, and named as the setting.
+    assert Config.from_env(environ={"GRACEFUL_DELAY": "-1"}, delay=3).delay == 3.0
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(environ={"GRACEFUL_DELAY": "4"}, delay=-2)
+    assert "delay=-2 is not allowed" in str(info.value)
+    assert "GRACEFUL_DELAY" not in str(info.value)
 
 
 @pytest.mark.parametrize("variable", ["GRACEFUL_TOKEN", "GRACEFUL_DRAIN_FILE"])

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from _apps import (
@@ -12,8 +16,10 @@ from _apps import (
     TOKEN,
     FakeReceive,
     Message,
+    Reply,
     SendRecorder,
     WSGIStream,
+    asgi_call,
     hello_asgi,
     hello_wsgi,
     http_scope,
@@ -25,7 +31,7 @@ from _apps import (
 )
 
 import graceful
-from graceful._events import MAX_QUEUED
+from graceful._events import MAX_QUEUED, MIN_WAIT
 
 EVENTS = "/-/graceful/events"
 HEARTBEAT = b": heartbeat\n\n"
@@ -51,6 +57,33 @@ def _read_until(next_chunk: Callable[[], bytes], newest: object) -> list[dict[st
             if events[-1]["id"] == newest:
                 return events
     raise AssertionError(f"event {newest} never came; got {events}")
+
+
+def _answer(reply: Reply) -> tuple[int, list[tuple[str, str]], bytes]:
+    """A reply with header names in one case, to compare WSGI and ASGI answers."""
+    return reply.status, sorted((k.lower(), v) for k, v in reply.headers), reply.body
+
+
+def _assert_events_full(reply: Reply) -> None:
+    assert reply.status == 503
+    assert reply.header("Content-Type") == "application/health+json"
+    assert reply.header("Cache-Control") == "no-store"
+    assert reply.header("Retry-After") == "5"
+    assert reply.json() == {"status": "fail", "output": "too many event subscribers"}
+
+
+def _looks_at(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[float]:
+    """The times ``path`` is looked at from now on (os.path.exists still answers)."""
+    looks: list[float] = []
+    exists = os.path.exists
+
+    def looking(target: object) -> bool:
+        if target == str(path):
+            looks.append(time.monotonic())
+        return exists(target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os.path, "exists", looking)
+    return looks
 
 
 def _open_wsgi(lc: graceful.Lifecycle) -> WSGIStream:
@@ -140,16 +173,40 @@ def test_wsgi_subscriber_cap_answers_503_until_a_slot_frees() -> None:
         assert _event(stream.next_chunk())["phase"] == "serving"
 
 
-def test_wsgi_subscriber_cap_reached_by_a_racing_subscriber_still_answers_503(
+def test_wsgi_subscriber_cap_reached_by_a_racing_subscriber_answers_like_the_cap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    full = wsgi_call(_wsgi(new_lifecycle(events_max_subscribers=0)), path=EVENTS)
+    _assert_events_full(full)
     lc = new_lifecycle()
     middleware = _wsgi(lc)
     # Another subscriber took the last slot between the route's check and the subscription.
     monkeypatch.setattr(lc, "subscribe", lambda: None)
     reply = wsgi_call(middleware, path=EVENTS)  # wsgiref.validate checks the answer's form
-    assert reply.status == 503
-    assert reply.header("Retry-After") is not None
+    assert _answer(reply) == _answer(full)
+
+
+@pytest.mark.parametrize("drain_file", [False, True], ids=["heartbeat", "drain-file"])
+def test_wsgi_stream_with_tiny_intervals_never_spins(
+    drain_file: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A heartbeat of a microsecond, or a drain file looked at on every request (interval 0):
+    # the stream still sleeps at least MIN_WAIT between its looks (at most 20 a second).
+    assert MIN_WAIT == 0.05
+    path = tmp_path / "drain"
+    settings: dict[str, Any] = {"events_heartbeat": 1e-6}
+    if drain_file:
+        settings.update(drain_file=str(path), drain_file_interval=0.0)
+    with _open_wsgi(new_lifecycle(**settings)) as stream:
+        assert _event(stream.next_chunk())["phase"] == "serving"
+        looks = _looks_at(monkeypatch, path)
+        started = time.monotonic()
+        for _ in range(5):
+            assert stream.next_chunk() == HEARTBEAT
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.15, f"5 heartbeats in {elapsed:.4f}s: the stream spins"
+    if drain_file:
+        assert 4 <= len(looks) <= 6, looks  # one look per wake, not thousands
 
 
 def test_a_subscriber_that_never_reads_keeps_bounded_memory() -> None:
@@ -341,6 +398,55 @@ def test_asgi_subscriber_cap_answers_503() -> None:
         assert len(lc.events) == 0
 
     asyncio.run(main())
+
+
+def test_asgi_subscriber_cap_reached_by_a_racing_subscriber_answers_like_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    full_lc = new_lifecycle(events_max_subscribers=0)
+    full_lc.mark_ready()
+    full = asyncio.run(
+        asgi_call(graceful.ASGIMiddleware(hello_asgi, lifecycle=full_lc), path=EVENTS)
+    )
+    _assert_events_full(full)
+    lc = new_lifecycle()
+    lc.mark_ready()
+    middleware = graceful.ASGIMiddleware(hello_asgi, lifecycle=lc)
+    # Another subscriber took the last slot between the route's check and the subscription.
+    monkeypatch.setattr(lc, "subscribe", lambda: None)
+    reply = asyncio.run(asgi_call(middleware, path=EVENTS))
+    assert _answer(reply) == _answer(full)
+    wsgi_full = wsgi_call(_wsgi(new_lifecycle(events_max_subscribers=0)), path=EVENTS)
+    assert _answer(reply) == _answer(wsgi_full)  # one answer, whatever the adapter
+
+
+@pytest.mark.parametrize("drain_file", [False, True], ids=["heartbeat", "drain-file"])
+def test_asgi_stream_with_tiny_intervals_never_spins(
+    drain_file: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "drain"
+    settings: dict[str, Any] = {"events_heartbeat": 1e-6}
+    if drain_file:
+        settings.update(drain_file=str(path), drain_file_interval=0.0)
+    lc = new_lifecycle(**settings)
+    lc.mark_ready()
+
+    async def main() -> tuple[float, list[float]]:
+        stream = await ASGIEvents(lc).opened()
+        try:
+            assert _event(await stream.next_chunk())["phase"] == "serving"
+            looks = _looks_at(monkeypatch, path)
+            started = time.monotonic()
+            for _ in range(5):
+                assert await stream.next_chunk() == HEARTBEAT
+            return time.monotonic() - started, list(looks)
+        finally:
+            await stream.disconnect()
+
+    elapsed, looks = asyncio.run(main())
+    assert elapsed >= 0.15, f"5 heartbeats in {elapsed:.4f}s: the stream spins"
+    if drain_file:
+        assert 4 <= len(looks) <= 6, looks  # one look per wake, not thousands
 
 
 def test_asgi_subscriber_that_never_reads_keeps_bounded_memory() -> None:

@@ -299,6 +299,15 @@ def test_drain_with_a_bad_query_is_400_and_changes_nothing(kind: Kind, query: st
     assert phase_of(client.lifecycle) is Phase.SERVING
 
 
+@pytest.mark.parametrize("query", ["timeout=5", "wait=0&timeout=5", "timeout=5&wait=no"])
+def test_drain_timeout_without_wait_is_400_and_changes_nothing(kind: Kind, query: str) -> None:
+    client = _client(kind)
+    reply = client.request("POST", "/-/graceful/drain", query=query, headers=AUTH)
+    assert reply.status == 400
+    assert reply.json() == {"status": "fail", "output": "timeout applies only with wait=1"}
+    assert phase_of(client.lifecycle) is Phase.SERVING
+
+
 def test_resume_with_a_query_is_400_and_keeps_draining(kind: Kind) -> None:
     client = _client(kind)
     client.lifecycle.drain("deploy")
