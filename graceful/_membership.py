@@ -1,8 +1,8 @@
 """Which nodes of a service a client may call: the client pool's sans-io core.
 
 No I/O, no clock, no threads: the pool passes ``now`` and what it learned (a push notice, a
-response header, a refused connection, a probe), and asks which node to call next and which
-nodes are due a probe. One rule table says where each thing it learns takes a node.
+response header, a refused or timed-out connection, a probe), and asks which node to call next
+and which nodes are due a probe. One rule table says where each thing it learns takes a node.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Learned(str, enum.Enum):
     NOTICE_STARTING = "notice: starting"
     RESPONSE_DRAINING = "response: draining"
     REFUSED = "refused"
+    CONNECT_TIMEOUT = "connect timeout"
     PROBE_READY = "probe: ready"
     PROBE_NOT_READY = "probe: not ready"
     PROBE_UNREACHABLE = "probe: unreachable"
@@ -44,6 +45,7 @@ RULES: dict[Learned, NodeState] = {
     Learned.NOTICE_STARTING: NodeState.DOWN,
     Learned.RESPONSE_DRAINING: NodeState.DRAINING,
     Learned.REFUSED: NodeState.DOWN,
+    Learned.CONNECT_TIMEOUT: NodeState.DOWN,
     Learned.PROBE_READY: NodeState.IN_SERVICE,
     Learned.PROBE_NOT_READY: NodeState.DRAINING,
     Learned.PROBE_UNREACHABLE: NodeState.DOWN,

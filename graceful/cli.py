@@ -14,11 +14,13 @@ from typing import Any
 import requests
 
 from . import check_config, demo
+from ._http import MAX_WAIT
 
 __all__ = ["EXIT_CODES", "main"]
 
 OK, FAILED, USAGE, UNREACHABLE, UNAUTHORIZED, CONTROL_OFF, TIMED_OUT = 0, 1, 2, 3, 4, 5, 6
 BAD_EDIT, NGINX_REJECTED, NOT_APPLIED, ROLLOUT_STOPPED = 7, 8, 9, 10
+INTERRUPTED = 130
 EXIT_CODES = {
     OK: "success",
     FAILED: "the node refused or answered something unexpected (409: cannot drain while starting)",
@@ -34,6 +36,7 @@ EXIT_CODES = {
     NOT_APPLIED: "nginx: no master running, nginx could not run or reload failed (file restored)",
     ROLLOUT_STOPPED: "rollout: a step failed; that node is out of rotation, the nodes not yet "
     "touched are in service (the output says which step and why)",
+    INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
 POLL_INTERVAL = 0.2
@@ -99,11 +102,11 @@ class Client:
         headers = {}
         if control and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        kwargs.setdefault("timeout", self.timeout)
+        timeout = kwargs.setdefault("timeout", self.timeout)
         try:
             response = self.session.request(method, self.url + path, headers=headers, **kwargs)
         except requests.Timeout:
-            raise Failure(TIMED_OUT, f"{self.url}: no answer within {self.timeout:g}s") from None
+            raise Failure(TIMED_OUT, f"{self.url}: no answer within {timeout:g}s") from None
         except requests.RequestException as exc:
             reason = type(exc).__name__
             raise Failure(UNREACHABLE, f"{self.url}: cannot connect ({reason})") from None
@@ -128,8 +131,10 @@ class Client:
         if response.status_code not in (200, 202):
             raise Failure(FAILED, f"{self.url}: {response.status_code}: {_output(response)}")
 
-    def readiness(self) -> tuple[int, dict[str, Any]]:
-        response = self.request("GET", self.readyz, control=False)
+    def readiness(self, timeout: float | None = None) -> tuple[int, dict[str, Any]]:
+        response = self.request(
+            "GET", self.readyz, control=False, timeout=self.timeout if timeout is None else timeout
+        )
         return response.status_code, _body(response)
 
 
@@ -165,6 +170,13 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_drain(client: Client, args: argparse.Namespace) -> int:
+    if args.wait and args.timeout > MAX_WAIT:
+        raise Failure(
+            USAGE,
+            f"--timeout {args.timeout:g}: drain --wait waits at most {MAX_WAIT:g}s (the node's "
+            "bound); for longer, drain without --wait, then "
+            "`graceful wait URL --for drained --timeout S`",
+        )
     params = {"wait": "1", "timeout": f"{args.timeout:g}"} if args.wait else None
     timeout = args.timeout + 5 if args.wait else args.timeout
     response = client.request(
@@ -196,15 +208,6 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
         want = lambda code, body: body.get("phase") in ("drained", "stopping")  # noqa: E731
     last = "no answer yet"
     while True:
-        try:
-            code, body = client.readiness()
-        except Failure as failure:
-            last = str(failure)
-        else:
-            if want(code, body):
-                print(f"{client.url} {args.target}")
-                return OK
-            last = f"{code} {body.get('output', '')}".strip()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             print(
@@ -212,7 +215,17 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return TIMED_OUT
-        time.sleep(min(POLL_INTERVAL, remaining))
+        try:
+            # --timeout bounds the whole wait: no request may outlast the time left.
+            code, body = client.readiness(timeout=remaining)
+        except Failure as failure:
+            last = str(failure)
+        else:
+            if want(code, body):
+                print(f"{client.url} {args.target}")
+                return OK
+            last = f"{code} {body.get('output', '')}".strip()
+        time.sleep(max(0.0, min(POLL_INTERVAL, deadline - time.monotonic())))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     verb("resume", "give a drained or draining node its traffic back", 10.0).set_defaults(
         run=cmd_resume
     )
-    wait = verb("wait", "poll a node's readiness until it is ready or drained", 60.0)
+    wait = verb(
+        "wait",
+        "poll a node's readiness until it is ready or drained; a node that cannot be reached "
+        "is retried until --timeout (a bound on the whole wait), then exit 6 naming the last "
+        "error",
+        60.0,
+    )
     wait.add_argument("--for", dest="target", choices=("ready", "drained"), required=True)
     wait.set_defaults(run=cmd_wait)
     _nginx_verbs(verbs, parser.epilog)
@@ -371,6 +390,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             drain_timeout=args.drain_timeout,
             ready_timeout=args.ready_timeout,
             restart_timeout=args.restart_timeout,
+            settle=args.settle,
             prefix=args.prefix,
             readyz=args.readyz_path,
             out=lambda line: print(line, flush=True),
@@ -483,6 +503,12 @@ def _rollout_verb(verbs: Any, epilog: str | None) -> None:
         sub.add_argument(
             name, type=_seconds, default=default, metavar="S", help=f"{what} (default {default:g})"
         )
+    sub.add_argument(
+        "--settle", type=float, metavar="S",
+        help="after giving a node its traffic back, wait S seconds for the load balancer's own "
+        "checks to admit it before the next node (default 2 with --lb readiness, else 0: the "
+        "rollout confirms nginx and haproxy itself)",
+    )  # fmt: skip
     sub.add_argument("--prefix", type=_path, default="/-/graceful", help="control route prefix")
     sub.add_argument("--readyz-path", type=_path, default="/readyz", help="readiness route")
     sub.add_argument("--dry-run", action="store_true", help="print the plan, touch nothing")
@@ -501,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graceful: {failure}", file=sys.stderr)
         return failure.code
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     return code
 
 

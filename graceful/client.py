@@ -6,23 +6,25 @@
 
     pool = Pool(["http://10.0.0.5:8000", "http://10.0.0.6:8000", "http://10.0.0.7:8000"])
     response = pool.get("/orders/1")                # one of the nodes in service
-    pool.post("/orders", json=order, headers={"Idempotency-Key": order["id"]})
+    pool.post("/orders", json=order)                # never sent twice: see below
 
 A node leaves rotation when it says it is going away, fastest first: (1) its
 ``/-/graceful/events`` stream pushes ``draining`` (``watch=True``); (2) a response carries
-``Graceful-State: draining`` or ``Connection: close``; (3) a connection to it is refused. It
-gets no new requests; those it has finish. Every ``probe_interval`` (less a little jitter) it
-is probed on ``/readyz`` and re-admitted when it passes, or at once when its events stream
-says ``serving`` again.
+``Graceful-State: draining`` or ``Connection: close``; (3) a connection to it is refused or
+times out. It gets no new requests; those it has finish. Every ``probe_interval`` (less a little
+jitter) it is probed on ``/readyz`` and re-admitted when it passes, or at once when its events
+stream says ``serving`` again.
 
 Retries, only where no request can have reached the app twice, at most ``max_attempts`` sends:
 a refused connection or a connect timeout (nothing was sent) and a ``503`` with
 ``Graceful-State: draining`` (reject mode: the app never saw it) go to the next node whatever
 the method; a connection reset or closed before any answer goes to the next node only for an
-idempotent method (``GET``, ``HEAD``, ``OPTIONS``, ``PUT``, ``DELETE``, ``TRACE``) or a request
-with an ``Idempotency-Key`` header. Never a second send of a ``POST`` that may have reached the
-app. When every node is out of rotation the draining ones are used (they still serve); when
-none answers, :class:`NoNodeAvailable` names every node and why.
+idempotent method (``GET``, ``HEAD``, ``OPTIONS``, ``PUT``, ``DELETE``, ``TRACE``). Never a second
+send of a ``POST`` (or ``PATCH``) that may have reached the app: with
+``resend_with_idempotency_key=True`` (off by default) a request carrying an ``Idempotency-Key``
+header is resent like an idempotent one, for services that process each key once. When every
+node is out of rotation the draining ones are used (they still serve); when none answers,
+:class:`NoNodeAvailable` names every node and why.
 """
 
 from __future__ import annotations
@@ -52,10 +54,8 @@ class NoNodeAvailable(requests.ConnectionError):
     """No node could take the request; the message names each node and why."""
 
 
-def _is_connect_failure(exc: requests.RequestException) -> bool:
-    """Nothing was sent: the connection was refused or never set up."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
+def _is_refused(exc: requests.RequestException) -> bool:
+    """Nothing was sent: the connection was refused or its name did not resolve."""
     reason = exc.args[0] if exc.args else None
     reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
     return type(reason).__name__ in ("NewConnectionError", "NameResolutionError")
@@ -66,6 +66,11 @@ class Pool(requests.Session):
 
     Thread-safe: share one pool between threads. ``close()`` (or ``with Pool(...)``) stops its
     background threads: one prober, and one events watcher per node with ``watch=True``.
+
+    ``resend_with_idempotency_key``: also resend a non-idempotent request (``POST``, ``PATCH``)
+    that carries an ``Idempotency-Key`` header when its connection closed before any answer. Off
+    by default, since such a request may have reached the app; turn it on only when the service
+    processes each key at most once.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class Pool(requests.Session):
         watch: bool = True,
         balance: str = "round_robin",
         max_attempts: int = 3,
+        resend_with_idempotency_key: bool = False,
         pool_size: int = 32,
         timeout: float | tuple[float, float] | None = DEFAULT_TIMEOUT,
         readyz_path: str = "/readyz",
@@ -94,6 +100,7 @@ class Pool(requests.Session):
         self._closed = threading.Event()
         self._probe_wanted = threading.Event()
         self.max_attempts = max_attempts
+        self.resend_with_idempotency_key = resend_with_idempotency_key
         self.default_timeout = timeout
         self.readyz_path = readyz_path
         self.events_path = events_path
@@ -134,11 +141,15 @@ class Pool(requests.Session):
             try:
                 response = super().request(method, node + url, *args, **kwargs)
             except requests.ConnectionError as exc:
-                if _is_connect_failure(exc):
+                if isinstance(exc, requests.ConnectTimeout):  # a ConnectionError too
+                    self._learn(node, Learned.CONNECT_TIMEOUT, _connect_timeout(kwargs))
+                    tried[node] = "connect timeout"
+                    continue
+                if _is_refused(exc):
                     self._learn(node, Learned.REFUSED, type(exc).__name__)
                     tried[node] = "connection refused"
                     continue
-                if isinstance(exc, requests.ReadTimeout) or not _replayable(method, kwargs):
+                if isinstance(exc, requests.ReadTimeout) or not self._replayable(method, kwargs):
                     raise
                 tried[node] = "connection closed before an answer"
                 continue
@@ -154,6 +165,15 @@ class Pool(requests.Session):
             elif response.headers.get("Connection", "").lower() == "close":
                 self._learn(node, Learned.RESPONSE_DRAINING, "Connection: close")
             return response
+
+    def _replayable(self, method: str, kwargs: Mapping[str, Any]) -> bool:
+        """May this request go to another node after its connection closed unanswered?"""
+        if method in IDEMPOTENT:
+            return True
+        if not self.resend_with_idempotency_key:
+            return False
+        headers = kwargs.get("headers") or {}
+        return any(str(name).lower() == "idempotency-key" for name in headers)
 
     def _why(self, tried: Mapping[str, str]) -> str:
         lines = []
@@ -277,10 +297,11 @@ def _notices(lines: Iterator[bytes]) -> Iterator[dict[str, Any]]:
                 yield notice
 
 
-def _replayable(method: str, kwargs: Mapping[str, Any]) -> bool:
-    headers = kwargs.get("headers") or {}
-    keyed = any(str(name).lower() == "idempotency-key" for name in headers)
-    return method in IDEMPOTENT or keyed
+def _connect_timeout(kwargs: Mapping[str, Any]) -> str:
+    """The connect part of a request's ``timeout``, as a reason's detail."""
+    timeout = kwargs.get("timeout")
+    connect = timeout[0] if isinstance(timeout, tuple) else timeout
+    return f"{connect:g}s" if isinstance(connect, (int, float)) else ""
 
 
 def _node_url(text: str) -> str:

@@ -13,7 +13,13 @@ How traffic is cut depends on the load balancer (``--lb``):
   waits until HAProxy has no session left on it; ``state ready`` (and HAProxy's own check
   passing) gives it back.
 - ``readiness``: the load balancer polls ``/readyz``; draining the node is what takes it out.
+  Its own checks put the restarted node back, some time after ``/readyz`` passes (HAProxy's
+  ``rise 2`` x ``inter``, a Kubernetes readiness period): the rollout waits ``--settle`` seconds
+  (default :data:`READINESS_SETTLE`) before the next node, or two nodes could be out at once.
 - ``none``: nothing to tell (a retrying proxy in front of nodes in reject mode, say).
+
+With ``nginx`` and ``haproxy`` the rollout confirms the node is back itself, so ``--settle``
+defaults to 0 there (and with ``none``).
 
 With a token the node is drained through ``POST /-/graceful/drain?wait=1`` and the rollout goes
 on once it reports drained. Without one, the restart command's SIGTERM drains it (the library's
@@ -38,8 +44,10 @@ from typing import Any, Protocol
 import requests
 
 from . import haproxy, nginx
+from ._http import MAX_WAIT
 
 __all__ = [
+    "READINESS_SETTLE",
     "Balancer",
     "HAProxyBalancer",
     "NginxBalancer",
@@ -55,6 +63,10 @@ __all__ = [
 PLACEHOLDERS = ("url", "host", "port", "index")
 POLL_INTERVAL = 0.2
 REQUEST_TIMEOUT = 10.0
+#: ``--settle`` with ``--lb readiness``: seconds for the load balancer's own checks to admit a
+#: restarted node again (HAProxy ``rise 2`` x ``inter 500ms`` is 1 s; a Kubernetes readiness
+#: probe every 2 s with ``successThreshold: 1``, up to 2 s).
+READINESS_SETTLE = 2.0
 
 
 class RolloutUsageError(ValueError):
@@ -342,6 +354,7 @@ class Rollout:
         drain_timeout: float = 60.0,
         ready_timeout: float = 60.0,
         restart_timeout: float = 120.0,
+        settle: float | None = None,
         prefix: str = "/-/graceful",
         readyz: str = "/readyz",
         out: Callable[[str], object] = print,
@@ -361,10 +374,20 @@ class Rollout:
         )
         self.verify = list(verify)
         self.token = token
+        if token is not None and drain_timeout > MAX_WAIT:
+            raise RolloutUsageError(
+                f"--drain-timeout {drain_timeout:g}: a node answers a drain wait for at most "
+                f"{MAX_WAIT:g}s; give at most that"
+            )
         self.batch = batch
         self.drain_timeout = drain_timeout
         self.ready_timeout = ready_timeout
         self.restart_timeout = restart_timeout
+        if settle is None:
+            settle = READINESS_SETTLE if balancer.name == "readiness" else 0.0
+        if not 0 <= settle <= 86400:
+            raise RolloutUsageError(f"--settle {settle!r} is not a number of seconds in [0, 86400]")
+        self.settle = settle
         self.prefix = prefix
         self.readyz = readyz
         self.out = out
@@ -396,6 +419,7 @@ class Rollout:
                     f"(at most {self.ready_timeout:g}s)",
                     *(f"verify: GET {node.url}{path} answers 2xx" for path in self.verify),
                     restore,
+                    self._plan_settle(),
                 ]
                 lines += [f"{self._who(node)}: {step}" for step in steps if step is not None]
         return lines
@@ -406,6 +430,14 @@ class Rollout:
         return (
             f"drain: POST {self.prefix}/drain?wait=1, wait until drained "
             f"(at most {self.drain_timeout:g}s)"
+        )
+
+    def _plan_settle(self) -> str | None:
+        if not self.settle:
+            return None
+        return (
+            f"settle: wait {self.settle:g}s for the load balancer's own checks to send it "
+            "traffic again (--settle)"
         )
 
     # -- run -----------------------------------------------------------------------------------
@@ -452,6 +484,8 @@ class Rollout:
         for path in self.verify:
             self._step(node, "verify", functools.partial(self._check, node, path))
         self._step(node, "restore", lambda: self.balancer.restore(node))
+        if self.settle:
+            self._step(node, "settle", self._settle)
 
     def _give_back_untouched(self, nodes: list[Node]) -> None:
         """Batch peers that were cut but not yet drained or restarted go back into rotation."""
@@ -499,6 +533,10 @@ class Rollout:
         raise StepFailed(
             "drain", hints.get(response.status_code, f"POST {url}: {response.status_code}")
         )
+
+    def _settle(self) -> str:
+        time.sleep(self.settle)  # the load balancer's checks run on their own clock: just wait
+        return f"waited {self.settle:g}s for the load balancer to send it traffic again"
 
     def _run_command(self, argv: list[str]) -> str:
         started = time.monotonic()
@@ -631,6 +669,7 @@ class Rollout:
             "lb": self.balancer.name,
             "nodes": [node.url for node in self.nodes],
             "batch": self.batch,
+            "settle": self.settle,
             "events": [dataclasses.asdict(event) for event in self.events],
         }
 

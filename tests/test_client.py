@@ -6,7 +6,7 @@ Real nodes are ``tests/e2e/apps/load_app.py`` under wsgiref (graceful middleware
 with a token, ``GET /version`` answers with the process id, ``POST /orders`` records each id in
 ``<pid>.ids``). Where no graceful node can behave a certain way (closing a connection before
 any answer, holding an answer, ``Connection: close``), a small in-process fake server does, and
-counts what it received.
+counts what it received. A connect timeout is a real listener whose accept queue is full.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import itertools
+import socket
 import sys
 import threading
 import time
@@ -132,6 +133,7 @@ class Fake:
 
     ``close``: reads the request, closes the connection without any answer. ``hold``: answers
     only once ``release`` is set. ``connection-close``: answers 200 with ``Connection: close``.
+    Anything else (``answer``): answers 200 ``fake`` and keeps the connection.
     """
 
     def __init__(self, behaviour: str) -> None:
@@ -148,7 +150,7 @@ class Fake:
             def do_GET(self) -> None:
                 fake.handle(self)
 
-            do_POST = do_PUT = do_GET
+            do_POST = do_PUT = do_PATCH = do_GET
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -227,6 +229,33 @@ def refused_url() -> str:
     return f"http://127.0.0.1:{unused_port()}"  # nothing listens there
 
 
+@pytest.fixture
+def unanswered_url() -> Iterator[str]:
+    """A node whose connections time out: a real listener on 127.0.0.1 that never accepts, its
+    accept queue (``listen(0)``) filled by one connection, so the kernel drops every further
+    SYN and a connect neither succeeds nor is refused."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = listener.getsockname()[1]
+    queued: list[socket.socket] = []
+    try:
+        for _ in range(8):  # Linux queues backlog + 1; stop at the first connect that hangs
+            probe = socket.socket()
+            probe.settimeout(0.2)
+            try:
+                probe.connect(("127.0.0.1", port))
+            except TimeoutError:
+                probe.close()
+                break
+            queued.append(probe)
+        else:
+            pytest.fail("the accept queue never filled: every connect succeeded")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for one in queued:
+            one.close()
+        listener.close()
+
+
 def served_by(response: requests.Response) -> int:
     assert response.status_code == 200, response.text
     pid: int = response.json()["pid"]
@@ -260,6 +289,42 @@ def test_a_refused_connection_goes_to_the_next_node_whatever_the_method(
     assert status(pool, good.url).state is NodeState.IN_SERVICE
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_connect_timeout_goes_to_the_next_node_whatever_the_method_and_says_so(
+    method: str, shared: list[Node], unanswered_url: str, make_pool: MakePool
+) -> None:
+    good = shared[0]
+    pool = make_pool(unanswered_url, good.url, timeout=(0.3, 10))  # round robin: the first
+
+    oid = new_id()
+    if method == "GET":
+        assert served_by(pool.get("/version")) == good.pid
+    else:
+        assert pool.post("/orders", data={"id": oid}).status_code == 201
+        assert good.ids().count(oid) == 1
+
+    silent = status(pool, unanswered_url)
+    assert (silent.state, silent.reason) == (NodeState.DOWN, "connect timeout (0.3s)")
+    assert status(pool, good.url).state is NodeState.IN_SERVICE
+
+
+def test_no_node_available_says_connect_timeout_not_refused(
+    unanswered_url: str, make_pool: MakePool
+) -> None:
+    pool = make_pool(unanswered_url, timeout=(0.3, 10))
+
+    with pytest.raises(NoNodeAvailable) as raised:
+        pool.get("/x")
+    assert (
+        str(raised.value) == f"no node could take the request: {unanswered_url} (connect timeout)"
+    )
+    assert "refused" not in str(raised.value)
+
+    with pytest.raises(NoNodeAvailable) as raised:  # now it knows: down, and why
+        pool.get("/x")
+    assert f"{unanswered_url} (down: connect timeout (0.3s))" in str(raised.value)
+
+
 def test_a_503_draining_in_reject_mode_goes_to_the_next_node_and_the_app_never_saw_it(
     shared: list[Node], start_nodes: StartNodes, make_pool: MakePool
 ) -> None:
@@ -281,19 +346,24 @@ def test_a_503_draining_in_reject_mode_goes_to_the_next_node_and_the_app_never_s
 
 
 @pytest.mark.parametrize(
-    ("method", "headers"),
-    [("GET", {}), ("PUT", {}), ("POST", {"Idempotency-Key": "k-1"})],
-    ids=["GET", "PUT", "POST with Idempotency-Key"],
+    ("method", "headers", "options"),
+    [
+        ("GET", {}, {}),
+        ("PUT", {}, {}),
+        ("POST", {"Idempotency-Key": "k-1"}, {"resend_with_idempotency_key": True}),
+    ],
+    ids=["GET", "PUT", "POST with Idempotency-Key, resend_with_idempotency_key=True"],
 )
 def test_a_connection_closed_before_an_answer_goes_to_the_next_node_when_replayable(
     method: str,
     headers: dict[str, str],
+    options: dict[str, Any],
     shared: list[Node],
     fake: Callable[[str], Fake],
     make_pool: MakePool,
 ) -> None:
     closing, good = fake("close"), shared[0]
-    pool = make_pool(closing.url, good.url)
+    pool = make_pool(closing.url, good.url, **options)
     oid = new_id()
 
     response = pool.request(method, "/orders", data={"id": oid}, headers=headers)
@@ -309,18 +379,29 @@ def test_a_connection_closed_before_an_answer_goes_to_the_next_node_when_replaya
     assert status(pool, closing.url).state is NodeState.IN_SERVICE
 
 
-def test_a_plain_post_whose_connection_closed_before_an_answer_is_not_sent_again(
-    shared: list[Node], fake: Callable[[str], Fake], make_pool: MakePool
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("POST", {}), ("POST", {"Idempotency-Key": "k-3"}), ("PATCH", {"Idempotency-Key": "k-4"})],
+    ids=["POST", "POST with Idempotency-Key", "PATCH with Idempotency-Key"],
+)
+def test_by_default_a_post_whose_connection_closed_before_an_answer_is_not_sent_again(
+    method: str,
+    headers: dict[str, str],
+    shared: list[Node],
+    fake: Callable[[str], Fake],
+    make_pool: MakePool,
 ) -> None:
+    """Whatever its headers: it may have reached the app (resend_with_idempotency_key is off)."""
     closing, good = fake("close"), shared[0]
     pool = make_pool(closing.url, good.url)
+    assert pool.resend_with_idempotency_key is False
     oid = new_id()
 
     with pytest.raises(requests.ConnectionError) as raised:
-        pool.post("/orders", data={"id": oid})
+        pool.request(method, "/orders", data={"id": oid}, headers=headers)
 
     assert not isinstance(raised.value, NoNodeAvailable)  # the caller's own error, as it was
-    assert closing.received == [("POST", "/orders", f"id={oid}".encode())]  # received once
+    assert closing.received == [(method, "/orders", f"id={oid}".encode())]  # received once
     assert oid not in good.ids()  # and never sent to the other node
 
 
@@ -333,7 +414,7 @@ def test_a_read_timeout_is_never_sent_again(
     method: str, headers: dict[str, str], fake: Callable[[str], Fake], make_pool: MakePool
 ) -> None:
     holding, other = fake("hold"), fake("connection-close")
-    pool = make_pool(holding.url, other.url)
+    pool = make_pool(holding.url, other.url, resend_with_idempotency_key=True)
 
     with pytest.raises(requests.ReadTimeout):
         pool.request(method, "/slow", headers=headers, timeout=(3, 0.3))
@@ -417,6 +498,27 @@ def test_when_every_node_is_draining_the_draining_nodes_still_serve(
     oid = new_id()
     assert pool.post("/orders", data={"id": oid}).status_code == 201
     assert sum(node.ids().count(oid) for node in nodes) == 1
+
+
+def test_least_inflight_sends_new_requests_to_the_node_with_fewer_in_flight(
+    fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    holding, other = fake("hold"), fake("answer")
+    pool = make_pool(holding.url, other.url, balance="least_inflight")
+    held: list[requests.Response] = []
+    call = threading.Thread(target=lambda: held.append(pool.get("/held")))
+    call.start()  # both idle: the first node
+    try:
+        wait_until(lambda: status(pool, holding.url).inflight == 1, timeout=5)
+        answers = [pool.get(f"/next/{n}").text for n in range(6)]  # round robin: 3 would hold
+        assert answers == ["fake"] * 6
+        assert [path for _, path, _ in other.received] == [f"/next/{n}" for n in range(6)]
+        assert [path for _, path, _ in holding.received] == ["/held"]
+    finally:
+        holding.release.set()
+        call.join(10)
+    assert [response.text for response in held] == ["fake"]
+    assert [node.inflight for node in pool.nodes] == [0, 0]
 
 
 # -- leaving rotation in band, coming back by probe ------------------------------------------

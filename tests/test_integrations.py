@@ -1,21 +1,27 @@
-"""integrations/kubernetes, systemd and docker: every file parsed and held to the budget."""
+"""integrations/: the Kubernetes, systemd and Docker files parsed and held to the budget, and
+every README under integrations/ held to the files it describes (each file path it names exists;
+each nginx or HAProxy directive and option it quotes is in the shipped configuration)."""
 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import copy
+import dataclasses
+import io
 import json
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from graceful import Config
+from graceful import Config, cli, haproxy, nginx
 from graceful.budget import (
     DOCKER_STOP_TIMEOUT,
     SERVER_STOP,
@@ -267,3 +273,289 @@ def test_the_docker_stop_timeout_in_the_instructions_fits_the_budget() -> None:
     config = Config.from_env({})  # the image sets no GRACEFUL_* timings: the defaults
     assert check_budget(config, stop_timeout) == []
     assert check_budget(config, DOCKER_STOP_TIMEOUT) != []  # why the flag is needed
+
+
+# -- the READMEs under integrations/ match the shipped files --------------------------------
+
+ROOT = INTEGRATIONS.parent
+READMES = sorted(INTEGRATIONS.glob("*/README.md"))
+
+#: What a README may name that is not a shipped file, and why.
+NOT_SHIPPED = {
+    "requirements.txt": "the app's own dependencies, which the Dockerfile copies in",
+    "shop.service": "the reader's own unit, in an example call",
+    "system.conf": "systemd's own configuration",
+    "/etc/nginx/nginx.conf": "nginx's own main configuration, in an example call",
+}
+#: Inline code in the nginx and HAProxy READMEs that is neither a file, a command-line option
+#: of graceful, a setting, nor a directive of the shipped files, and why.
+NOT_A_DIRECTIVE = {
+    "nginx": {
+        "-c": "nginx's own flag, which --nginx-conf passes",
+        "-p": "nginx's own flag, which --nginx-prefix passes",
+        "PATH": "a placeholder",
+        "FILE.lock": "a file graceful.nginx keeps next to the managed file",
+        "FILE.prev": "a file graceful.nginx keeps next to the managed file",
+        ".FILE.*.tmp": "graceful.nginx's temporary files",
+        "flock": "the system call that locks an edit",
+        "nginx": "the nginx binary",
+        "nginx -t": "nginx's own command line",
+        "nginx -s reload": "nginx's own command line",
+        "pid": "the pid directive of the reader's nginx.conf, which the controller reads",
+        "listen 80": "the reader's own server block, around the shipped files",
+    },
+    "haproxy": {
+        "POST /-/graceful/drain": "the library's control route",
+        "ready": "a server state of the runtime API",
+        "drain": "a server state of the runtime API",
+        "maint": "a server state of the runtime API",
+        "up": "an operational state of the runtime API",
+        "down": "an operational state of the runtime API",
+        "show stat": "a runtime API command",
+        "user": "a stats socket parameter the example does not set",
+        "group": "a stats socket parameter the example does not set",
+        "inter \u00d7 fall": "arithmetic on two parameters quoted apart",
+        "haproxy -c -f haproxy.cfg": "the command that validates the file",
+        "tune.bufsize": "a global tunable named for its default, not set in the file",
+        "response-timeout": "named as left out on purpose (checked: not in the file)",
+    },
+}
+#: Quoted as deliberately left out of the shipped files: must not be in them.
+LEFT_OUT = {"haproxy": ["response-timeout"]}
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+FILE_NAME = re.compile(
+    r"(\.\./|/)?([\w-]+/)*[\w.-]+\.(py|cfg|conf|yaml|yml|service|txt|sock|env)"
+    r"|(\.\./)?([\w-]+/)+|Dockerfile"
+)
+
+
+@dataclasses.dataclass
+class Readme:
+    folder: Path
+    spans: list[str]
+    """Inline code, whitespace collapsed (a span may run over a line break)."""
+    blocks: list[tuple[str, str]]
+    """Fenced code blocks: (language, text)."""
+
+    @classmethod
+    def parse(cls, folder: Path, text: str) -> Readme:
+        blocks = [(match.group(1), match.group(2)) for match in FENCE.finditer(text)]
+        prose = FENCE.sub("", text)
+        spans = [" ".join(match.group(1).split()) for match in re.finditer(r"`([^`]+)`", prose)]
+        return cls(folder, spans, blocks)
+
+    def shipped(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and p.name != "README.md")
+
+
+def file_names(texts: Iterable[str]) -> list[str]:
+    return [
+        token
+        for text in texts
+        for token in re.findall(r"[\w./*-]+", text)
+        if FILE_NAME.fullmatch(token)
+    ]
+
+
+def missing_files(readme: Readme) -> list[str]:
+    """Each file a README names must exist (beside it, or from the repository's root); an
+    absolute path (where to install a file) must be the one the shipped files use."""
+    shipped_text = "\n".join(path.read_text(encoding="utf-8") for path in readme.shipped())
+    problems = []
+    for name in file_names([*readme.spans, *(text for _, text in readme.blocks)]):
+        if name in NOT_SHIPPED:
+            continue
+        if name.startswith("/"):
+            if name not in shipped_text:
+                problems.append(f"{name}: no shipped file of {readme.folder.name}/ uses it")
+        elif not ((readme.folder / name).exists() or (ROOT / name).exists()):
+            problems.append(f"{name}: no such file")
+    return problems
+
+
+def statements(config: str) -> list[str]:
+    """nginx: each statement (comments dropped), and each one of the example configuration in
+    the comments (comment lines indented by four spaces or more)."""
+    active = "\n".join(line.split("#", 1)[0] for line in config.splitlines())
+    examples = [
+        line.split("#", 1)[1] for line in config.splitlines() if re.match(r"\s*# {4,}[^#\s]", line)
+    ]
+    found = []
+    for text in (active, *examples):
+        for statement in re.split(r"[;{}]", text):
+            if statement.split():
+                found.append(" ".join(statement.split()))
+    return found
+
+
+def haproxy_lines(config: str) -> list[str]:
+    lines = (" ".join(line.split("#", 1)[0].split()) for line in config.splitlines())
+    return [line for line in lines if line]
+
+
+def quoted(quote: str) -> re.Pattern[str]:
+    """A quote as a pattern over a statement's words: ``...`` and ``[parameters]`` stand for
+    any words, an upper-case word (``ADDRESS``) for one; ``{}`` and a final ``;`` are dropped."""
+    words = [word for word in quote.rstrip(";").split() if word not in ("{", "}", "{}")]
+    parts = []
+    for word in words:
+        if word == "..." or re.fullmatch(r"\[\w+\]", word):
+            parts.append(r"(?: \S+)*")
+        elif re.fullmatch(r"[A-Z][A-Z_]+", word):
+            parts.append(r" \S+")
+        else:
+            parts.append(" " + re.escape(word))
+    return re.compile(r"(?:^|(?<= ))" + "".join(parts).lstrip() + r"(?= |$)")
+
+
+def cli_help(words: list[str]) -> str | None:
+    """``graceful WORDS --help``, or None when that is no command of graceful."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            cli.main([*words, "--help"])
+    except SystemExit as exc:
+        return out.getvalue() if exc.code == 0 else None
+    return None
+
+
+def cli_problems(text: str) -> list[str]:
+    """A ``graceful ...`` command must exist, and each ``--option`` it (or any text) quotes
+    must be an option of it (of ``graceful nginx`` or ``graceful rollout`` otherwise)."""
+    words = text.split()
+    helps: list[str | None]
+    if words[:1] == ["graceful"]:
+        verbs = [word for word in words[1:3] if re.fullmatch(r"[a-z]+", word)]
+        helps = [cli_help(verbs)]
+        if helps[0] is None:
+            return [f"{text}: graceful has no command {' '.join(verbs)!r}"]
+    else:
+        helps = [cli_help(["nginx", "status"]), cli_help(["rollout"])]
+    every = "\n".join(h for h in helps if h)
+    return [
+        f"{text}: graceful has no option {option}"
+        for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", text)
+        if not re.search(rf"(?<![\w-]){option}(?![\w-])", every)
+    ]
+
+
+def is_setting(span: str) -> bool:
+    name = span.split("=", 1)[0]
+    fields = {field.name for field in dataclasses.fields(Config)}
+    return name.startswith("GRACEFUL_") and name[len("GRACEFUL_") :].lower() in fields
+
+
+def quotes_of(readme: Readme, kind: str) -> list[str]:
+    """Inline code that is not a file name, and the statements of ``kind`` code blocks."""
+    quotes = [span for span in readme.spans if not FILE_NAME.fullmatch(span)]
+    for language, text in readme.blocks:
+        if language == kind:
+            quotes += [" ".join(s.split()) for s in re.split(r"[;{}]", text) if s.split()]
+    return quotes
+
+
+def directive_problems(readme: Readme, kind: str) -> list[str]:
+    """Each quote of an nginx directive (or an HAProxy line) must be in the shipped files."""
+    configs = [p.read_text(encoding="utf-8") for p in readme.shipped()]
+    if kind == "nginx":
+        known = [statement for config in configs for statement in statements(config)]
+        grammar = nginx.UPSTREAM_DIRECTIVES | nginx.SERVER_FLAGS  # what the controller parses
+        api: set[str] = set()
+    else:
+        known = [line for config in configs for line in haproxy_lines(config)]
+        grammar = frozenset()
+        api = set(dir(haproxy)) | set(dir(haproxy.RuntimeAPI))
+    allowed = NOT_A_DIRECTIVE[kind]
+    problems = []
+    for language, text in readme.blocks:
+        if language == "sh":
+            problems += [p for line in text.splitlines() if line for p in cli_problems(line)]
+    for quote in quotes_of(readme, kind):
+        if quote in allowed or is_setting(quote):
+            continue
+        if quote.startswith(("graceful ", "--")):
+            problems += cli_problems(quote)
+        elif re.fullmatch(r"(\w+)(\(.*\))?", quote) and quote.split("(")[0] in api:
+            continue  # a name of graceful.haproxy (an error, a RuntimeAPI method)
+        elif quote not in grammar and not any(quoted(quote).search(s) for s in known):
+            problems.append(f"{quote!r}: not in {', '.join(p.name for p in readme.shipped())}")
+    for word in LEFT_OUT.get(kind, []):
+        if any(word in line.split() for line in known):
+            problems.append(f"{word!r} is quoted as left out, but the shipped file has it")
+    return problems
+
+
+def readme(name: str, text: str | None = None) -> Readme:
+    folder = INTEGRATIONS / name
+    return Readme.parse(folder, (folder / "README.md").read_text() if text is None else text)
+
+
+@pytest.mark.parametrize("path", READMES, ids=[path.parent.name for path in READMES])
+def test_every_file_an_integrations_readme_names_exists(path: Path) -> None:
+    assert missing_files(readme(path.parent.name)) == []
+
+
+@pytest.mark.parametrize("kind", ["nginx", "haproxy"])
+def test_every_directive_and_option_the_readme_quotes_is_in_the_shipped_files(kind: str) -> None:
+    assert directive_problems(readme(kind), kind) == []
+
+
+def test_the_readmes_quote_what_the_checks_look_for() -> None:
+    """The checks above see the quotes that matter (a parser that found nothing would pass)."""
+    nginx_readme, haproxy_readme = readme("nginx"), readme("haproxy")
+    nginx_quotes = set(quotes_of(nginx_readme, "nginx"))
+    assert {"max_fails=0", "server ADDRESS [parameters];", "listen 80"} <= nginx_quotes
+    assert "include /etc/nginx/graceful-proxy.conf" in nginx_quotes  # from the code block
+    haproxy_quotes = set(quotes_of(haproxy_readme, "haproxy"))
+    assert {"inter 500ms fall 1", "retry-on conn-failure empty-response 503"} <= haproxy_quotes
+    assert "tests/test_nginx.py" in file_names(nginx_readme.spans)
+    assert "/run/haproxy/admin.sock" in file_names(t for _, t in haproxy_readme.blocks)
+
+
+@pytest.mark.parametrize(
+    ("kind", "old", "new", "expected"),
+    [
+        ("nginx", "`max_fails=0` in", "`max_fails=1` in", "'max_fails=1': not in"),
+        ("nginx", "`proxy_pass`", "`proxy_pass_header`", "'proxy_pass_header': not in"),
+        ("nginx", "listen 80;", "listen 80; proxy_buffering off;", "'proxy_buffering off'"),
+        ("nginx", "`--pid-file PATH`", "`--pidfile PATH`", "no option --pidfile"),
+        ("nginx", "graceful nginx status $F", "graceful nginx show $F", "no command 'nginx show'"),
+        ("haproxy", "`rise 2`", "`rise 3`", "'rise 3': not in haproxy.cfg"),
+        ("haproxy", "`option redispatch 1`", "`option redispatch`", None),  # a prefix: fine
+        ("haproxy", "`option redispatch 1`", "`option allbackups`", "'option allbackups'"),
+        ("haproxy", "`UnknownServerError`", "`NoSuchServerError`", "'NoSuchServerError'"),
+    ],
+)
+def test_a_readme_quoting_what_the_shipped_files_do_not_have_is_caught(
+    kind: str, old: str, new: str, expected: str | None
+) -> None:
+    text = (INTEGRATIONS / kind / "README.md").read_text()
+    assert old in text
+    problems = directive_problems(readme(kind, text.replace(old, new)), kind)
+    if expected is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and expected in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    ("kind", "old", "new", "expected"),
+    [
+        ("nginx", "`tests/test_nginx.py`", "`tests/test_upstream.py`", "tests/test_upstream.py"),
+        ("haproxy", "`haproxy.cfg` is", "`haproxy.conf` is", "haproxy.conf: no such file"),
+        ("kubernetes", "`../docker/`", "`../podman/`", "../podman/: no such file"),
+        ("systemd", "/etc/shop/graceful.env", "/etc/shop/env", None),  # not a file name
+        ("systemd", "/etc/shop/graceful.env", "/etc/app/graceful.env", "no shipped file"),
+    ],
+)
+def test_a_readme_naming_a_file_that_is_not_shipped_is_caught(
+    kind: str, old: str, new: str, expected: str | None
+) -> None:
+    text = (INTEGRATIONS / kind / "README.md").read_text()
+    assert old in text
+    problems = missing_files(readme(kind, text.replace(old, new)))
+    if expected is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and expected in problems[0], problems

@@ -2,8 +2,11 @@
 untouched ones in service; bad command lines change nothing.
 
 The nodes are real (``tests/e2e/apps/load_app.py`` under wsgiref with the signal handlers,
-SIGTERM drains); the rollout runs in process through ``graceful.cli.main``. The zero-loss
-rollouts behind real nginx and HAProxy are in ``tests/e2e/test_rollout_e2e.py``.
+SIGTERM drains); the rollout runs in process through ``graceful.cli.main`` or
+:class:`~graceful.rollout.Rollout`. Where a rollout must really restart nodes, they are started
+and restarted by ``tests/e2e/apps/node_ctl.py`` (SIGTERM, wait for the exit, start version
+``v2``). The zero-loss rollouts behind real nginx and HAProxy are in
+``tests/e2e/test_rollout_e2e.py``.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import json
 import shlex
 import signal
+import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +25,25 @@ import requests
 from conftest import Proc, Spawn, WaitUntil, child_env, unused_port
 
 from graceful import cli
-from graceful.rollout import NoBalancer, Node, Rollout, RolloutUsageError, StepFailed, make_nodes
+from graceful.rollout import (
+    READINESS_SETTLE,
+    NoBalancer,
+    Node,
+    Rollout,
+    RolloutUsageError,
+    StepFailed,
+    make_nodes,
+)
 
 APPS = Path(__file__).parent / "e2e" / "apps"
+NODE_CTL = APPS / "node_ctl.py"
 TOKEN = "rollout-test-token"
 PY = shlex.quote(sys.executable)
+NODE_ENV = {"GRACEFUL_TOKEN": TOKEN, "GRACEFUL_DELAY": "0.2", "GRACEFUL_DRAIN_TIMEOUT": "10"}
+
+if str(APPS) not in sys.path:
+    sys.path.insert(0, str(APPS))
+import node_ctl  # noqa: E402 - the nodes' restart script, also a module (kill_recorded)
 
 StartNode = Callable[[], tuple[str, Proc]]
 
@@ -34,14 +52,7 @@ StartNode = Callable[[], tuple[str, Proc]]
 def start_node(spawn: Spawn, tmp_path: Path, wait_until: WaitUntil) -> StartNode:
     def start() -> tuple[str, Proc]:
         port = unused_port()
-        env = child_env(
-            {
-                "GRACEFUL_TOKEN": TOKEN,
-                "GRACEFUL_DELAY": "0.2",
-                "GRACEFUL_DRAIN_TIMEOUT": "10",
-                "LOAD_RECORD_DIR": str(tmp_path),
-            }
-        )
+        env = child_env({**NODE_ENV, "LOAD_RECORD_DIR": str(tmp_path)})
         proc = spawn(
             [sys.executable, str(APPS / "load_app.py"), "--port", str(port)], env=env, name="node"
         )
@@ -50,6 +61,52 @@ def start_node(spawn: Spawn, tmp_path: Path, wait_until: WaitUntil) -> StartNode
         return url, proc
 
     return start
+
+
+CtlNodes = Callable[[int], tuple[list[str], str]]
+
+
+@pytest.fixture
+def ctl_nodes(tmp_path: Path, wait_until: WaitUntil) -> Iterator[CtlNodes]:
+    """``count`` ready nodes run by node_ctl, and the ``--restart`` template that really restarts
+    one (into the next version). Every process node_ctl started is killed at teardown."""
+    state = tmp_path / "nodes"
+    state.mkdir()
+
+    def start(count: int) -> tuple[list[str], str]:
+        urls = []
+        for index in range(count):
+            port = unused_port()
+            spec = {
+                "argv": [sys.executable, str(APPS / "load_app.py"), "--port", str(port)],
+                "env": {**NODE_ENV, "LOAD_RECORD_DIR": str(tmp_path)},
+                "cwd": str(APPS),
+                "port": port,
+                "pidfile": str(state / f"node{index}.pid"),
+                "log": str(state / f"node{index}.log"),
+                "version": "v1",
+            }
+            (state / f"node{index}.json").write_text(json.dumps(spec))
+            argv = [sys.executable, str(NODE_CTL), "--state", str(state), "start", str(index)]
+            subprocess.run(argv, env=child_env(), check=True, timeout=30, capture_output=True)
+            urls.append(f"http://127.0.0.1:{port}")
+        for index, url in enumerate(urls):
+            log = state / f"node{index}.log"
+            wait_until(lambda: _ready(url), timeout=20, message=lambda: log.read_text())  # noqa: B023
+        restart = shlex.join(
+            [sys.executable, str(NODE_CTL), "--state", str(state), "--stop-timeout", "20"]
+        )
+        return urls, restart + " restart {index}"
+
+    try:
+        yield start
+    finally:
+        node_ctl.kill_recorded(state)
+
+
+def _version(url: str) -> tuple[str, int]:
+    answer = requests.get(url + "/version", timeout=5).json()
+    return str(answer["version"]), int(answer["pid"])
 
 
 def _ready(url: str) -> bool:
@@ -69,6 +126,12 @@ def _readyz(url: str) -> str:
 
 def rollout(*args: str) -> int:
     return cli.main(["rollout", *args])
+
+
+def log_command(path: Path, tag: str) -> str:
+    """A command that appends ``tag`` and every placeholder, filled in, as one line to ``path``."""
+    code = f"import sys; open({str(path)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')"
+    return f"{PY} -c {shlex.quote(code)} {tag} {{index}} {{host}} {{port}} {{url}}"
 
 
 def marker_command(path: Path, status: int = 0) -> str:
@@ -322,6 +385,12 @@ def test_haproxy_without_its_socket_stops_the_rollout_in_preflight(
         (["--node", "ftp://x"], "is not a node URL"),
         (["--verify", "version"], "is not a path like /readyz"),
         (["--drain-timeout", "-1"], "is not a number of seconds"),
+        (
+            ["--token", "t", "--drain-timeout", "7200"],
+            "--drain-timeout 7200: a node answers a drain wait for at most 3600s",
+        ),
+        (["--settle", "-1"], "--settle -1.0 is not a number of seconds in [0, 86400]"),
+        (["--settle", "soon"], "invalid float value: 'soon'"),
         (["--lb", "f5"], "invalid choice: 'f5'"),
     ],
 )
@@ -339,6 +408,74 @@ def test_a_bad_command_line_is_refused_with_a_message_naming_the_option(
     assert code == cli.USAGE
     assert message in captured.err
     assert not ran.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "settle"),
+    [
+        (["--lb", "readiness"], READINESS_SETTLE),
+        ([], READINESS_SETTLE),  # readiness is the default --lb
+        (["--lb", "readiness", "--settle", "0.5"], 0.5),
+        (["--lb", "readiness", "--settle", "0"], 0.0),
+        (["--lb", "none"], 0.0),
+    ],
+    ids=["readiness", "default-lb", "readiness-0.5", "readiness-0", "none"],
+)
+def test_dry_run_shows_the_settle_wait_after_each_node_is_given_back(
+    args: list[str], settle: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nodes = nodes_args("http://127.0.0.1:1", "http://127.0.0.1:2")
+    assert rollout(*nodes, *args, "--restart", "true", "--dry-run") == cli.OK
+    lines = capsys.readouterr().out.splitlines()
+    settles = [line for line in lines if ": settle: " in line]
+    if settle:
+        assert [line.split(": settle: ")[1] for line in settles] == [
+            f"wait {settle:g}s for the load balancer's own checks to send it traffic again "
+            "(--settle)"
+        ] * 2
+        assert lines.index(settles[0]) < lines.index(next(x for x in lines if "node 2/2" in x))
+    else:
+        assert settles == []
+    assert READINESS_SETTLE == 2.0  # rise 2 x inter 500ms (HAProxy), a 2 s readiness period
+
+
+def test_readiness_waits_settle_seconds_after_a_node_is_back_before_the_next_one(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --lb readiness the load balancer's own checks re-admit a node some time after its
+    /readyz passes: the next node is not touched before --settle seconds have gone by."""
+    (first, _), (second, _) = start_node(), start_node()
+    ran, timeline = tmp_path / "restarted", tmp_path / "timeline.json"
+    # No token: nothing drains the nodes, and a restart that does nothing leaves them ready.
+    code = rollout(
+        *nodes_args(first, second), "--lb", "readiness", "--settle", "1",
+        "--restart", marker_command(ran), "--log-json", str(timeline),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.OK, out
+    log = json.loads(timeline.read_text())
+    assert log["settle"] == 1.0
+    steps = [(e["index"], e["step"], e["t"]) for e in log["events"] if e["index"] is not None]
+    assert [(index, step) for index, step, _ in steps] == [
+        (0, "restart"), (0, "ready"), (0, "settle"),
+        (1, "restart"), (1, "ready"), (1, "settle"),
+    ]  # fmt: skip
+    ready_0, next_restart = steps[1][2], steps[3][2]
+    assert next_restart - ready_0 >= 1.0
+    assert "settle: waited 1s for the load balancer to send it traffic again" in out
+
+
+def test_the_settle_wait_defaults_to_zero_where_the_rollout_confirms_the_balancer() -> None:
+    nodes = make_nodes(["http://127.0.0.1:1", "http://127.0.0.1:2"])
+    settles = {
+        name: Rollout(nodes, NoBalancer(name), restart="true").settle
+        for name in ("readiness", "none")
+    }
+    assert settles == {"readiness": READINESS_SETTLE, "none": 0.0}
+    assert Rollout(nodes, RecordingBalancer(), restart="true").settle == 0.0
+    assert Rollout(nodes, NoBalancer("readiness"), restart="true", settle=0).settle == 0.0
+    with pytest.raises(RolloutUsageError, match="--settle -1 is not a number of seconds"):
+        Rollout(nodes, NoBalancer("readiness"), restart="true", settle=-1)
 
 
 def test_dry_run_prints_every_step_and_touches_nothing(
@@ -403,6 +540,81 @@ def test_a_batch_is_cut_together_and_peers_not_yet_restarted_go_back_when_one_fa
     # or restarted) goes back; 2 was never touched.
     assert balancer.calls == [("cut", 0), ("cut", 1), ("restore", 1)]
     assert ran.read_text() == "0\n"
+
+
+@pytest.mark.parametrize("failing", ["restart", "verify"])
+def test_a_node_that_fails_its_restart_or_verification_is_not_given_back_and_the_rest_untouched(
+    failing: str, start_node: StartNode, tmp_path: Path
+) -> None:
+    urls = [start_node()[0] for _ in range(3)]
+    balancer = RecordingBalancer()
+    ran = tmp_path / "restarted"
+    lines: list[str] = []
+    plan = Rollout(
+        make_nodes(urls),
+        balancer,
+        restart=marker_command(ran, status=3 if failing == "restart" else 0),
+        verify=["/ping", "/no-such-page"] if failing == "verify" else ["/ping"],
+        out=lines.append,
+    )
+    assert plan.run() is False
+    assert balancer.calls == [("cut", 0)]  # no restore for node 0; nothing for nodes 1 and 2
+    assert ran.read_text() == "0\n"
+    failed = [(event.index, event.step) for event in plan.events if not event.ok]
+    assert failed == [(0, failing)]
+    assert not any(event.index in (1, 2) for event in plan.events)
+
+
+def test_before_restart_runs_for_each_node_with_its_placeholders_before_its_restart(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (first, _), (second, _) = start_node(), start_node()
+    ran = tmp_path / "commands"
+    code = rollout(
+        *nodes_args(first, second), "--lb", "none",
+        "--before-restart", log_command(ran, "before"), "--restart", log_command(ran, "restart"),
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.OK, out
+    expected = []
+    for index, url in enumerate((first, second)):
+        port = url.rsplit(":", 1)[1]
+        for tag in ("before", "restart"):
+            expected.append(f"{tag} {index} 127.0.0.1 {port} {url}")
+    assert ran.read_text().splitlines() == expected
+    assert out.count(": before-restart: ") == 2
+
+
+def test_a_batch_of_two_rolls_real_nodes_into_a_new_version_and_gives_each_back(
+    ctl_nodes: CtlNodes,
+) -> None:
+    urls, restart = ctl_nodes(3)
+    before = [_version(url) for url in urls]
+    balancer = RecordingBalancer()
+    lines: list[str] = []
+    plan = Rollout(
+        make_nodes(urls),
+        balancer,
+        restart=restart,
+        token=TOKEN,
+        batch=2,
+        verify=["/version"],
+        out=lines.append,
+    )
+    assert plan.run() is True, "\n".join(lines)
+    # Nodes 0 and 1 out together, each given back once it is restarted and verified; then 2.
+    assert balancer.calls == [
+        ("cut", 0), ("cut", 1), ("restore", 0), ("restore", 1), ("cut", 2), ("restore", 2),
+    ]  # fmt: skip
+    after = [_version(url) for url in urls]
+    assert [version for version, _ in before] == ["v1"] * 3
+    assert [version for version, _ in after] == ["v2"] * 3
+    assert all(old != new for (_, old), (_, new) in zip(before, after, strict=True))
+    assert all(_readyz(url) == "200 serving" for url in urls)
+    steps = [(event.index, event.step) for event in plan.events if event.index is not None]
+    for index in range(3):
+        mine = [step for node, step in steps if node == index]
+        assert mine == ["cut", "drain", "restart", "ready", "verify", "restore"], steps
 
 
 def test_a_failed_cut_gives_back_the_batch_peers_already_cut(start_node: StartNode) -> None:

@@ -8,7 +8,8 @@
   directory, started through the test's ``spawn`` fixture (killed at teardown).
 - :class:`Load`: 32 callers through the front, each on its own persistent ``http.client``
   connection, until told to stop (bounded in count and time). See :class:`Load` for the mix and
-  for the one retry rule.
+  for the one retry rule; every retry is reported (:class:`Retry`) with the bytes of an answer
+  its connection had received, so a test can check that none came after any answer.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from conftest import child_env, unused_port
 
@@ -437,9 +439,31 @@ def start_haproxy(
 
 # -- the load -------------------------------------------------------------------------------
 
-#: Errors that mean "the connection was gone before any byte of the answer came": the server
-#: closed or reset it (a read of the status line found nothing), or writing the request failed.
+#: Errors that mean "the connection was gone": the server closed or reset it, or writing the
+#: request failed. Whether any byte of an answer had come is counted apart (a reset can follow
+#: the first bytes of a status line).
 STALE_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """One request sent again under the one retry rule (see :class:`Load`)."""
+
+    line: str
+    """``"+12.345s caller 7 GET /ping: <what went wrong>"``."""
+    reused: bool
+    """The connection that failed had carried a complete exchange before."""
+    answer_bytes: int
+    """Bytes received on that connection for the failed request: 0 when no answer began."""
+
+    def __str__(self) -> str:
+        fresh = "reused connection" if self.reused else "fresh connection"
+        return f"{self.line} ({fresh}, {self.answer_bytes} bytes of an answer)"
+
+
+def answered_retries(retries: list[Retry]) -> list[Retry]:
+    """Retries that break the rule: on a fresh connection, or after some of an answer came."""
+    return [retry for retry in retries if not retry.reused or retry.answer_bytes != 0]
 
 
 @dataclasses.dataclass
@@ -449,8 +473,8 @@ class LoadReport:
     by_kind: dict[str, int]
     failures: list[str]
     """``"+12.345s caller 7 GET /ping: <what went wrong>"``, one per failed request."""
-    retries: list[str]
-    """Requests resent under the one retry rule (see :class:`Load`), same format."""
+    retries: list[Retry]
+    """Requests resent under the one retry rule (see :class:`Load`)."""
     acked: list[str]
     """Ids of the ``POST /orders`` answered 201."""
     seconds: float
@@ -487,8 +511,10 @@ class Load:
     idle client connection when it reloads (the old workers close them as they quit); the
     request never reached nginx's worker, so sending it again cannot duplicate work (the
     exactly-once check of acknowledged POSTs verifies it). A failure on a fresh connection, a
-    timeout, or anything after the first byte of an answer is never retried. Retries are
-    counted apart (:attr:`LoadReport.retries`).
+    timeout, or anything after the first byte of an answer (counted on the socket:
+    :class:`CountingConnection`) is never retried. Retries are counted apart
+    (:attr:`LoadReport.retries`), each with what its connection received for the failed
+    request, which :func:`answered_retries` checks.
     """
 
     CYCLE = 12
@@ -521,7 +547,7 @@ class Load:
         self.sent = 0
         self.by_kind: collections.Counter[str] = collections.Counter()
         self.failures: list[str] = []
-        self.retries: list[str] = []
+        self.retries: list[Retry] = []
         self.acked: list[str] = []
         self.threads: list[threading.Thread] = []
         self.stopped_at: float | None = None
@@ -580,10 +606,18 @@ class Load:
             self.by_kind[kind] += 1
             return True
 
+    def _line(self, number: int, what: str, detail: str) -> str:
+        return f"+{time.monotonic() - self.started_at:.3f}s caller {number} {what}: {detail}"
+
     def _note(self, into: list[str], number: int, what: str, detail: str) -> None:
-        line = f"+{time.monotonic() - self.started_at:.3f}s caller {number} {what}: {detail}"
+        line = self._line(number, what, detail)
         with self.lock:
             into.append(line)
+
+    def _retried(self, number: int, what: str, detail: str, reused: bool, received: int) -> None:
+        retry = Retry(self._line(number, what, detail), reused, received)
+        with self.lock:
+            self.retries.append(retry)
 
     def _caller(self, number: int) -> None:
         caller = CallerConnection(self, number)
@@ -628,13 +662,44 @@ class Load:
             caller.close()
 
 
+class _CountingSocket(socket.socket):
+    """A socket that adds every byte it receives to its connection's ``received``."""
+
+    connection: CountingConnection
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        self.connection.received += len(data)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        count = super().recv_into(buffer, nbytes, flags)
+        self.connection.received += count
+        return count
+
+
+class CountingConnection(http.client.HTTPConnection):
+    """An ``HTTPConnection`` that counts the bytes it received, across the sockets it opens
+    (``http.client`` drops its socket when an answer fails: the count stays)."""
+
+    received = 0
+
+    def connect(self) -> None:
+        super().connect()
+        plain, timeout = self.sock, self.sock.gettimeout()
+        counting = _CountingSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
+        counting.settimeout(timeout)
+        counting.connection = self
+        self.sock = counting
+
+
 class CallerConnection:
     """One caller's persistent connection, with the one retry rule."""
 
     def __init__(self, load: Load, number: int) -> None:
         self.load = load
         self.number = number
-        self.conn: http.client.HTTPConnection | None = None
+        self.conn: CountingConnection | None = None
         self.reused = False  # it has carried a complete exchange already
 
     def close(self) -> None:
@@ -650,20 +715,23 @@ class CallerConnection:
         load = self.load
         for attempt in (1, 2):
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(load.host, load.port, timeout=load.timeout)
+                self.conn = CountingConnection(load.host, load.port, timeout=load.timeout)
                 self.reused = False
             conn, reused = self.conn, self.reused
+            before = conn.received
             try:
                 conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()  # no byte of the answer before this returns
             except STALE_ERRORS as exc:
                 self.close()
                 retryable = method == "GET" or "Idempotency-Key" in headers
-                if attempt == 1 and reused and retryable:
-                    load._note(load.retries, self.number, what, describe(exc))
+                received = conn.received - before
+                if attempt == 1 and reused and retryable and received == 0:
+                    load._retried(self.number, what, describe(exc), reused, received)
                     continue
                 fresh = "" if reused else " (fresh connection)"
-                load._note(load.failures, self.number, what, describe(exc) + fresh)
+                begun = f" after {received} bytes of an answer" if received else ""
+                load._note(load.failures, self.number, what, describe(exc) + fresh + begun)
                 return None
             except (OSError, http.client.HTTPException) as exc:
                 self.close()

@@ -10,6 +10,13 @@ While the load runs every node is restarted into version ``v2``:
 - by ``graceful rollout`` (a real subprocess): no request fails, every acknowledged POST was
   processed exactly once, every node answers ``v2`` from a new process and is back in rotation.
 
+"No request fails" is for callers that follow one retry rule (the harness's, Go's
+``net/http``'s): a request whose *reused* keep-alive connection closed before any byte of an
+answer is sent once more on a fresh connection (GET, or POST with an ``Idempotency-Key``). nginx
+reloads (``--lb nginx``) close idle client connections, so such retries happen there; the tests
+count them, print the count, and check that each one had no byte of an answer on a reused
+connection. In reject mode nginx is never reloaded and no request needs a retry.
+
 Without nginx or HAProxy these tests skip, except under CI (``CI`` set), where they fail.
 """
 
@@ -20,6 +27,7 @@ import contextlib
 import functools
 import os
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import wait_until as poll_until
 from rollout_harness import (
     BACKEND,
     CallerConnection,
@@ -34,6 +43,7 @@ from rollout_harness import (
     Load,
     LoadReport,
     RolloutRun,
+    answered_retries,
     find_binary,
     run_rollout,
     start_haproxy,
@@ -41,6 +51,7 @@ from rollout_harness import (
 )
 
 from graceful.haproxy import RuntimeAPI
+from graceful.rollout import READINESS_SETTLE
 
 if TYPE_CHECKING:
     from conftest import Spawn, WaitUntil
@@ -201,10 +212,16 @@ def test_a_rollout_behind_nginx_under_load_fails_nothing_and_processes_every_pos
     wait_until: WaitUntil,
 ) -> None:
     """``nginx``: the rollout cuts each node with the upstream controller (``down``, reload)
-    and puts it back (``up``, reload); the reloads close idle client keep-alive connections,
-    which the callers' one retry rule covers. ``reject``: nodes in reject mode, nginx with the
-    shipped retry rules, ``--lb none``: the draining node's 503s are retried by nginx, nginx is
-    never reloaded, and no caller ever needs a retry."""
+    and puts it back (``up``, reload). Each reload closes nginx's idle client keep-alive
+    connections; a caller that writes its next request into one at that instant gets no answer
+    at all, and the harness sends that request once more on a fresh connection (GET, or POST
+    with an ``Idempotency-Key``: the one retry rule of :class:`rollout_harness.Load`). Zero
+    failures here means zero for callers that do this: the test counts those retries (printed in
+    the FIGURES line), and asserts that every one got no byte of an answer on a reused
+    connection (never a retry after a response) and that no POST was processed twice.
+    ``reject``: nodes in reject mode, nginx with the shipped retry rules, ``--lb none``: the
+    draining node's 503s are retried by nginx, nginx is never reloaded, and no caller needs a
+    retry at all (asserted: zero)."""
     nginx = binary("nginx")
     cluster = make_cluster(kind, NODE_ENV if mode == "nginx" else REJECT_ENV)
     front = start_nginx(spawn, wait_until, nginx, tmp_path / "nginx", cluster.nodes)
@@ -232,6 +249,8 @@ def test_a_rollout_behind_nginx_under_load_fails_nothing_and_processes_every_pos
     assert_in_rotation_after(cluster, report, acked_at_end)
     assert run.log is not None and run.log.get("ok") is True, run.log
     if mode == "nginx":
+        print(f"stale-connection retries after nginx reloads: {len(report.retries)}")
+        assert answered_retries(report.retries) == [], context  # all unanswered, all reused
         # Every server line up again: the file is back as it was; nginx was reloaded.
         assert front.upstream_file.read_text() == upstream_before
         assert front.workers().isdisjoint(workers_before)
@@ -283,6 +302,14 @@ def test_a_rollout_behind_haproxy_under_load_fails_nothing_and_processes_every_p
     assert_new_versions(cluster, before, masters)
     assert_in_rotation_after(cluster, report, acked_at_end)
     assert run.log is not None and run.log.get("ok") is True, run.log
+    # readiness: after each node, time for HAProxy's rise 2 x inter 500ms before the next one.
+    events = run.log["events"]
+    assert isinstance(events, list)
+    settles = [event["index"] for event in events if event["step"] == "settle"]
+    if lb == "readiness":
+        assert run.log["settle"] == READINESS_SETTLE and settles == [0, 1, 2], run.log
+    else:
+        assert run.log["settle"] == 0 and settles == [], run.log
 
 
 # -- the harness's one retry rule, against a scripted server ---------------------------------
@@ -292,10 +319,12 @@ class ScriptedServer:
     """A raw HTTP/1.1 server on 127.0.0.1: ``script[(connection, request)]`` says what the
     ``request``-th request (from 0) on the ``connection``-th connection gets: ``"answer"``
     (200 ``ok``, kept alive), ``"close"`` (closed without a byte), ``"cut"`` (the headers and
-    part of the body, then closed). Anything not in the script is answered."""
+    part of the body, then closed), ``"reset"`` (the first bytes of a status line, then a
+    reset). Anything not in the script is answered."""
 
     def __init__(self, script: dict[tuple[int, int], str]) -> None:
         self.script = script
+        self.client_received: Callable[[], int] = lambda: 0  # bytes the client has read
         self.requests: list[tuple[int, int, bytes]] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(10)
@@ -314,7 +343,7 @@ class ScriptedServer:
                 self.serve_connection(conn, number)
 
     def serve_connection(self, conn: socket.socket, number: int) -> None:
-        buffer = b""
+        buffer, sent = b"", 0
         for index in range(100):
             while b"\r\n\r\n" not in buffer:
                 data = conn.recv(65536)
@@ -337,7 +366,15 @@ class ScriptedServer:
             if action == "cut":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
                 return
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            if action == "reset":
+                conn.sendall(b"HTTP/1.1 2")
+                sent += 10  # read by the client before the reset, which would discard them
+                poll_until(lambda: self.client_received() >= sent, timeout=5)  # noqa: B023
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return  # closed with SO_LINGER 0: a reset
+            answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            conn.sendall(answer)
+            sent += len(answer)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -351,6 +388,7 @@ def exchange(server: ScriptedServer, *calls: tuple[str, dict[str, str]]) -> Load
     """Send ``calls`` (method, headers) in turn on one caller connection of a load."""
     load = Load(f"http://127.0.0.1:{server.port}", timeout=10)
     caller = CallerConnection(load, 0)
+    server.client_received = lambda: 0 if caller.conn is None else caller.conn.received
     try:
         for method, headers in calls:
             body = b"id=1" if method == "POST" else None
@@ -376,6 +414,9 @@ def test_the_load_resends_once_what_a_reused_connection_lost_before_any_answer(
     load = exchange(server, GET, second)
     assert (len(load.retries), load.failures) == (1, [])
     assert [(c, i) for c, i, _ in server.requests] == [(0, 0), (0, 1), (1, 0)]
+    [retry] = load.retries
+    assert (retry.reused, retry.answer_bytes) == (True, 0)
+    assert answered_retries(load.retries) == []
 
 
 @pytest.mark.parametrize(
@@ -384,14 +425,16 @@ def test_the_load_resends_once_what_a_reused_connection_lost_before_any_answer(
         ({(0, 1): "close"}, (GET, POST)),  # not idempotent, no key: never resent
         ({(0, 0): "close"}, (GET,)),  # a fresh connection: not a stale one
         ({(0, 1): "cut"}, (GET, GET)),  # part of the answer came: never resent
+        ({(0, 1): "reset"}, (GET, GET)),  # part of a status line came: never resent
         ({(0, 1): "close", (1, 0): "close"}, (GET, GET)),  # resent once, not twice
     ],
-    ids=["POST-without-key", "fresh-connection", "answer-begun", "only-once"],
+    ids=["POST-without-key", "fresh-connection", "answer-begun", "status-begun", "only-once"],
 )
 def test_the_load_counts_a_failure_it_may_not_resend(
     script: dict[tuple[int, int], str], calls: tuple[tuple[str, dict[str, str]], ...]
 ) -> None:
     server = ScriptedServer(script)
     load = exchange(server, *calls)
+    assert answered_retries(load.retries) == []  # never resent after an answer began
     assert len(load.failures) == 1, load.failures
     assert len(load.retries) == (1 if len(script) == 2 else 0)

@@ -14,9 +14,10 @@ Routes:
 
 Every request the app sees (probes and control routes never reach it) appends one line to
 ``$POOL_RECORD_DIR/<pid>.served``: ``<X-Sent-At> <1 if the node was draining when the request
-arrived, else 0> <METHOD> <path>``. ``X-Sent-At`` is the caller's ``time.monotonic()`` taken
-before it called the pool (``-`` when absent): CLOCK_MONOTONIC is system-wide on Linux, so the
-test compares it with the moment its pool took the node out of rotation.
+arrived, else 0> <METHOD> <path>``. ``X-Sent-At`` is the ``time.monotonic()`` at which the
+caller's pool handed the request to its connection to this node (``-`` when absent; the test's
+adapter stamps it): CLOCK_MONOTONIC is system-wide on Linux, so the test compares it with the
+moment its pool took the node out of rotation.
 """
 
 from __future__ import annotations
