@@ -7,7 +7,9 @@ slot per worker. There is no lock a killed process could hold:
   worker before forking it and clears it when the worker has exited, so a SIGKILLed worker
   cannot leave a count behind;
 - the header (the node's drain state) is written by whoever starts a drain, resume or stop,
-  last writer wins, with a generation number that readers compare to notice a change.
+  last writer wins, with a generation number that readers compare to notice a change;
+- the header's retired total (requests exited workers served while draining) is written by the
+  master only, as it clears their slots, so that node-wide counter never goes down.
 
 Every number is one aligned 8-byte word, read and written with a single load or store
 (through a memoryview cast to native words), so a reader sees the old value or the new one,
@@ -41,8 +43,10 @@ __all__ = [
 logger = logging.getLogger("graceful")
 
 _WORD = 8
-# header words: generation, phase code, reason (8 words), spare
-_GENERATION, _PHASE, _REASON, _HEADER_WORDS = 0, 1, 2, 16
+# header words: generation, phase code, reason (8 words), releases (odd while the master moves
+# a cleared slot's count into the retired total), retired (served while draining by workers
+# that have exited), spare
+_GENERATION, _PHASE, _REASON, _RELEASES, _RETIRED, _HEADER_WORDS = 0, 1, 2, 10, 11, 16
 _REASON_BYTES = 64
 # slot words: pid, in flight, websockets, oldest start (a float), served while draining,
 # method (2 words), path (12 words)
@@ -56,6 +60,9 @@ _CODES = {phase: code for code, phase in enumerate(_PHASES)}
 
 DEFAULT_SLOTS = 128
 POLL_INTERVAL = 0.02
+#: How long a reader looks again while a release is under way (it takes microseconds; a master
+#: killed half-way must not hang a scrape).
+_RELEASE_WAIT = 0.1
 
 
 class Slot:
@@ -149,9 +156,18 @@ class SharedNode:
         return None
 
     def release(self, index: int) -> None:
-        """Clear a slot once its worker has exited (whatever it left in it)."""
-        self._words[self._base(index) + _PID] = _FREE
+        """Clear a slot once its worker has exited (whatever it left in it). The master only.
+
+        The slot's count of requests served while draining is first added to the retired
+        total, so :meth:`served_while_draining` never goes down; the release number is odd
+        while the count moves, and readers look again when they saw it change.
+        """
+        base, words = self._base(index), self._words
+        words[_RELEASES] += 1
+        words[_RETIRED] += words[base + _SERVED]
+        words[base + _PID] = _FREE
         self._clear(index)
+        words[_RELEASES] += 1
 
     def _clear(self, index: int) -> None:
         base = self._base(index)
@@ -181,6 +197,20 @@ class SharedNode:
         slots = (self.slot(index) for index in range(self.slots))
         return [slot for slot in slots if slot.pid > 0]
 
+    def served_while_draining(self, exclude: int | None = None) -> int:
+        """Requests served while draining by every worker but ``exclude``, exited ones too."""
+        words = self._words
+        deadline = time.monotonic() + _RELEASE_WAIT
+        while True:
+            releases = words[_RELEASES]
+            count = words[_RETIRED]
+            for index in range(self.slots):
+                base = self._base(index)
+                if index != exclude and words[base + _PID] > 0:
+                    count += words[base + _SERVED]
+            if words[_RELEASES] == releases and (releases % 2 == 0 or time.monotonic() > deadline):
+                return count  # no release meanwhile (or one that never ends: a killed master)
+
     def total(self, exclude: int | None = None) -> int:
         """In flight in every live worker but ``exclude`` (two word reads a slot)."""
         count, words = 0, self._words
@@ -207,8 +237,8 @@ class SlotView:
         return self.shared.total(exclude=self.index)
 
     def others_served_while_draining(self) -> int:
-        """Requests the other live workers served while draining (lost when a worker exits)."""
-        return sum(s.served_while_draining for s in self.shared.workers() if s.index != self.index)
+        """Requests the other workers served while draining, those that have exited included."""
+        return self.shared.served_while_draining(exclude=self.index)
 
     def by_worker(self, own: int) -> dict[str, int]:
         counts = {str(s.pid): s.inflight for s in self.shared.workers() if s.index != self.index}

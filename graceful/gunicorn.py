@@ -120,7 +120,8 @@ def _uvicorn_quick_exit(signum: int, frame: Any) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """In the master, after a worker has exited (however): clear its slot."""
+    """In the master, after a worker has exited (however): clear its slot (its count of
+    requests served while draining stays in the node's total)."""
     index = getattr(worker, "graceful_slot", None)
     if _master is not None and index is not None:
         _master.shared.release(index)

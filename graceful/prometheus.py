@@ -18,7 +18,8 @@ The collector reads the lifecycle at scrape time, so the figures are never stale
 - ``graceful_websockets``: open websockets in this process;
 - ``graceful_drains_total``: drains started (every gunicorn worker follows each drain);
 - ``graceful_requests_while_draining_total``: requests that arrived while the node was
-  draining, counted by this process's middleware.
+  draining; under ``graceful.gunicorn`` those of every worker, the exited ones included (the
+  master keeps their count when it clears their slot), so the counter never goes down.
 
 Mount the metrics app outside the middleware (as a route of a dispatcher in front of it), so a
 scrape is not counted as in flight.
@@ -91,7 +92,7 @@ class GracefulCollector(Collector):
             served += lifecycle.node.others_served_while_draining()
         yield CounterMetricFamily(
             "graceful_requests_while_draining",
-            "Requests that arrived while the node was draining (every live worker).",
+            "Requests that arrived while the node was draining (every worker, exited ones too).",
             value=served,
         )
 

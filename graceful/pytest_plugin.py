@@ -151,7 +151,9 @@ def drain_during_request(
         found["past"] = past = (start if end is None else end) + 0.001
         found["in_flight"] = lifecycle.tick(past)
 
-    pairs = [("host", "testserver"), *((k.lower(), v) for k, v in (headers or {}).items())]
+    given = {name.lower(): value for name, value in (headers or {}).items()}
+    pairs = [("host", "testserver")] if "host" not in given else []
+    pairs += given.items()
     asgi = _is_asgi(app) if interface == "auto" else interface == "asgi"
     call = _call_asgi if asgi else _call_wsgi
     try:

@@ -11,7 +11,7 @@ import importlib
 import io
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import django
@@ -27,8 +27,9 @@ from django.urls import path
 
 import graceful
 import graceful.django
-from graceful import Config, Lifecycle, Phase
+from graceful import Lifecycle, Phase
 from graceful._types import Message
+from graceful.pytest_plugin import RequestDrain
 
 if not settings.configured:
     settings.configure(
@@ -52,6 +53,10 @@ COMMON_MW = "django.middleware.common.CommonMiddleware"
 TOKEN = "django-test-token"
 THIS = sys.modules[__name__]
 
+#: Each test gets the pytest plugin's fresh process-wide lifecycle (on ``graceful_clock``):
+#: the entry points and the middleware use it.
+pytestmark = pytest.mark.usefixtures("graceful_lifecycle")
+
 
 # -- the URLconf -----------------------------------------------------------------------------
 
@@ -68,17 +73,6 @@ urlpatterns = [path("ping", ping), path("inflight", inflight)]
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def lifecycle() -> Iterator[Lifecycle]:
-    """A fresh process-wide lifecycle for each test (the entry points and middleware use it)."""
-    fresh = Lifecycle(Config(delay=0.5, drain_timeout=5))
-    graceful.set_lifecycle(fresh)
-    try:
-        yield fresh
-    finally:
-        graceful.set_lifecycle(None)
 
 
 class Answer:
@@ -229,34 +223,74 @@ def test_settings_dict_wins_over_environment_variables(monkeypatch: pytest.Monke
 
 
 def test_an_unknown_key_is_an_error_that_names_it() -> None:
-    with override_settings(GRACEFUL={"dealy": 3}), pytest.raises(ImproperlyConfigured) as err:
+    with override_settings(GRACEFUL={"dealy": 3}), pytest.raises(graceful.ConfigError) as err:
         graceful.django.get_config()
     assert "GRACEFUL['dealy']" in str(err.value)
     assert "delay" in str(err.value)  # the known names are listed
+    assert isinstance(err.value, ImproperlyConfigured)
 
 
 def test_a_bad_value_is_an_error_that_names_the_key() -> None:
-    with override_settings(GRACEFUL={"delay": "soon"}), pytest.raises(ImproperlyConfigured) as err:
+    with override_settings(GRACEFUL={"delay": "soon"}), pytest.raises(graceful.ConfigError) as err:
         graceful.django.get_config()
     assert "GRACEFUL" in str(err.value) and "delay='soon'" in str(err.value)
+    assert isinstance(err.value, ImproperlyConfigured)
 
 
-def test_a_bad_kill_deadline_is_an_error_that_names_it() -> None:
-    with (
-        override_settings(GRACEFUL={"kill_deadline": 0}),
-        pytest.raises(ImproperlyConfigured) as err,
-    ):
+#: Every way a Django app starts graceful: the two entry points, and Django's own handler
+#: building the probe middleware (with the MIDDLEWARE each needs).
+START_UPS: dict[str, tuple[Callable[[], Any], list[str]]] = {
+    "wsgi-entry": (graceful.django.get_wsgi_application, []),
+    "asgi-entry": (graceful.django.get_asgi_application, []),
+    "middleware": (django_wsgi, [GRACEFUL_MW]),
+}
+
+
+def start_up(name: str, graceful_setting: object) -> None:
+    entry, middleware = START_UPS[name]
+    with override_settings(GRACEFUL=graceful_setting, MIDDLEWARE=middleware):
+        entry()
+
+
+@pytest.mark.parametrize("start", sorted(START_UPS))
+@pytest.mark.parametrize("deadline", [0, -5, "30s", float("inf"), True, None])
+def test_a_bad_kill_deadline_is_a_config_error_naming_it_at_start_up(
+    start: str, deadline: object
+) -> None:
+    with pytest.raises(graceful.ConfigError) as err:
+        start_up(start, {"kill_deadline": deadline})
+    assert str(err.value).startswith(f"settings.GRACEFUL['kill_deadline']={deadline!r} ")
+    assert isinstance(err.value, ImproperlyConfigured)  # what Django's own tools expect
+    assert isinstance(err.value, graceful.django.SettingsError)
+
+
+@pytest.mark.parametrize("start", sorted(START_UPS))
+@pytest.mark.parametrize("value", ["drain_timeout=20", [("delay", 1)], None])
+def test_a_graceful_setting_that_is_not_a_dict_is_a_config_error_at_start_up(
+    start: str, value: object
+) -> None:
+    with pytest.raises(graceful.ConfigError, match=r"^settings\.GRACEFUL must be a dict") as err:
+        start_up(start, value)
+    assert isinstance(err.value, ImproperlyConfigured)
+    if isinstance(value, str):
+        assert value not in str(err.value)  # never echoed: it could be a misplaced token
+
+
+def test_the_kill_deadline_is_read_from_the_settings_with_kubernetes_default() -> None:
+    assert graceful.django.get_kill_deadline() == 30.0
+    with override_settings(GRACEFUL={"kill_deadline": 45}):
+        assert graceful.django.get_kill_deadline() == 45.0
+    with override_settings(GRACEFUL={"kill_deadline": 0}), pytest.raises(graceful.ConfigError):
         graceful.django.get_kill_deadline()
-    assert "GRACEFUL['kill_deadline']=0" in str(err.value)
 
 
 def test_the_entry_point_uses_the_settings_and_the_process_wide_lifecycle(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     with override_settings(GRACEFUL={"readyz_path": "/healthz/ready"}):
         app = graceful.django.get_wsgi_application()
-    assert app.lifecycle is lifecycle  # the one the gunicorn shim links
-    assert lifecycle.phase is Phase.SERVING
+    assert app.lifecycle is graceful_lifecycle  # the one the gunicorn shim links
+    assert graceful_lifecycle.phase is Phase.SERVING
     assert get(app, "/healthz/ready")[0] == 200
     assert get(app, "/ping")[2] == b"pong"
 
@@ -287,13 +321,13 @@ def assert_the_strict_settings_bite(app: Any) -> None:
 
 
 def test_probe_middleware_answers_503_to_a_foreign_host_despite_ssl_redirect(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     with override_settings(MIDDLEWARE=[GRACEFUL_MW, SECURITY_MW, COMMON_MW], **STRICT):
         app = django_wsgi()
         assert_the_strict_settings_bite(app)
         assert get(app, "/readyz", host="evil.example")[0] == 200
-        lifecycle.drain("test")
+        graceful_lifecycle.drain("test")
         status, headers, body = get(app, "/readyz", host="evil.example")
         assert status == 503, body
         assert headers["Content-Type"] == "application/health+json"
@@ -302,26 +336,26 @@ def test_probe_middleware_answers_503_to_a_foreign_host_despite_ssl_redirect(
 
 
 def test_wrapped_wsgi_entry_answers_503_to_a_foreign_host_despite_ssl_redirect(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     with override_settings(MIDDLEWARE=[SECURITY_MW, COMMON_MW], **STRICT):
         app = graceful.django.get_wsgi_application()
         assert_the_strict_settings_bite(app)
-        lifecycle.drain("test")
+        graceful_lifecycle.drain("test")
         status, _, body = get(app, "/readyz", host="evil.example")
         assert status == 503, body
         assert json.loads(body)["output"] == "draining"
 
 
 def test_wrapped_asgi_entry_answers_503_to_a_foreign_host_despite_ssl_redirect(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     async def scenario() -> None:
         app = graceful.django.get_asgi_application()
         assert (await call_asgi(app, "/ping"))[0] == 301
         assert (await call_asgi(app, "/ping", host="evil.example"))[0] == 400
         assert (await call_asgi(app, "/readyz", host="evil.example"))[0] == 200
-        lifecycle.drain("test")
+        graceful_lifecycle.drain("test")
         status, body = await call_asgi(app, "/readyz", host="evil.example")
         assert status == 503, body
         assert json.loads(body)["output"] == "draining"
@@ -331,13 +365,13 @@ def test_wrapped_asgi_entry_answers_503_to_a_foreign_host_despite_ssl_redirect(
 
 
 def test_probe_middleware_under_asgi_answers_503_and_releases_the_count(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     async def scenario() -> None:
         app = django_asgi()
         assert (await call_asgi(app, "/ping", host="evil.example"))[0] == 400
-        assert lifecycle.inflight == 0  # Django closed the response: the count is released
-        lifecycle.drain("test")
+        assert graceful_lifecycle.inflight == 0  # Django closed the response: released
+        graceful_lifecycle.drain("test")
         status, body = await call_asgi(app, "/readyz", host="evil.example")
         assert status == 503, body
 
@@ -346,12 +380,12 @@ def test_probe_middleware_under_asgi_answers_503_and_releases_the_count(
 
 
 def test_behind_the_security_middleware_a_draining_readyz_becomes_a_redirect(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     """Why graceful.W001 exists: not first, the probe never sees the 503."""
     with override_settings(MIDDLEWARE=[SECURITY_MW, GRACEFUL_MW, COMMON_MW], **STRICT):
         app = django_wsgi()
-        lifecycle.drain("test")
+        graceful_lifecycle.drain("test")
         assert get(app, "/readyz")[0] == 301
         assert get(app, "/readyz", host="evil.example")[0] == 400
         assert ids() == ["graceful.W001"]
@@ -361,53 +395,78 @@ def test_behind_the_security_middleware_a_draining_readyz_becomes_a_redirect(
 
 
 def test_probe_middleware_counts_a_request_until_django_closes_the_response(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
         app = django_wsgi()
         answer = call(app, "/inflight")
-        assert lifecycle.inflight == 1  # answered, but the server has not closed it yet
+        assert graceful_lifecycle.inflight == 1  # answered, but the server has not closed it yet
         assert answer.read() == b"1"
-        assert lifecycle.inflight == 0
+        assert graceful_lifecycle.inflight == 0
         assert get(app, "/readyz")[0] == 200  # probes are not counted
-        assert lifecycle.inflight == 0
+        assert graceful_lifecycle.inflight == 0
+
+
+@pytest.mark.parametrize(
+    ("middleware", "entry"),
+    [
+        ([GRACEFUL_MW, COMMON_MW], django_wsgi),
+        ([COMMON_MW], graceful.django.get_wsgi_application),
+        ([COMMON_MW], graceful.django.get_asgi_application),
+    ],
+    ids=["middleware", "wsgi-entry", "asgi-entry"],
+)
+def test_a_drain_during_a_request_is_held_open_until_django_has_answered_it(
+    graceful_drain_during_request: Callable[..., RequestDrain],
+    middleware: list[str],
+    entry: Callable[[], Any],
+) -> None:
+    with override_settings(MIDDLEWARE=middleware):
+        app = entry()
+        outcome = graceful_drain_during_request(app, "/inflight", headers={"Host": "good.example"})
+    assert (outcome.status, outcome.body) == (200, b"1")  # served, and counted while served
+    assert outcome.inflight_at_drain == 1
+    assert outcome.phase_in_flight is Phase.DRAINING  # the delay is over: the request holds it
+    assert outcome.phase_after is Phase.DRAINED
 
 
 def test_behind_the_wrapped_entry_point_the_middleware_does_not_count_twice(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
         app = graceful.django.get_wsgi_application()
         assert get(app, "/inflight")[2] == b"1"
-        assert lifecycle.inflight == 0
+        assert graceful_lifecycle.inflight == 0
 
 
-def test_probe_middleware_marks_responses_while_draining(lifecycle: Lifecycle) -> None:
+def test_probe_middleware_marks_responses_while_draining(graceful_lifecycle: Lifecycle) -> None:
     with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
         app = django_wsgi()
         assert "Graceful-State" not in get(app, "/ping")[1]
-        lifecycle.drain("test")
+        graceful_lifecycle.drain("test")
         status, headers, body = get(app, "/ping")
         assert (status, body) == (200, b"pong")  # still served while draining
         assert headers["Graceful-State"] == "draining"
 
 
-def test_probe_middleware_serves_the_control_routes_with_the_token(lifecycle: Lifecycle) -> None:
+def test_probe_middleware_serves_the_control_routes_with_the_token(
+    graceful_lifecycle: Lifecycle,
+) -> None:
     with override_settings(
         MIDDLEWARE=[GRACEFUL_MW, SECURITY_MW, COMMON_MW], GRACEFUL={"token": TOKEN}, **STRICT
     ):
         app = django_wsgi()
         assert get(app, "/-/graceful/drain", method="POST", host="evil.example")[0] == 401
-        assert phase_of(lifecycle) is Phase.SERVING
+        assert phase_of(graceful_lifecycle) is Phase.SERVING
         auth = {"Authorization": f"Bearer {TOKEN}"}
         status, _, body = get(app, "/-/graceful/drain", method="POST", headers=auth)
         assert status == 200, body
-        assert phase_of(lifecycle) is Phase.DRAINING
+        assert phase_of(graceful_lifecycle) is Phase.DRAINING
         assert get(app, "/-/graceful/status", headers=auth)[0] == 200
 
 
 def test_probe_middleware_streams_events_and_releases_the_subscriber(
-    lifecycle: Lifecycle,
+    graceful_lifecycle: Lifecycle,
 ) -> None:
     with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
         app = django_wsgi()
@@ -418,11 +477,11 @@ def test_probe_middleware_streams_events_and_releases_the_subscriber(
     seen = b""
     while b"serving" not in seen:  # the retry line, then the current phase
         seen += next(chunks)
-    assert len(lifecycle.events) == 1
+    assert len(graceful_lifecycle.events) == 1
     close = getattr(answer.result, "close", None)
     assert close is not None
     close()
-    assert len(lifecycle.events) == 0
+    assert len(graceful_lifecycle.events) == 0
 
 
 # -- system checks ---------------------------------------------------------------------------

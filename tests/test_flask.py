@@ -6,7 +6,7 @@ import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from flask import Flask, Response, stream_with_context
@@ -14,27 +14,18 @@ from flask import Flask, Response, stream_with_context
 import graceful
 from graceful import Config, ConfigError, Lifecycle, Phase, WSGIMiddleware
 from graceful.flask import Graceful, GracefulState, get_state, hold, is_draining
+from graceful.pytest_plugin import FakeClock, RequestDrain
 
 TOKEN = "flask-token-0123"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(autouse=True)
-def fresh_default_lifecycle(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test gets a new process-wide lifecycle, built from a clean environment."""
+def clean_environment(monkeypatch: pytest.MonkeyPatch, graceful_lifecycle: Lifecycle) -> None:
+    """No ``GRACEFUL_*`` variables of the test run; the process-wide lifecycle, which the
+    extension takes by default, is the pytest plugin's fresh one (on ``graceful_clock``)."""
     for key in [k for k in os.environ if k.startswith("GRACEFUL_")]:
         monkeypatch.delenv(key)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    graceful.set_lifecycle(None)
-    yield
-    graceful.set_lifecycle(None)
 
 
 def make_app(**config: object) -> Flask:
@@ -209,16 +200,39 @@ def test_counting_ends_when_the_server_closes_a_streamed_response() -> None:
     assert lifecycle.inflight == 0
 
 
-def test_a_hold_keeps_a_drain_open_until_the_work_ends() -> None:
-    clock = FakeClock()
-    lifecycle = Lifecycle(Config(delay=1.0, drain_timeout=30.0), clock=clock)
+def test_a_drain_during_a_streamed_response_waits_until_the_server_closes_it(
+    graceful_drain_during_request: Callable[..., RequestDrain],
+) -> None:
     app = make_app()
-    ext = Graceful(app, lifecycle=lifecycle)
+    Graceful(app)
+
+    @app.get("/stream")
+    def stream() -> Response:
+        def chunks() -> Iterator[str]:
+            yield "a"
+            yield "draining" if is_draining() else "serving"  # sent after the drain began
+
+        return Response(stream_with_context(chunks()))
+
+    outcome = graceful_drain_during_request(app, "/stream")
+    assert (outcome.status, outcome.body) == (200, b"adraining")  # served to its end
+    assert outcome.inflight_at_drain == 1
+    assert outcome.phase_in_flight is Phase.DRAINING  # the delay is over: the stream holds it
+    assert outcome.phase_after is Phase.DRAINED  # closed by the server: the drain completes
+
+
+def test_a_hold_keeps_a_drain_open_until_the_work_ends(
+    graceful_lifecycle: Lifecycle, graceful_clock: FakeClock
+) -> None:
+    lifecycle = graceful_lifecycle
+    app = make_app()
+    ext = Graceful(app)
+    assert ext.lifecycle is lifecycle
     with app.test_request_context("/"):
         job = hold("report").__enter__()
     assert lifecycle.inflight == 1
     lifecycle.drain("deploy")
-    clock.now += 5.0  # the delay is long over ...
+    graceful_clock.advance(lifecycle.config.delay + 5.0)  # the delay is long over ...
     assert lifecycle.phase is Phase.DRAINING  # ... but the report is still being built
     job.__exit__()
     assert lifecycle.tick() is Phase.DRAINED

@@ -19,23 +19,10 @@ from graceful._shared import SharedNode, SlotView
 from graceful._types import Environ, Message, Receive, Scope, Send, StartResponse
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def lifecycle() -> Lifecycle:
-    return Lifecycle(Config(delay=1.0, drain_timeout=10.0), clock=FakeClock())
-
-
-@pytest.fixture
-def registry(lifecycle: Lifecycle) -> CollectorRegistry:
+def registry(graceful_lifecycle: Lifecycle) -> CollectorRegistry:
     registry = CollectorRegistry()
-    graceful.prometheus.register(registry, lifecycle)
+    graceful.prometheus.register(registry, graceful_lifecycle)
     return registry
 
 
@@ -62,45 +49,45 @@ def close(result: Iterable[bytes]) -> None:
 
 
 def test_phase_gauge_is_one_for_the_current_phase_only(
-    lifecycle: Lifecycle, registry: CollectorRegistry
+    graceful_lifecycle: Lifecycle, registry: CollectorRegistry
 ) -> None:
-    lifecycle.mark_ready()
+    graceful_lifecycle.mark_ready()
     assert value(registry, "graceful_phase", phase="serving") == 1
-    lifecycle.drain()
+    graceful_lifecycle.drain()
     phases = {phase.value: value(registry, "graceful_phase", phase=phase.value) for phase in Phase}
     assert phases == {p.value: (1.0 if p is Phase.DRAINING else 0.0) for p in Phase}
-    lifecycle.resume()
+    graceful_lifecycle.resume()
     assert value(registry, "graceful_phase", phase="serving") == 1
     assert value(registry, "graceful_phase", phase="draining") == 0
 
 
 def test_inflight_gauge_counts_requests_until_their_response_is_closed(
-    lifecycle: Lifecycle, registry: CollectorRegistry
+    graceful_lifecycle: Lifecycle, registry: CollectorRegistry
 ) -> None:
-    app = graceful.WSGIMiddleware(hello, lifecycle)
+    app = graceful.WSGIMiddleware(hello, graceful_lifecycle)
     open_responses = [call_wsgi(app) for _ in range(3)]
     assert value(registry, "graceful_inflight") == 3
     assert value(registry, "graceful_inflight_by_worker", pid=str(os.getpid())) == 3
     for result in open_responses:
         close(result)
     assert value(registry, "graceful_inflight") == 0
-    with lifecycle.hold("export"):
+    with graceful_lifecycle.hold("export"):
         assert value(registry, "graceful_inflight") == 1
 
 
 def test_inflight_gauge_is_the_node_total_over_the_shared_worker_slots(
-    lifecycle: Lifecycle, registry: CollectorRegistry
+    graceful_lifecycle: Lifecycle, registry: CollectorRegistry
 ) -> None:
     shared = SharedNode(slots=4)
     mine, other = shared.claim(), shared.claim()
     assert mine is not None and other is not None
-    lifecycle.node = SlotView(shared, mine)
+    graceful_lifecycle.node = SlotView(shared, mine)
     elsewhere = Lifecycle(Config())  # another worker: 2 in flight, 5 served while draining
     for _ in range(2):
         elsewhere.requests.begin("GET", "/slow", 100.0)
     elsewhere.served_while_draining = 5
     shared.publish(other, elsewhere, pid=4242)
-    app = graceful.WSGIMiddleware(hello, lifecycle)
+    app = graceful.WSGIMiddleware(hello, graceful_lifecycle)
     result = call_wsgi(app)
     assert value(registry, "graceful_inflight") == 3
     assert value(registry, "graceful_inflight_by_worker", pid="4242") == 2
@@ -111,43 +98,45 @@ def test_inflight_gauge_is_the_node_total_over_the_shared_worker_slots(
     shared.release(other)  # the master, once that worker has exited
     assert value(registry, "graceful_inflight") == 0
     assert value(registry, "graceful_inflight_by_worker", pid="4242") is None
+    # A counter never goes down: the exited worker's 5 stay in the node's total.
+    assert value(registry, "graceful_requests_while_draining_total") == 5
 
 
 def test_drains_counter_counts_each_drain_once(
-    lifecycle: Lifecycle, registry: CollectorRegistry
+    graceful_lifecycle: Lifecycle, registry: CollectorRegistry
 ) -> None:
-    lifecycle.mark_ready()
+    graceful_lifecycle.mark_ready()
     assert value(registry, "graceful_drains_total") == 0
-    lifecycle.drain()
-    lifecycle.drain()  # repeating a drain is no new drain
-    lifecycle.resume()
-    lifecycle.drain()
+    graceful_lifecycle.drain()
+    graceful_lifecycle.drain()  # repeating a drain is no new drain
+    graceful_lifecycle.resume()
+    graceful_lifecycle.drain()
     assert value(registry, "graceful_drains_total") == 2
 
 
 def test_wsgi_requests_are_counted_only_when_they_arrive_while_draining(
-    lifecycle: Lifecycle, registry: CollectorRegistry
+    graceful_lifecycle: Lifecycle, registry: CollectorRegistry
 ) -> None:
-    app = graceful.WSGIMiddleware(hello, lifecycle)
+    app = graceful.WSGIMiddleware(hello, graceful_lifecycle)
     close(call_wsgi(app))
     assert value(registry, "graceful_requests_while_draining_total") == 0
-    lifecycle.drain()
+    graceful_lifecycle.drain()
     for _ in range(2):
         close(call_wsgi(app))
     close(call_wsgi(app, "/readyz"))  # probes are not requests
-    lifecycle.resume()
+    graceful_lifecycle.resume()
     close(call_wsgi(app))
     assert value(registry, "graceful_requests_while_draining_total") == 2
 
 
 def test_asgi_requests_are_counted_only_when_they_arrive_while_draining(
-    lifecycle: Lifecycle, registry: CollectorRegistry
+    graceful_lifecycle: Lifecycle, registry: CollectorRegistry
 ) -> None:
     async def hello_asgi(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"hello"})
 
-    app = graceful.ASGIMiddleware(hello_asgi, lifecycle)
+    app = graceful.ASGIMiddleware(hello_asgi, graceful_lifecycle)
 
     async def call() -> None:
         async def receive() -> Message:
@@ -161,7 +150,7 @@ def test_asgi_requests_are_counted_only_when_they_arrive_while_draining(
 
     async def scenario() -> None:
         await call()
-        lifecycle.drain()
+        graceful_lifecycle.drain()
         await call()
         await call()
 
@@ -183,20 +172,16 @@ def test_the_exposition_names_every_metric_with_help_text(registry: CollectorReg
     assert "# HELP graceful_inflight Requests and held work in flight on the node" in text
 
 
-def test_without_a_lifecycle_the_collector_reads_the_process_wide_one_at_each_scrape() -> None:
+def test_without_a_lifecycle_the_collector_reads_the_process_wide_one_at_each_scrape(
+    graceful_lifecycle: Lifecycle,
+) -> None:
     registry = CollectorRegistry()
-    before = graceful.lifecycle._default
-    first = Lifecycle(Config(delay=1.0))
-    graceful.set_lifecycle(first)
-    try:
-        graceful.prometheus.register(registry)
-        assert value(registry, "graceful_phase", phase="starting") == 1
-        second = Lifecycle(Config(delay=1.0))
-        second.mark_ready()
-        graceful.set_lifecycle(second)
-        assert value(registry, "graceful_phase", phase="serving") == 1
-    finally:
-        graceful.set_lifecycle(before)
+    graceful.prometheus.register(registry)
+    assert value(registry, "graceful_phase", phase="starting") == 1
+    second = Lifecycle(Config(delay=1.0))
+    second.mark_ready()
+    graceful.set_lifecycle(second)  # the plugin's fixture puts the previous one back after
+    assert value(registry, "graceful_phase", phase="serving") == 1
 
 
 def test_import_without_prometheus_client_names_the_package_to_install(

@@ -4,10 +4,11 @@ across a real fork."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
-from graceful import Config, Lifecycle, Phase
+from graceful import Config, Lifecycle, Phase, _shared
 from graceful._shared import SharedNode, SlotView, WorkerFollower
 from graceful.pytest_plugin import FakeClock
 
@@ -48,6 +49,81 @@ def test_counts_of_live_workers_add_up_and_a_released_slot_counts_nothing(
     assert SlotView(shared, a).others_inflight() == 0
     shared.release(a)  # the master, after the worker exited (even SIGKILLed)
     assert shared.total() == 0
+
+
+def served(count: int) -> Lifecycle:
+    """A worker's lifecycle that has served ``count`` requests while draining."""
+    lifecycle = Lifecycle(Config(delay=1.0))
+    lifecycle.served_while_draining = count
+    return lifecycle
+
+
+def test_requests_served_while_draining_still_count_once_their_worker_has_exited() -> None:
+    shared = SharedNode(slots=3)
+    a, b = shared.claim(), shared.claim()
+    assert a is not None and b is not None
+    shared.publish(a, served(5), pid=4241)
+    shared.publish(b, served(2), pid=4242)
+    assert shared.served_while_draining() == 7
+    shared.release(a)  # the master, after worker a exited (even SIGKILLed)
+    assert shared.served_while_draining() == 7
+    assert SlotView(shared, b).others_served_while_draining() == 5  # a's, as b sees it
+    assert shared.claim() == a  # its replacement starts from nothing of its own
+    shared.publish(a, served(1), pid=4243)
+    assert shared.served_while_draining() == 8
+    shared.release(a)
+    shared.release(b)
+    assert shared.served_while_draining() == 8
+    assert shared.total() == 0
+
+
+def test_the_served_while_draining_total_never_goes_down_while_slots_are_released() -> None:
+    """Workers come and go in another process (each serves one request while draining, then
+    its slot is released): every reading in between is at least the one before it."""
+    shared = SharedNode(slots=2)
+    rounds = 20_000
+    pid = os.fork()
+    if pid == 0:  # worker and master at once: claim, publish, release, over and over
+        try:
+            one = served(1)
+            for _ in range(rounds):
+                index = shared.claim()
+                if index is not None:
+                    shared.publish(index, one)
+                    shared.release(index)
+        finally:
+            os._exit(0)
+    readings, decreases, last = 0, 0, 0
+    running = True
+    try:
+        while running:
+            readings += 1
+            now = shared.served_while_draining()
+            decreases += now < last
+            last = now
+            running = os.waitpid(pid, os.WNOHANG) == (0, 0)
+    finally:
+        if running:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    assert readings > 1000, "the workers were done before the reader got going"
+    assert decreases == 0, f"{decreases} of {readings} readings were below the one before"
+    assert shared.served_while_draining() == rounds
+
+
+def test_a_release_that_never_ends_does_not_hang_a_reader() -> None:
+    """A master killed half-way through a release leaves its release number odd."""
+    shared = SharedNode(slots=1)
+    index = shared.claim()
+    assert index is not None
+    shared.publish(index, served(3), pid=4241)
+    shared._words[_shared._RELEASES] += 1  # what release() writes first
+    found: list[int] = []
+    reader = threading.Thread(target=lambda: found.append(shared.served_while_draining()))
+    reader.daemon = True  # a reader that hangs must fail the test, not the run
+    reader.start()
+    reader.join(20 * _shared._RELEASE_WAIT)
+    assert found == [3], "the reader still waits for the release to end"
 
 
 def test_the_header_carries_phase_and_reason_with_a_rising_generation() -> None:

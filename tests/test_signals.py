@@ -10,15 +10,7 @@ import pytest
 from blinker import NamedSignal
 
 from graceful import Config, Lifecycle, Phase, signals
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
+from graceful.pytest_plugin import FakeClock
 
 Call = tuple[str, Any, dict[str, Any]]
 
@@ -33,13 +25,9 @@ ALL = {
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def lc(clock: FakeClock) -> Lifecycle:
-    return Lifecycle(Config(delay=1.0), clock=clock)
+def lc(graceful_lifecycle: Lifecycle) -> Lifecycle:
+    """The pytest plugin's fresh lifecycle (delay 1 s, on ``graceful_clock``), by a short name."""
+    return graceful_lifecycle
 
 
 @pytest.fixture
@@ -68,11 +56,11 @@ def test_signals_are_named_blinker_signals() -> None:
 
 
 def test_a_full_drain_sends_each_signal_with_its_arguments(
-    lc: Lifecycle, clock: FakeClock, calls: list[Call]
+    lc: Lifecycle, graceful_clock: FakeClock, calls: list[Call]
 ) -> None:
     lc.mark_ready()
     lc.drain("deploy")
-    clock.now = 1.0
+    graceful_clock.advance(1.0)
     lc.tick()
     lc.stop("SIGTERM")
     lc.mark_stopped()
@@ -90,12 +78,12 @@ def test_a_full_drain_sends_each_signal_with_its_arguments(
 
 @pytest.mark.parametrize("drained_first", [False, True])
 def test_resume_sends_resumed_with_the_reason(
-    lc: Lifecycle, clock: FakeClock, calls: list[Call], drained_first: bool
+    lc: Lifecycle, graceful_clock: FakeClock, calls: list[Call], drained_first: bool
 ) -> None:
     lc.mark_ready()
     lc.drain()
     if drained_first:
-        clock.now = 1.0
+        graceful_clock.advance(1.0)
         assert lc.tick() is Phase.DRAINED
     old = lc.phase
     calls.clear()
@@ -107,7 +95,7 @@ def test_resume_sends_resumed_with_the_reason(
 
 
 def test_events_that_change_nothing_send_nothing(
-    lc: Lifecycle, clock: FakeClock, calls: list[Call]
+    lc: Lifecycle, graceful_clock: FakeClock, calls: list[Call]
 ) -> None:
     lc.mark_ready()
     calls.clear()
@@ -147,7 +135,7 @@ def test_signals_fire_after_the_phase_has_changed(lc: Lifecycle) -> None:
 
 
 def test_a_raising_receiver_is_logged_and_does_not_stop_the_drain(
-    lc: Lifecycle, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    lc: Lifecycle, graceful_clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     heard: list[str] = []
 
@@ -175,7 +163,7 @@ def test_a_raising_receiver_is_logged_and_does_not_stop_the_drain(
     ):
         lc.drain("deploy")
         assert lc.phase is Phase.DRAINING
-        clock.now = 1.0
+        graceful_clock.advance(1.0)
         assert lc.tick() is Phase.DRAINED
     assert heard == ["before", "after", "before", "after", "drained"]
     errors = [r for r in caplog.records if r.name == "graceful" and r.levelno == logging.ERROR]
@@ -189,7 +177,7 @@ def test_a_raising_receiver_is_logged_and_does_not_stop_the_drain(
 
 
 def test_a_receiver_raising_on_the_last_release_still_completes_the_drain(
-    lc: Lifecycle, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    lc: Lifecycle, graceful_clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(sender: Lifecycle, **kwargs: Any) -> None:
         raise ValueError("nope")
@@ -197,7 +185,7 @@ def test_a_receiver_raising_on_the_last_release_still_completes_the_drain(
     lc.mark_ready()
     token = lc.requests.begin("GET", "/", 0.0)
     lc.drain()
-    clock.now = 5.0
+    graceful_clock.advance(5.0)
     assert lc.tick() is Phase.DRAINING
     with (
         caplog.at_level(logging.ERROR, logger="graceful"),

@@ -22,8 +22,8 @@ from _apps import (
 )
 
 import graceful
-import graceful.lifecycle
 import graceful.starlette
+from graceful.pytest_plugin import FakeClock, RequestDrain
 
 pytest.importorskip("starlette")
 pytest.importorskip("fastapi")
@@ -72,58 +72,48 @@ FRAMEWORKS: dict[str, Callable[[], Starlette]] = {
 }
 
 
-@pytest.fixture
-def default_lifecycle(monkeypatch: pytest.MonkeyPatch) -> graceful.Lifecycle:
-    """A fresh process-wide lifecycle for the test (the previous one comes back after)."""
-    lifecycle = new_lifecycle()
-    monkeypatch.setattr(graceful.lifecycle, "_default", lifecycle)
-    return lifecycle
-
-
 # -- both ways in ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("framework", sorted(FRAMEWORKS))
 @pytest.mark.parametrize("form", FORMS)
 def test_added_or_wrapped_middleware_counts_requests_and_answers_probes(
-    framework: str, form: Form, default_lifecycle: graceful.Lifecycle
+    framework: str, form: Form, graceful_lifecycle: graceful.Lifecycle
 ) -> None:
-    lc = default_lifecycle
-    lc.mark_ready()
-    app = _serve(FRAMEWORKS[framework](), form, lc)
+    graceful_lifecycle.mark_ready()
+    app = _serve(FRAMEWORKS[framework](), form, graceful_lifecycle)
 
     async def scenario() -> None:
         counted = await asgi_call(app, "GET", "/inflight")
         assert (counted.status, counted.body) == (200, b"1")
         assert (await asgi_call(app, "GET", "/readyz")).status == 200
-        lc.drain()
+        graceful_lifecycle.drain()
         assert (await asgi_call(app, "GET", "/readyz")).status == 503
         served = await asgi_call(app, "GET", "/inflight")
         assert (served.status, served.header("graceful-state")) == (200, "draining")
 
     asyncio.run(scenario())
-    assert lc.inflight == 0
+    assert graceful_lifecycle.inflight == 0
 
 
 @pytest.mark.parametrize(("form", "counted_while_sent"), [("add_middleware", 0), ("wrapped", 1)])
 def test_a_500_from_an_exception_is_counted_until_sent_only_when_wrapped(
-    form: Form, counted_while_sent: int
+    form: Form, counted_while_sent: int, graceful_lifecycle: graceful.Lifecycle
 ) -> None:
-    lc = new_lifecycle()
-    lc.mark_ready()
+    graceful_lifecycle.mark_ready()
     api = FastAPI()
 
     @api.get("/boom")
     async def boom() -> None:
         raise RuntimeError("boom in endpoint")
 
-    app = _serve(api, form, lc)
+    app = _serve(api, form, graceful_lifecycle)
     send = SendRecorder()
     seen: list[int] = []
 
     async def watching_send(message: Message) -> None:
         if message["type"] == "http.response.start":
-            seen.append(lc.inflight)
+            seen.append(graceful_lifecycle.inflight)
         await send(message)
 
     with pytest.raises(RuntimeError, match="boom in endpoint"):  # re-raised for the server
@@ -131,7 +121,24 @@ def test_a_500_from_an_exception_is_counted_until_sent_only_when_wrapped(
 
     assert send.reply().status == 500
     assert seen == [counted_while_sent]
-    assert lc.inflight == 0
+    assert graceful_lifecycle.inflight == 0
+
+
+@pytest.mark.parametrize("framework", sorted(FRAMEWORKS))
+@pytest.mark.parametrize("form", FORMS)
+def test_a_drain_during_a_request_is_held_open_until_the_response_is_sent(
+    framework: str,
+    form: Form,
+    graceful_lifecycle: graceful.Lifecycle,
+    graceful_drain_during_request: Callable[..., RequestDrain],
+) -> None:
+    graceful_lifecycle.mark_ready()
+    app = _serve(FRAMEWORKS[framework](), form, graceful_lifecycle)
+    outcome = graceful_drain_during_request(app, "/inflight")
+    assert (outcome.status, outcome.body) == (200, b"1")  # served, and counted while served
+    assert outcome.inflight_at_drain == 1
+    assert outcome.phase_in_flight is Phase.DRAINING  # the delay is over: the request holds it
+    assert outcome.phase_after is Phase.DRAINED
 
 
 # -- the lifespan helper ---------------------------------------------------------------------
@@ -161,8 +168,9 @@ class Lifespan:
 
 
 @pytest.mark.parametrize("form", FORMS)
-def test_node_turns_ready_only_when_the_users_start_up_has_finished(form: Form) -> None:
-    lc = new_lifecycle()
+def test_node_turns_ready_only_when_the_users_start_up_has_finished(
+    form: Form, graceful_lifecycle: graceful.Lifecycle
+) -> None:
     entered, release = asyncio.Event(), asyncio.Event()
 
     @asynccontextmanager
@@ -171,8 +179,8 @@ def test_node_turns_ready_only_when_the_users_start_up_has_finished(form: Form) 
         await release.wait()  # the user's start-up: a pool to open, a cache to warm
         yield {"pool": "open"}
 
-    api = FastAPI(lifespan=graceful.starlette.lifespan(user_lifespan, lifecycle=lc))
-    app = _serve(api, form, lc, auto_ready=False)
+    api = FastAPI(lifespan=graceful.starlette.lifespan(user_lifespan, lifecycle=graceful_lifecycle))
+    app = _serve(api, form, graceful_lifecycle, auto_ready=False)
 
     async def scenario() -> None:
         lifespan = Lifespan(app)
@@ -183,25 +191,25 @@ def test_node_turns_ready_only_when_the_users_start_up_has_finished(form: Form) 
         release.set()
 
         assert await lifespan.next_message() == "lifespan.startup.complete"
-        assert lc.phase is Phase.SERVING
+        assert graceful_lifecycle.phase is Phase.SERVING
         assert (await asgi_call(app, "GET", "/readyz")).status == 200
         assert lifespan.scope["state"] == {"pool": "open"}  # the user's state, unchanged
         assert await lifespan.shutdown() == "lifespan.shutdown.complete"
 
     asyncio.run(scenario())
-    assert lc.phase is Phase.STOPPED
+    assert graceful_lifecycle.phase is Phase.STOPPED
 
 
-def test_start_up_that_fails_leaves_the_node_starting() -> None:
-    lc = new_lifecycle()
-
+def test_start_up_that_fails_leaves_the_node_starting(
+    graceful_lifecycle: graceful.Lifecycle,
+) -> None:
     @asynccontextmanager
     async def user_lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise ConnectionError("database unreachable")
         yield
 
-    api = FastAPI(lifespan=graceful.starlette.lifespan(user_lifespan, lifecycle=lc))
-    app = graceful.ASGIMiddleware(api, lifecycle=lc, auto_ready=False)
+    api = FastAPI(lifespan=graceful.starlette.lifespan(user_lifespan, lifecycle=graceful_lifecycle))
+    app = graceful.ASGIMiddleware(api, lifecycle=graceful_lifecycle, auto_ready=False)
 
     async def scenario() -> None:
         lifespan = Lifespan(app)
@@ -210,20 +218,20 @@ def test_start_up_that_fails_leaves_the_node_starting() -> None:
             await asyncio.wait_for(lifespan.task, 10)
 
     asyncio.run(scenario())
-    assert lc.phase is Phase.STARTING
+    assert graceful_lifecycle.phase is Phase.STARTING
 
 
 def test_lifespan_without_a_user_lifespan_marks_the_default_lifecycle_ready(
-    default_lifecycle: graceful.Lifecycle,
+    graceful_lifecycle: graceful.Lifecycle,
 ) -> None:
     api = FastAPI(lifespan=graceful.starlette.lifespan())
     app = graceful.ASGIMiddleware(api, auto_ready=False)
 
     async def scenario() -> None:
-        assert phase_of(default_lifecycle) is Phase.STARTING
+        assert phase_of(graceful_lifecycle) is Phase.STARTING
         lifespan = Lifespan(app)
         assert await lifespan.next_message() == "lifespan.startup.complete"
-        assert phase_of(default_lifecycle) is Phase.SERVING
+        assert phase_of(graceful_lifecycle) is Phase.SERVING
         assert await lifespan.shutdown() == "lifespan.shutdown.complete"
 
     asyncio.run(scenario())
@@ -262,7 +270,7 @@ def _websocket_id(app: Any) -> int:
 
 
 def test_dependency_gives_endpoints_the_lifecycle_the_lifespan_helper_marked_ready(
-    default_lifecycle: graceful.Lifecycle,
+    graceful_lifecycle: graceful.Lifecycle,
 ) -> None:
     custom = new_lifecycle()
     app = graceful.ASGIMiddleware(
@@ -277,62 +285,66 @@ def test_dependency_gives_endpoints_the_lifecycle_the_lifespan_helper_marked_rea
         return dict(json.loads(reply.body))
 
     assert asyncio.run(scenario()) == {"id": id(custom), "phase": "serving"}
-    assert custom is not default_lifecycle
+    assert custom is not graceful_lifecycle
 
 
 def test_dependency_falls_back_to_the_process_wide_lifecycle_for_http_and_websockets(
-    default_lifecycle: graceful.Lifecycle,
+    graceful_lifecycle: graceful.Lifecycle,
 ) -> None:
     app = graceful.ASGIMiddleware(_phase_app())
     reply = asyncio.run(asgi_call(app, "GET", "/which"))
     assert reply.status == 200
-    assert json.loads(reply.body)["id"] == id(default_lifecycle)
-    assert _websocket_id(app) == id(default_lifecycle)
+    assert json.loads(reply.body)["id"] == id(graceful_lifecycle)
+    assert _websocket_id(app) == id(graceful_lifecycle)
 
 
 # -- await lifecycle.draining() --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("how", ["drain", "stop"])
-def test_draining_returns_when_a_drain_or_a_stop_starts(how: str) -> None:
-    lc = new_lifecycle()
-    lc.mark_ready()
+def test_draining_returns_when_a_drain_or_a_stop_starts(
+    how: str, graceful_lifecycle: graceful.Lifecycle
+) -> None:
+    graceful_lifecycle.mark_ready()
 
     async def scenario() -> None:
-        waiter = asyncio.ensure_future(lc.draining())
+        waiter = asyncio.ensure_future(graceful_lifecycle.draining())
         await asyncio.sleep(0)  # let it start waiting
         assert not waiter.done()
-        getattr(lc, how)()
+        getattr(graceful_lifecycle, how)()
         await asyncio.wait_for(waiter, 5)
 
     asyncio.run(scenario())
-    assert not lc._async_waiters
+    assert not graceful_lifecycle._async_waiters
 
 
 @pytest.mark.parametrize("phase", [Phase.DRAINING, Phase.DRAINED, Phase.STOPPING, Phase.STOPPED])
-def test_draining_returns_at_once_when_already_past_serving(phase: Phase) -> None:
-    lc = new_lifecycle()  # a 30 s delay
-    lc.mark_ready()
-    lc.drain()
+def test_draining_returns_at_once_when_already_past_serving(
+    phase: Phase, graceful_lifecycle: graceful.Lifecycle, graceful_clock: FakeClock
+) -> None:
+    graceful_lifecycle.mark_ready()
+    graceful_lifecycle.drain()
     if phase is Phase.DRAINED:
-        lc.tick(lc.clock() + 31)
+        graceful_clock.advance(graceful_lifecycle.config.delay + 1.0)
+        graceful_lifecycle.tick()
     elif phase in (Phase.STOPPING, Phase.STOPPED):
-        lc.stop()
+        graceful_lifecycle.stop()
         if phase is Phase.STOPPED:
-            lc.mark_stopped()
-    assert lc.phase is phase
+            graceful_lifecycle.mark_stopped()
+    assert graceful_lifecycle.phase is phase
 
-    asyncio.run(asyncio.wait_for(lc.draining(), 5))
+    asyncio.run(asyncio.wait_for(graceful_lifecycle.draining(), 5))
 
 
-def test_draining_is_woken_by_a_drain_from_another_thread() -> None:
-    lc = new_lifecycle()
-    lc.mark_ready()
+def test_draining_is_woken_by_a_drain_from_another_thread(
+    graceful_lifecycle: graceful.Lifecycle,
+) -> None:
+    graceful_lifecycle.mark_ready()
 
     async def scenario() -> None:
-        waiter = asyncio.ensure_future(lc.draining())
+        waiter = asyncio.ensure_future(graceful_lifecycle.draining())
         await asyncio.sleep(0)
-        thread = threading.Thread(target=lc.drain)
+        thread = threading.Thread(target=graceful_lifecycle.drain)
         thread.start()
         await asyncio.wait_for(waiter, 5)
         thread.join(5)
@@ -340,33 +352,32 @@ def test_draining_is_woken_by_a_drain_from_another_thread() -> None:
     asyncio.run(scenario())
 
 
-def test_draining_keeps_waiting_through_phase_changes_that_are_not_a_drain() -> None:
-    lc = new_lifecycle()
-
+def test_draining_keeps_waiting_through_phase_changes_that_are_not_a_drain(
+    graceful_lifecycle: graceful.Lifecycle,
+) -> None:
     async def scenario() -> None:
-        waiter = asyncio.ensure_future(lc.draining())
+        waiter = asyncio.ensure_future(graceful_lifecycle.draining())
         await asyncio.sleep(0)
-        lc.mark_ready()  # a phase change: wakes the waiter, which goes back to waiting
+        graceful_lifecycle.mark_ready()  # a phase change: wakes the waiter, which waits on
         for _ in range(3):
             await asyncio.sleep(0)  # the wake-up runs
         assert not waiter.done()
-        lc.drain()
+        graceful_lifecycle.drain()
         await asyncio.wait_for(waiter, 5)
 
     asyncio.run(scenario())
 
 
-def test_draining_cancelled_leaves_no_waiter_behind() -> None:
-    lc = new_lifecycle()
-    lc.mark_ready()
+def test_draining_cancelled_leaves_no_waiter_behind(graceful_lifecycle: graceful.Lifecycle) -> None:
+    graceful_lifecycle.mark_ready()
 
     async def scenario() -> None:
-        waiter = asyncio.ensure_future(lc.draining())
+        waiter = asyncio.ensure_future(graceful_lifecycle.draining())
         await asyncio.sleep(0)
-        assert len(lc._async_waiters) == 1
+        assert len(graceful_lifecycle._async_waiters) == 1
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
 
     asyncio.run(scenario())
-    assert not lc._async_waiters
+    assert not graceful_lifecycle._async_waiters

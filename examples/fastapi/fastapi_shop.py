@@ -41,7 +41,7 @@ async def shop_lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-app = FastAPI(lifespan=graceful.starlette.lifespan(shop_lifespan))
+app = FastAPI(lifespan=graceful.starlette.lifespan(shop_lifespan))  # ready after your start-up
 app.add_middleware(graceful.ASGIMiddleware, auto_ready=False)
 
 #: An endpoint parameter typed ``LifecycleDep`` receives the node's lifecycle.

@@ -19,9 +19,9 @@ import time
 from flask import Flask, Response, request
 
 from graceful import Hold
-from graceful.flask import Graceful, hold, is_draining
+from graceful.flask import Graceful, hold, is_draining  # pip install 'graceful-drain[flask]'
 
-graceful_ext = Graceful()
+graceful_ext = Graceful()  # or Graceful(app), without an app factory
 
 
 def create_app() -> Flask:
@@ -33,7 +33,7 @@ def create_app() -> Flask:
         # GRACEFUL_DRAIN_TIMEOUT) belong in the environment, where gunicorn's master reads them.
         GRACEFUL_CHECKS={"orders_dir": lambda: os.access(orders_dir, os.W_OK)},
     )
-    graceful_ext.init_app(app)
+    graceful_ext.init_app(app)  # wraps app.wsgi_app, reads app.config's GRACEFUL_* keys
 
     @app.get("/")
     def index() -> dict[str, object]:

@@ -2,7 +2,10 @@
 
 ``GRACEFUL_*`` environment variables are read first and the dict wins over them. One more key,
 ``kill_deadline`` (seconds, default 30: Kubernetes' ``terminationGracePeriodSeconds``), is the
-budget the ``graceful.W004`` check holds ``delay + drain_timeout`` to.
+budget the ``graceful.W004`` check holds ``delay + drain_timeout`` to. A bad value of any key is
+refused at start-up (the entry points and the middleware read the settings) with a
+:class:`SettingsError`: a :class:`graceful.ConfigError` naming the key, which is also Django's
+``ImproperlyConfigured``.
 """
 
 from __future__ import annotations
@@ -16,12 +19,27 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..config import Config, ConfigError
 
-__all__ = ["KILL_DEADLINE_DEFAULT", "SETTING", "config_from", "get_config", "get_kill_deadline"]
+__all__ = [
+    "KILL_DEADLINE_DEFAULT",
+    "SETTING",
+    "SettingsError",
+    "config_from",
+    "get_config",
+    "get_kill_deadline",
+]
 
 SETTING = "GRACEFUL"
 KILL_DEADLINE = "kill_deadline"
 #: Kubernetes' default terminationGracePeriodSeconds.
 KILL_DEADLINE_DEFAULT = 30.0
+
+
+class SettingsError(ConfigError, ImproperlyConfigured):
+    """``settings.GRACEFUL`` has a value that is not allowed; the message names the key.
+
+    ``except graceful.ConfigError`` catches it, as it does a bad setting anywhere else, and so
+    does Django's ``except ImproperlyConfigured``.
+    """
 
 
 def _raw() -> Any:
@@ -32,29 +50,44 @@ def _raw() -> Any:
 
 def _mapping(raw: Any) -> Mapping[str, Any]:
     if not isinstance(raw, Mapping):
-        raise ImproperlyConfigured(
-            f"settings.{SETTING} must be a dict of graceful.Config settings, not {raw!r}"
+        raise SettingsError(  # the type only: the value could be a token put in the wrong place
+            f"settings.{SETTING} must be a dict of graceful.Config settings "
+            f"(e.g. {SETTING} = {{'drain_timeout': 20}}), not a {type(raw).__name__}"
         )
     return raw
 
 
+def _kill_deadline(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise SettingsError(
+            f"settings.{SETTING}[{KILL_DEADLINE!r}]={value!r} is not allowed; "
+            "expected a number of seconds > 0"
+        )
+    return float(value)
+
+
 def config_from(raw: Any) -> Config:
-    """The config for a ``GRACEFUL`` value; errors name the key."""
+    """The config for a ``GRACEFUL`` value (its ``kill_deadline`` checked too); errors name
+    the key."""
     fields = [f.name for f in dataclasses.fields(Config)]
     overrides: dict[str, Any] = {}
     for key, value in _mapping(raw).items():
         if key == KILL_DEADLINE:
+            _kill_deadline(value)
             continue
         if key not in fields:
             known = ", ".join(sorted([*fields, KILL_DEADLINE]))
-            raise ImproperlyConfigured(
-                f"settings.{SETTING}[{key!r}] is not a setting; known: {known}"
-            )
+            raise SettingsError(f"settings.{SETTING}[{key!r}] is not a setting; known: {known}")
         overrides[key] = value
     try:
         return Config.from_env(**overrides)
     except ConfigError as exc:
-        raise ImproperlyConfigured(f"settings.{SETTING}: {exc}") from exc
+        raise SettingsError(f"settings.{SETTING}: {exc}") from exc
 
 
 def get_config() -> Config:
@@ -64,15 +97,4 @@ def get_config() -> Config:
 
 def get_kill_deadline() -> float:
     """``settings.GRACEFUL["kill_deadline"]``, default 30 s."""
-    value = _mapping(_raw()).get(KILL_DEADLINE, KILL_DEADLINE_DEFAULT)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ImproperlyConfigured(
-            f"settings.{SETTING}[{KILL_DEADLINE!r}]={value!r} is not allowed; "
-            "expected a number of seconds > 0"
-        )
-    return float(value)
+    return _kill_deadline(_mapping(_raw()).get(KILL_DEADLINE, KILL_DEADLINE_DEFAULT))

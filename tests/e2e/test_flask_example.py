@@ -1,8 +1,8 @@
 """examples/flask, started exactly as its README says, drains under load without losing a POST.
 
-The command is read from the README (only the bind address is changed to a free port, and
-``gunicorn`` is run as ``python -m gunicorn`` from this interpreter), so the README cannot drift
-from what is tested.
+The command is read from the README and run as written, by this venv's ``gunicorn`` script
+(only the bind address is changed to a free port), so the README cannot drift from what is
+tested.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ def readme_command() -> list[str]:
     return shlex.split(lines[0])
 
 
+def script(program: str) -> str:
+    """This venv's console script ``program`` (what ``gunicorn`` is on the README's PATH)."""
+    return str(Path(sys.executable).with_name(program))
+
+
 def test_the_readme_command_uses_the_gunicorn_shim() -> None:
     argv = readme_command()
     assert argv[argv.index("-c") + 1] == "python:graceful.gunicorn"
@@ -45,12 +50,12 @@ def test_flask_example_drains_under_load_losing_nothing(
     spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUntil
 ) -> None:
     argv = readme_command()
-    bind = argv.index("--bind") + 1
-    argv[bind] = f"127.0.0.1:{free_port}"
+    argv[0] = script(argv[0])
+    argv[argv.index("--bind") + 1] = f"127.0.0.1:{free_port}"
     orders = tmp_path / "orders"
     orders.mkdir()
     proc = spawn(
-        [sys.executable, "-m", *argv],
+        argv,
         env={
             "GRACEFUL_DELAY": str(DELAY),
             "GRACEFUL_DRAIN_TIMEOUT": "10",

@@ -6,9 +6,12 @@ lands on whichever worker accepts it, and must report the node's figures all the
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +26,8 @@ pytestmark = pytest.mark.e2e
 
 APPS = Path(__file__).parent / "apps"
 SLOW = 5.0  # seconds each held request lasts: long enough to scrape both workers meanwhile
+TOKEN = "prometheus-e2e-token-0123"
+SERVED = "graceful_requests_while_draining_total"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -59,11 +64,18 @@ def phase(samples: Samples) -> str:
     return current
 
 
-def start_gunicorn(spawn: Spawn, tmp_path: Path, port: int, wait_until: WaitUntil) -> Proc:
+def start_gunicorn(
+    spawn: Spawn, tmp_path: Path, port: int, wait_until: WaitUntil, **env: str
+) -> Proc:
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:graceful.gunicorn"]
     argv += ["--bind", f"127.0.0.1:{port}", "--workers", "2", "-k", "gthread", "--threads", "4"]
     argv += ["--chdir", str(APPS), "prometheus_app:app"]
-    env = {"GRACEFUL_DELAY": "1", "GRACEFUL_DRAIN_TIMEOUT": "10", "LOAD_RECORD_DIR": str(tmp_path)}
+    env = {
+        "GRACEFUL_DELAY": "1",
+        "GRACEFUL_DRAIN_TIMEOUT": "10",
+        "LOAD_RECORD_DIR": str(tmp_path),
+        **env,
+    }
     proc = spawn(argv, env=env, name="gunicorn-prometheus")
     url = f"http://127.0.0.1:{port}"
     wait_until(
@@ -129,3 +141,61 @@ def test_every_worker_reports_the_node_inflight_total_and_the_drain(
     # The delay (1 s) keeps the workers serving: both must report it before it ends.
     wait_until(both_workers_report_the_drain, timeout=0.9, message="the drain on both workers")
     assert proc.wait(15) == 0
+
+
+def until_both_workers_report(
+    url: str, wait_until: WaitUntil, wanted: Callable[[Samples], bool], what: str
+) -> set[str]:
+    """Scrape until two workers have each answered ``wanted`` (their last answer); their pids."""
+    last: dict[str, Samples] = {}
+
+    def both() -> bool:
+        pid, samples = scrape(url)
+        last[pid] = samples
+        return len([p for p, seen in last.items() if wanted(seen)]) >= 2
+
+    wait_until(both, timeout=10, message=lambda: f"{what} on both workers: {last}")
+    return {pid for pid, seen in last.items() if wanted(seen)}
+
+
+def test_requests_served_while_draining_are_counted_node_wide_and_kept_when_a_worker_exits(
+    spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUntil
+) -> None:
+    url = f"http://127.0.0.1:{free_port}"
+    start_gunicorn(spawn, tmp_path, free_port, wait_until, GRACEFUL_TOKEN=TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    # A drain without SIGTERM (no deadline): one worker takes the request, both follow.
+    assert requests.post(f"{url}/-/graceful/drain", headers=auth, timeout=5).status_code == 200
+    until_both_workers_report(
+        url, wait_until, lambda s: phase(s) in ("draining", "drained"), "the drain"
+    )
+
+    def serve(count: int) -> Counter[int]:
+        """``count`` requests on fresh connections: how many each worker served."""
+        pids = [requests.get(f"{url}/version", timeout=5).json()["pid"] for _ in range(count)]
+        return Counter(pids)
+
+    served = serve(6)
+    until_both_workers_report(url, wait_until, lambda s: s[(SERVED, ())] == 6, "6 served")
+
+    # The worker that served the most is killed; the master clears its slot and forks another.
+    killed, share = served.most_common(1)[0]
+    assert share > 0
+    os.kill(killed, signal.SIGKILL)
+    until_both_workers_report(
+        url, wait_until, lambda s: str(killed) not in by_worker(s), "a replaced worker"
+    )
+    # Every answer, the survivor's and the newcomer's: the killed worker's share is kept.
+    answers: dict[str, list[float]] = {}
+
+    def each_worker_answered_twice() -> bool:
+        pid, samples = scrape(url)
+        answers.setdefault(pid, []).append(samples[(SERVED, ())])
+        return len(answers) == 2 and all(len(seen) >= 2 for seen in answers.values())
+
+    wait_until(each_worker_answered_twice, timeout=10, message=lambda: f"{answers}")
+    assert str(killed) not in answers
+    assert {pid: set(seen) for pid, seen in answers.items()} == {pid: {6} for pid in answers}
+
+    serve(2)  # the newcomer follows the drain, and counts from there
+    until_both_workers_report(url, wait_until, lambda s: s[(SERVED, ())] == 8, "8 served")

@@ -8,4 +8,4 @@ import graceful.django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_shop.settings")
 
-application = graceful.django.get_asgi_application()
+application = graceful.django.get_asgi_application()  # instead of django.core.asgi's

@@ -8,7 +8,7 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-only-not-secret")
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 
-INSTALLED_APPS = ["graceful.django"]
+INSTALLED_APPS = ["graceful.django"]  # manage.py check: graceful.W001..W004
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -21,7 +21,7 @@ DATABASES: dict[str, dict[str, str]] = {}
 USE_TZ = True
 TIME_ZONE = "UTC"
 
-# Keys are graceful.Config fields (over GRACEFUL_* variables); kill_deadline is the platform's
-# (Kubernetes terminationGracePeriodSeconds). Under gunicorn the master times the drain from
-# GRACEFUL_* variables, so set delay and drain_timeout there (or run with --preload).
-GRACEFUL = {"kill_deadline": 30}
+# Over GRACEFUL_* variables; kill_deadline is the platform's (Kubernetes
+# terminationGracePeriodSeconds). Under gunicorn the master times the drain from GRACEFUL_*
+# variables, so set delay and drain_timeout there (or run with --preload).
+GRACEFUL = {"kill_deadline": 30}  # keys: graceful.Config fields, plus kill_deadline
