@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -103,10 +103,12 @@ def discover() -> list[str]:
     return known + sorted(name for name in names if name not in KNOWN)
 
 
-def run(name: str, quick: bool, timeout: float) -> Outcome:
+def run(name: str, quick: bool, timeout: float, options: Sequence[str] = ()) -> Outcome:
+    """Run one benchmark (``options`` after the ``--quick`` ones) and collect its output."""
     argv = [sys.executable, str(HERE / f"{name}.py")]
     if quick and name in KNOWN:
         argv += KNOWN[name].quick
+    argv += options
     started = time.monotonic()
     proc = subprocess.Popen(
         argv,

@@ -194,22 +194,40 @@ def free_port() -> int:
 
 class Processes:
     """Every process the demo starts, each in its own process group; :meth:`kill_all` ends
-    them (and whatever they forked)."""
+    them (and whatever they forked).
+
+    Starting a child and recording it are one step for the stop signals (:func:`stop_signals`):
+    a signal that lands in between does not raise there, where the child would be running but
+    not yet recorded (so never killed); :meth:`start` raises it once the child is recorded.
+    (Blocking the signals with ``pthread_sigmask`` instead would leave them blocked in the
+    child, which inherits the mask: a node that never sees its SIGTERM.)
+    """
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.starting = False
+        self.interrupt_pending = False
 
-    def start(self, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, argv: list[str], log: Path, env: dict[str, str], **options: Any
+    ) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
-            proc = subprocess.Popen(  # noqa: S603 - our own argv: this Python, or nginx
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
+            self.starting = True
+            try:
+                proc = subprocess.Popen(  # noqa: S603 - our own argv: this Python, or nginx
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    **options,
+                )
+                self.procs.append(proc)
+            finally:
+                self.starting = False
+        if self.interrupt_pending:
+            raise KeyboardInterrupt
         return proc
 
     def kill_all(self) -> None:
@@ -724,13 +742,18 @@ def table(naive: RoundResult, graceful: RoundResult) -> str:
 
 
 @contextlib.contextmanager
-def stop_signals(interrupted: threading.Event) -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP all stop the demo the same way (main thread only)."""
+def stop_signals(interrupted: threading.Event, processes: Processes) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP all stop the demo the same way (main thread only); while
+    ``processes`` starts a child, the stop waits until the child is recorded."""
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if not interrupted.is_set():  # once: the clean-up that follows is not cut short
-            interrupted.set()
-            raise KeyboardInterrupt
+        if interrupted.is_set():  # once: the clean-up that follows is not cut short
+            return
+        interrupted.set()
+        if processes.starting:
+            processes.interrupt_pending = True  # raised by Processes.start, child recorded
+            return
+        raise KeyboardInterrupt
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -769,7 +792,7 @@ def run(args: argparse.Namespace) -> int:
     processes = Processes()
     progress = Progress(sys.stderr, quiet=False)
     results: dict[str, RoundResult] = {}
-    with stop_signals(interrupted):
+    with stop_signals(interrupted, processes):
         try:
             with tempfile.TemporaryDirectory(prefix="graceful-demo-") as folder:
                 for with_library in (False, True):

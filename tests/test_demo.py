@@ -1,14 +1,16 @@
 """``graceful demo`` for real: short runs of the command as a subprocess, its JSON, its options,
 and that it leaves no process behind, also when interrupted.
 
-Each run is marked with a variable of its own in its environment (the nodes and nginx inherit
-it), so the test finds every process the demo started by reading ``/proc/*/environ``.
+Each run is marked with a variable of its own in its environment (the nodes inherit it) and a
+``TMPDIR`` of its own (nginx's command line names its folder there: nginx writes its process
+title over its environment), so the test finds every process the demo started through ``/proc``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,25 +36,58 @@ pytestmark = pytest.mark.e2e
 ROUND_KEYS = {"sent", "failed", "failures", "p50_ms", "p99_ms", "wall_s", "restarts"}
 
 
-def marked_pids(mark: str) -> list[int]:
-    """Live processes whose environment carries ``mark`` (a zombie's environ reads empty)."""
-    needle = f"DEMO_TEST_MARK={mark}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-    return found
+@dataclasses.dataclass(frozen=True)
+class Marked:
+    """One demo run's mark and its ``TMPDIR``."""
+
+    mark: str
+    folder: Path
+
+    def env(self) -> dict[str, str]:
+        # The demo scrubs GRACEFUL_* from its nodes' environment: the mark has another name.
+        return child_env({"DEMO_TEST_MARK": self.mark, "TMPDIR": str(self.folder)})
+
+    def pids(self, groups: Collection[int] = ()) -> set[int]:
+        """Live processes of the run: their environment carries the mark, their command line
+        names the run's folder (nginx's master), or they are in the process group of one of
+        those or in ``groups`` (nginx's workers). Zombies are not counted: they are gone."""
+        needle = f"DEMO_TEST_MARK={self.mark}".encode()
+        folder = str(self.folder).encode()
+        found: set[int] = set()
+        group_of: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                state, _parent, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+                if state == "Z":
+                    continue
+                pid = int(entry.name)
+                group_of[pid] = int(group)
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                if needle in environ or folder in (entry / "cmdline").read_bytes():
+                    found.add(pid)
+        wanted = {group_of[pid] for pid in found} | set(groups)
+        return found | {pid for pid, group in group_of.items() if group in wanted}
+
+    def groups(self) -> set[int]:
+        """The process groups of the run's live processes."""
+        groups: set[int] = set()
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(pid))
+        return groups
 
 
 @pytest.fixture
-def mark() -> Iterator[str]:
-    """A fresh mark; at teardown every process still carrying it is killed (also on failure)."""
-    value = uuid.uuid4().hex
+def marked(tmp_path: Path) -> Iterator[Marked]:
+    """A fresh mark and folder; at teardown every process of the run is killed (also on
+    failure)."""
+    folder = tmp_path / "demo-tmp"
+    folder.mkdir()
+    value = Marked(uuid.uuid4().hex, folder)
     yield value
-    for pid in marked_pids(value):
+    for pid in value.pids():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -61,18 +96,15 @@ def demo_argv(*options: str) -> list[str]:
     return [sys.executable, "-m", "graceful.demo", *options]
 
 
-def marked_env(mark: str) -> dict[str, str]:
-    # The demo scrubs GRACEFUL_* from its nodes' environment: the mark has another name.
-    return child_env({"DEMO_TEST_MARK": mark})
-
-
-def run_demo(mark: str, *options: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    marked: Marked, *options: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.Popen(
         demo_argv(*options),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=marked_env(mark),
+        env=marked.env(),
         start_new_session=True,
     )
     try:
@@ -109,25 +141,25 @@ def assert_rounds(document: dict[str, Any], nodes: int) -> None:
 
 @pytest.mark.parametrize("server", servers())
 def test_a_graceful_restart_through_the_client_pool_fails_no_request(
-    server: str, mark: str, wait_until: WaitUntil
+    server: str, marked: Marked, wait_until: WaitUntil
 ) -> None:
     options = ["--json", "--duration", "3", "--nodes", "2", "--server", server, "--via", "pool"]
-    done = run_demo(mark, *options)
+    done = run_demo(marked, *options)
     assert done.returncode == 0, done.stdout + done.stderr
     document = json.loads(done.stdout)
     assert (document["server"], document["via"], document["nodes"]) == (server, "pool", 2)
     assert_rounds(document, 2)
     # The progress went to stderr, one line per step off a terminal.
     assert "graceful: restarting node 2/2" in done.stderr
-    wait_until(lambda: not marked_pids(mark), timeout=10, message="no process left behind")
+    wait_until(lambda: not marked.pids(), timeout=10, message="no process left behind")
 
 
 def test_a_graceful_restart_through_nginx_fails_no_request_and_the_table_shows_both_rounds(
-    mark: str, wait_until: WaitUntil
+    marked: Marked, wait_until: WaitUntil
 ) -> None:
     """nginx must be installed (as the other nginx tests require): a missing one fails."""
     assert demo.nginx_binary() is not None, "nginx is not on the PATH"
-    done = run_demo(mark, "--duration", "3", "--nodes", "2", "--via", "nginx")
+    done = run_demo(marked, "--duration", "3", "--nodes", "2", "--via", "nginx")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert "through nginx" in lines[0]
@@ -138,39 +170,61 @@ def test_a_graceful_restart_through_nginx_fails_no_request_and_the_table_shows_b
     assert int(failed.split("|")[1]) >= 0
     for row in ("requests sent", "failure kinds", "p50 latency", "p99 latency", "wall time"):
         assert any(line.startswith(row) for line in lines), (row, done.stdout)
-    wait_until(lambda: not marked_pids(mark), timeout=10, message="no process left behind")
+    wait_until(lambda: not marked.pids(), timeout=10, message="no process left behind")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    ("signum", "via", "step", "later"),
+    [
+        (signal.SIGINT, "pool", "restarting node", None),
+        (signal.SIGTERM, "pool", "restarting node", None),
+        (signal.SIGINT, "pool", "naive: starting 2 ", "load running"),
+        (signal.SIGTERM, "nginx", "naive: starting nginx", None),
+    ],
+    ids=[
+        "SIGINT-restarting",
+        "SIGTERM-restarting",
+        "SIGINT-starting-nodes",
+        "SIGTERM-starting-nginx",
+    ],
+)
 def test_an_interrupted_demo_stops_every_process_it_started(
-    signum: int, mark: str, wait_until: WaitUntil
+    signum: int, via: str, step: str, later: str | None, marked: Marked, wait_until: WaitUntil
 ) -> None:
+    """The signal goes as soon as the progress line of ``step`` is read (for the nodes' start,
+    once both nodes are running, before they are ready, which ``later`` would say); at nginx's
+    start it lands in its config test, its start or the wait for it to answer."""
+    if via == "nginx":
+        assert demo.nginx_binary() is not None, "nginx is not on the PATH"
     proc = subprocess.Popen(
-        demo_argv("--duration", "30", "--nodes", "2", "--via", "pool"),
+        demo_argv("--duration", "30", "--nodes", "2", "--via", via),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=marked_env(mark),
+        env=marked.env(),
         start_new_session=True,
     )
-    restarting = threading.Event()
+    reached = threading.Event()
     err: list[str] = []
 
     def read() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             err.append(line)
-            if "restarting node" in line:
-                restarting.set()
+            if step in line:
+                reached.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        assert restarting.wait(40), "".join(err)
-        started = marked_pids(mark)
-        assert len(started) >= 3, started  # the demo and its nodes: there is something to stop
+        assert reached.wait(40), "".join(err)
+        # The demo and its nodes: there is something to stop.
+        wait_until(lambda: len(marked.pids()) >= 3, timeout=20, message=lambda: "".join(err))
+        groups = marked.groups()
+        if later is not None:
+            assert not any(later in line for line in err), f"past {step!r}: {''.join(err)}"
         os.kill(proc.pid, signum)
-        assert proc.wait(30) == 130
+        assert proc.wait(30) == 130, "".join(err)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -179,10 +233,34 @@ def test_an_interrupted_demo_stops_every_process_it_started(
     reader.join(10)
     assert "interrupted" in "".join(err)
     wait_until(
-        lambda: not marked_pids(mark),
+        lambda: not marked.pids(groups),
         timeout=10,
-        message=lambda: f"the demo's processes gone; left: {marked_pids(mark)}",
+        message=lambda: f"the demo's processes gone; left: {marked.pids(groups)}",
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_while_a_child_starts_is_raised_once_the_child_is_recorded(
+    signum: int, marked: Marked, tmp_path: Path
+) -> None:
+    """The signal is sent by the child itself between fork and exec (``preexec_fn``), so it
+    lands in the parent while ``Popen()`` has not returned yet."""
+    assert threading.current_thread() is threading.main_thread()  # the handlers are installed
+    parent = os.getpid()
+    interrupted = threading.Event()
+    processes = demo.Processes()
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with demo.stop_signals(interrupted, processes), pytest.raises(KeyboardInterrupt):
+        processes.start(
+            argv,
+            tmp_path / "child.log",
+            marked.env(),
+            preexec_fn=lambda: os.kill(parent, signum),
+        )
+    assert interrupted.is_set()
+    assert len(processes.procs) == 1, "the child was started but not recorded: never killed"
+    processes.kill_all()
+    assert processes.procs[0].poll() == -signal.SIGKILL
 
 
 # -- options -----------------------------------------------------------------------------------
@@ -224,6 +302,48 @@ def test_a_server_that_is_not_installed_is_named_with_its_install_hint(
     monkeypatch.setattr(demo, "installed", lambda server: server == "uvicorn")
     assert demo.main(["--server", "gunicorn"]) == 2
     assert "pip install 'graceful-drain[gunicorn]'" in capsys.readouterr().err
+
+
+def parsed(*options: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    return parser.parse_args(options)
+
+
+def path_with(folder: Path, *programs: str) -> str:
+    """``folder`` holding an executable stub for each of ``programs``, as the whole PATH."""
+    for name in programs:
+        stub = folder / name
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
+    return str(folder)
+
+
+def test_with_nginx_on_the_path_the_load_goes_through_nginx_unless_told_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", path_with(tmp_path, "nginx"))
+    settings = demo.settings_from(parsed())
+    assert (settings.via, settings.nginx) == ("nginx", str(tmp_path / "nginx"))
+    assert demo.settings_from(parsed("--via", "pool")).via == "pool"
+
+
+def test_without_nginx_on_the_path_the_load_goes_through_the_client_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", path_with(tmp_path))  # nothing on it
+    settings = demo.settings_from(parsed())
+    assert (settings.via, settings.nginx) == ("pool", None)
+
+
+def test_via_nginx_without_nginx_on_the_path_exits_2_saying_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", path_with(tmp_path))
+    assert demo.main(["--via", "nginx"]) == 2
+    err = capsys.readouterr().err
+    assert "--via nginx: nginx is not on the PATH" in err
+    assert "install it or use --via pool" in err
 
 
 def test_the_verb_registers_demo_without_a_node() -> None:

@@ -48,6 +48,8 @@ SYNC = Kind("sync", ("-k", "sync"), "load_app:wsgi_app", workers=4)
 GTHREAD = Kind("gthread", ("-k", "gthread", "--threads", "8"), "load_app:wsgi_app")
 UVICORN = Kind("uvicorn", ("-k", "uvicorn_worker.UvicornWorker"), "load_app:asgi_app")
 KINDS = [SYNC, GTHREAD, UVICORN]
+#: load_app behind an import of ``$SLOW_IMPORT_SECONDS``: workers that can be caught starting.
+SLOW_START = Kind("slow-start", ("-k", "gthread", "--threads", "8"), "slow_start_app:wsgi_app")
 
 
 @dataclass
@@ -257,6 +259,74 @@ def test_second_sigint_or_sigquit_stops_at_once(
         time.sleep(0.3)  # two separate signals, as a person pressing Ctrl-C twice
     node.proc.wait(10)
     assert time.monotonic() - sent < 6.0
+
+
+@pytest.mark.parametrize("kind", [SYNC, UVICORN], ids=lambda k: k.name)
+def test_a_second_sigterm_is_ignored_and_the_drain_runs_to_its_end(
+    start_node: StartNode, kind: Kind, wait_until: WaitUntil
+) -> None:
+    delay = 3.0  # long enough to see the node still serving after the second SIGTERM
+    node: Node = start_node(kind, workers=2, env={"GRACEFUL_DELAY": str(delay)})
+    slow = _Background(node.url, "/slow?seconds=2")
+    wait_until(lambda: _inflight(node) == 1, message="the slow request in flight")
+    sent = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
+    node.proc.send_signal(signal.SIGTERM)  # impatient deploy tooling
+    wait_until(
+        lambda: node.proc.output().count("Handling signal: term") >= 2,
+        timeout=5,
+        message=lambda: f"the master handling the second SIGTERM:\n{node.proc.output()}",
+    )
+    # Still serving through the delay: the second SIGTERM did not hand over to gunicorn's
+    # own stop, which would close the listener at once.
+    assert _get(node.url, "/ping").status_code == 200
+    assert node.proc.wait(20) == 0
+    assert time.monotonic() - sent >= delay - 0.1, "the drain was cut short"
+    assert slow.join() == 200
+
+
+def test_sigterm_while_the_workers_are_still_starting_drains_and_none_answers_ready(
+    start_node: StartNode, free_port: int, wait_until: WaitUntil
+) -> None:
+    """gunicorn's master is ready once it listens (its SIGTERM is handled from then on); its
+    workers are still importing the app. A worker that turns up mid-drain says draining, and
+    a request that waited in the listen backlog meanwhile is answered."""
+    delay = 5.0  # longer than the import: the workers turn up during the drain
+    node: Node = start_node(
+        SLOW_START,
+        workers=2,
+        bind=f"127.0.0.1:{free_port}",  # no wait for readiness
+        env={"SLOW_IMPORT_SECONDS": "2", "GRACEFUL_DELAY": str(delay)},
+    )
+    wait_until(
+        lambda: node.proc.output().count("slow_start_app: importing") == 2,
+        timeout=20,
+        message=lambda: f"both workers importing the app:\n{node.proc.output()}",
+    )
+    waiting = _Background(node.url, "/ping")  # in the backlog: no worker accepts yet
+    assert "slow_start_app: imported" not in node.proc.output(), "a worker was already up"
+    sent = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    answers: list[str] = []
+
+    def probe_until_exit() -> bool:
+        try:
+            response = _get(node.url, "/readyz", timeout=10)
+            answers.append(f"{response.status_code} {response.json()['output']}")
+        except requests.RequestException as exc:  # the listener closed at the end
+            answers.append(type(exc).__name__)
+        return not node.proc.alive()
+
+    wait_until(probe_until_exit, timeout=30, interval=0.05, message="the master's exit")
+    assert node.proc.wait(5) == 0
+    took = time.monotonic() - sent
+    assert took < delay + 5.0, took
+    answered = [answer for answer in answers if answer[0].isdigit()]
+    assert answered, answers
+    assert {answer.split()[0] for answer in answered} == {"503"}, answers
+    assert "draining" in answered[0], answers  # the first worker up already drains
+    assert waiting.join() == 200
 
 
 @pytest.mark.parametrize(
