@@ -793,12 +793,13 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(sys.stderr, quiet=False)
     results: dict[str, RoundResult] = {}
     with stop_signals(interrupted, processes):
+        # Removed only after every process is gone: nginx writes into it until it exits.
+        folder = tempfile.mkdtemp(prefix="graceful-demo-")
         try:
-            with tempfile.TemporaryDirectory(prefix="graceful-demo-") as folder:
-                for with_library in (False, True):
-                    results["graceful" if with_library else "naive"] = run_round(
-                        settings, processes, Path(folder), with_library, progress, interrupted
-                    )
+            for with_library in (False, True):
+                results["graceful" if with_library else "naive"] = run_round(
+                    settings, processes, Path(folder), with_library, progress, interrupted
+                )
         except KeyboardInterrupt:
             interrupted.set()
             progress.close()
@@ -815,6 +816,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             progress.close()
             processes.kill_all()
+            shutil.rmtree(folder, ignore_errors=True)
     naive, graceful = results["naive"], results["graceful"]
     ok = graceful.failed == 0
     if args.json:

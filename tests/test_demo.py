@@ -237,6 +237,8 @@ def test_an_interrupted_demo_stops_every_process_it_started(
         timeout=10,
         message=lambda: f"the demo's processes gone; left: {marked.pids(groups)}",
     )
+    # Its working folder goes too (after its processes: nginx writes into it until it exits).
+    assert list(marked.folder.glob("graceful-demo-*")) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
