@@ -57,6 +57,7 @@ _METHOD_BYTES, _PATH_BYTES = 16, 96
 _FREE, _CLAIMED = 0, -1
 _PHASES = (Phase.SERVING, Phase.DRAINING, Phase.STOPPING)
 _CODES = {phase: code for code, phase in enumerate(_PHASES)}
+_ANNOUNCING_CODES = frozenset({_CODES[Phase.DRAINING], _CODES[Phase.STOPPING]})
 
 DEFAULT_SLOTS = 128
 POLL_INTERVAL = 0.02
@@ -120,6 +121,10 @@ class SharedNode:
 
     def generation(self) -> int:
         return self._words[_GENERATION]
+
+    def announcing(self) -> bool:
+        """Whether the node is draining or stopping (one word read)."""
+        return self._words[_PHASE] in _ANNOUNCING_CODES
 
     def write_header(self, phase: Phase, reason: str) -> int:
         generation = self.generation() + 1
@@ -354,5 +359,11 @@ def sync_now(lifecycle: Lifecycle) -> None:
 
 
 def worker_announcing() -> bool:
-    """Whether responses of this worker should close their connection (draining)."""
-    return any(lifecycle.announcing for lifecycle in list(_linked))
+    """Whether responses of this worker should close their connection (draining).
+
+    Called by gunicorn for every request, so it is one word read of the node's state (every
+    drain, resume and stop of any process of the node is written there), not a walk over this
+    worker's lifecycles: that walk cost gthread ~5 % of its throughput on a trivial app.
+    """
+    worker = _worker
+    return worker is not None and worker[0].announcing()

@@ -211,6 +211,26 @@ def test_a_local_drain_is_announced_to_the_node_and_followed_by_the_others(
     assert phase_of(second) is Phase.SERVING
 
 
+def test_a_worker_closes_connections_the_moment_any_process_of_the_node_drains(
+    graceful_clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gunicorn's pre_request asks for every request: no follower has to have looked yet."""
+    shared = SharedNode(slots=2)
+    a = shared.claim()
+    assert a is not None
+    assert not _shared.worker_announcing()  # not a worker: never
+    monkeypatch.setattr(_shared, "_worker", (shared, a))
+    other = lifecycle_on(SlotView(shared, None), graceful_clock)  # the master, say
+    other.mark_ready()
+    assert not _shared.worker_announcing()
+    other.drain("SIGTERM")
+    assert _shared.worker_announcing()
+    other.resume("control route")
+    assert not _shared.worker_announcing()
+    other.stop("SIGINT")
+    assert _shared.worker_announcing()
+
+
 def test_a_worker_still_starting_when_the_drain_began_drains_once_ready(
     graceful_clock: FakeClock,
 ) -> None:
