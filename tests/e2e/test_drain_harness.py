@@ -92,7 +92,11 @@ def test_a_server_killed_by_sigterm_is_reported_with_its_failures(
     assert len(slow) == 3, report.summary()
     assert all(": closed without an answer" in f or ": connection reset" in f for f in slow)
     assert report.readyz_failed_with is not None
-    assert report.readyz_failed_with.startswith("connection refused")
+    # Refused once the listener is gone; closed or reset when the probe's connection was
+    # accepted by the kernel in the instant the process died (seen once in CI).
+    assert report.readyz_failed_with.startswith(
+        ("connection refused", "closed without an answer", "connection reset")
+    ), report.readyz_failed_with
     assert report.last_response_at is not None
     assert report.exited_at is not None
     with pytest.raises(AssertionError, match="requests failed"):
