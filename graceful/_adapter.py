@@ -8,6 +8,7 @@ import sys
 from . import _shared
 from ._checks import ReadinessChecker
 from ._drainfile import DrainFileWatcher
+from ._events import MIN_WAIT
 from ._http import Surface
 from .config import Config
 from .lifecycle import Lifecycle, get_lifecycle
@@ -65,8 +66,10 @@ class AdapterBase:
             _shared.sync_now(self.lifecycle)
 
     def _events_wait(self) -> float:
-        """How long an events stream may sleep between looks (heartbeat, drain file)."""
+        """How long an events stream may sleep between looks (heartbeat, drain file): never
+        less than ``MIN_WAIT``, so a tiny heartbeat or interval cannot make it spin."""
         cfg = self.lifecycle.config
-        if cfg.drain_file is None:
-            return cfg.events_heartbeat
-        return min(cfg.events_heartbeat, cfg.drain_file_interval)
+        wait = cfg.events_heartbeat
+        if cfg.drain_file is not None:
+            wait = min(wait, cfg.drain_file_interval)
+        return max(MIN_WAIT, wait)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 
 from ._adapter import AdapterBase
-from ._events import MIN_WAIT, Subscriber, format_comment, format_event
+from ._events import Subscriber, format_comment, format_event
 from ._goodbye import Goodbye
 from ._http import (
     EVENTS_FULL,
@@ -236,7 +236,7 @@ class ASGIMiddleware(AdapterBase):
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(woken.wait(), max(MIN_WAIT, self._events_wait()))
+                await asyncio.wait_for(woken.wait(), self._events_wait())
             now = self._clock()
             self._look_at_drain_file(now)
             if now >= next_beat and not gone.is_set():

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._adapter import AdapterBase
-from ._events import MIN_WAIT, format_comment, format_event
+from ._events import format_comment, format_event
 from ._http import EVENTS_FULL, EVENTS_HEADERS, OpenEvents, Response, Route, RunChecks, WaitDrained
 from ._types import Environ, ExcInfo, StartResponse, WSGIApp
 from .config import Config
@@ -207,7 +207,7 @@ class WSGIMiddleware(AdapterBase):
                     yield format_event(notice)
                     if notice["phase"] in _FINAL_PHASES:
                         return
-                woken.wait(max(MIN_WAIT, self._events_wait()))
+                woken.wait(self._events_wait())
                 now = self._clock()
                 self._look_at_drain_file(now)
                 if now >= next_beat:

@@ -269,6 +269,16 @@ def new_id() -> str:
 # -- retry rules -----------------------------------------------------------------------------
 
 
+def assert_sent_once_to(node: Node, pool: Pool, method: str) -> None:
+    """A GET or a POST made through ``pool`` was served by ``node`` (a POST exactly once)."""
+    if method == "GET":
+        assert served_by(pool.get("/version")) == node.pid
+    else:
+        oid = new_id()
+        assert pool.post("/orders", data={"id": oid}).status_code == 201
+        assert node.ids().count(oid) == 1
+
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_a_refused_connection_goes_to_the_next_node_whatever_the_method(
     method: str, shared: list[Node], make_pool: MakePool
@@ -277,12 +287,7 @@ def test_a_refused_connection_goes_to_the_next_node_whatever_the_method(
     dead = refused_url()
     pool = make_pool(dead, good.url)  # round robin starts with the first node: the dead one
 
-    oid = new_id()
-    if method == "GET":
-        assert served_by(pool.get("/version")) == good.pid
-    else:
-        assert pool.post("/orders", data={"id": oid}).status_code == 201
-        assert good.ids().count(oid) == 1
+    assert_sent_once_to(good, pool, method)
 
     assert status(pool, dead).state is NodeState.DOWN
     assert status(pool, dead).reason == "refused (ConnectionError)"
@@ -296,12 +301,7 @@ def test_a_connect_timeout_goes_to_the_next_node_whatever_the_method_and_says_so
     good = shared[0]
     pool = make_pool(unanswered_url, good.url, timeout=(0.3, 10))  # round robin: the first
 
-    oid = new_id()
-    if method == "GET":
-        assert served_by(pool.get("/version")) == good.pid
-    else:
-        assert pool.post("/orders", data={"id": oid}).status_code == 201
-        assert good.ids().count(oid) == 1
+    assert_sent_once_to(good, pool, method)
 
     silent = status(pool, unanswered_url)
     assert (silent.state, silent.reason) == (NodeState.DOWN, "connect timeout (0.3s)")
