@@ -10,7 +10,14 @@ has exited (a pidfd wakes up then). A probe of ``/readyz`` just after the signal
 the shims engaged (503) or not (no answer: the listener is closed). Runs are interleaved, their
 order alternating per round; the figures are medians.
 
-    python benchmarks/shutdown_overhead.py [--rounds 5] [--slow 1.0] [--servers gunicorn-sync,...]
+Then, under load (``--load-rounds``, default ``--rounds``; shims only): 16 callers on keep-alive
+connections send ``GET /slow`` requests of ``2 * slow`` seconds back to back (gunicorn with 6
+workers), ``GRACEFUL_DELAY`` is ``1.5 * slow``, SIGTERM comes after one request's time, and the
+callers stop at the first failed ``/readyz`` probe (every 100 ms, as a load balancer would); the
+time measured runs from the last answer any caller read to the process's exit.
+
+    python benchmarks/shutdown_overhead.py [--rounds 5] [--slow 1.0] [--load-rounds N]
+        [--servers gunicorn-sync,...]
 
 This file is also the app module the servers load (``shutdown_overhead:plain_wsgi`` and so on).
 """
@@ -268,6 +275,165 @@ def measure(server: str, variant: str, slow: float, log_dir: Path) -> Run:
     return run
 
 
+# -- under load -------------------------------------------------------------------------------
+
+LOAD_CALLERS = 16
+LOAD_WORKERS = 6
+
+
+@dataclasses.dataclass
+class LoadRun:
+    server: str
+    overhead: float | None = None  # last answer read -> process exited, seconds
+    after_signal: float | None = None  # signal -> process exited, seconds
+    answered: int = 0
+    failed: int = 0
+    exit_code: int | None = None
+    error: str | None = None
+
+
+class Load:
+    """``callers`` threads, each with one keep-alive connection, sending ``GET /slow`` back to
+    back until told to stop (the first failed ``/readyz`` after the signal, as a load balancer
+    would); the moment of the last answer read."""
+
+    def __init__(self, port: int, callers: int, seconds: float) -> None:
+        self.port, self.seconds = port, seconds
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.last_answer: float | None = None
+        self.answered = self.failed = 0
+        self.threads = [threading.Thread(target=self.call, daemon=True) for _ in range(callers)]
+        for thread in self.threads:
+            thread.start()
+
+    def call(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            while not self.stop.is_set():
+                try:
+                    connection.request("GET", f"/slow?seconds={self.seconds:g}")
+                    response = connection.getresponse()
+                    ok = response.read() == FIRST + LAST and response.status == 200
+                    if response.will_close:
+                        connection.close()
+                except (OSError, http.client.HTTPException):
+                    ok = False
+                    connection.close()
+                with self.lock:
+                    self.answered += ok
+                    self.failed += not ok
+                    self.last_answer = time.monotonic()
+        finally:
+            connection.close()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def stop_at_failed_readyz(port: int, load: Load, until: float) -> None:
+    """Probe /readyz every 100 ms; at the first failure (a status, or no answer), stop the load."""
+    while time.monotonic() < until and not load.stop.is_set():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            connection.request("GET", "/readyz")
+            failed = connection.getresponse().status != 200
+        except (OSError, http.client.HTTPException):
+            failed = True
+        finally:
+            connection.close()
+        if failed:
+            break
+        time.sleep(0.1)  # the probe interval IS the behaviour (a load balancer's)
+    load.stop.set()
+
+
+def load_argv(server: str, port: int) -> list[str]:
+    argv = argv_for(server, "shims", port)
+    if server.startswith("gunicorn"):
+        argv[argv.index("--workers") + 1] = str(LOAD_WORKERS)
+    return argv
+
+
+def measure_load(server: str, slow: float, log_dir: Path) -> LoadRun:
+    """SIGTERM under load: ``LOAD_CALLERS`` callers, requests of ``2 * slow`` seconds, a delay
+    of ``1.5 * slow``; from the last answer read to the process's exit."""
+    run = LoadRun(server)
+    port = free_port()
+    log = (log_dir / f"{server}-load-{port}.log").open("wb")
+    env = child_env("shims")
+    env["GRACEFUL_DELAY"] = f"{1.5 * slow:g}"
+    proc = subprocess.Popen(
+        load_argv(server, port),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    watch = ExitWatch(proc.pid)
+    load: Load | None = None
+    try:
+        poll(lambda: proc.poll() is not None or answers(port), 30.0, f"{server} to answer")
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before answering")
+        load = Load(port, LOAD_CALLERS, 2 * slow)
+        load.stop.wait(2 * slow)  # under load for one request's time before the signal
+        signal_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        stop_at_failed_readyz(port, load, signal_at + 30.0)
+        load.join(60.0)
+        exited_at = watch.join(60.0)
+        if exited_at is None:
+            raise RuntimeError("still running 60 s after the signal")
+        run.exit_code = proc.wait(5)
+        if load.last_answer is not None:
+            run.overhead = exited_at - load.last_answer
+        run.after_signal = exited_at - signal_at
+    except (OSError, http.client.HTTPException, RuntimeError, TimeoutError) as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if load is not None:
+            load.stop.set()
+            run.answered, run.failed = load.answered, load.failed
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        watch.join(1.0)
+        watch.close()
+        log.close()
+    return run
+
+
+def load_table(servers: list[str], runs: list[LoadRun], slow: float) -> dict[str, str]:
+    print(
+        f"\nunder load: {LOAD_CALLERS} callers, {2 * slow:g} s requests, delay {1.5 * slow:g} s, "
+        f"gunicorn with {LOAD_WORKERS} workers; medians\n"
+    )
+    print(
+        "| server | last answer -> exit (ms) | min-max (ms) | signal -> exit (ms) | answered "
+        "| failed | exit codes |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    figures: dict[str, str] = {}
+    for server in servers:
+        done = [r for r in runs if r.server == server]
+        overheads = [r.overhead for r in done if r.overhead is not None]
+        totals = [r.after_signal for r in done if r.after_signal is not None]
+        spread = f"{min(overheads) * 1000:.0f}-{max(overheads) * 1000:.0f}" if overheads else ""
+        codes = ",".join(sorted({str(r.exit_code) for r in done if r.exit_code is not None}))
+        errors = sum(r.error is not None for r in done)
+        print(
+            f"| {server} | {ms(overheads)} | {spread} | {ms(totals)} "
+            f"| {sum(r.answered for r in done)} | {sum(r.failed for r in done)} "
+            f"| {codes}{f' ({errors} runs failed)' if errors else ''} |"
+        )
+        figures[server] = f"{ms(overheads)} ms" if overheads else "n/a (every run failed)"
+    return figures
+
+
 def ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.0f}" if values else "-"
 
@@ -277,6 +443,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--slow", type=float, default=1.0, help="seconds the request takes")
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument(
+        "--load-rounds", type=int, default=None, help="rounds under load (default: --rounds)"
+    )
     args = parser.parse_args()
     servers = [name for name in args.servers.split(",") if name]
     unknown = set(servers) - set(SERVERS)
@@ -284,6 +453,9 @@ def main() -> int:
         parser.error(f"unknown servers: {sorted(unknown)}; known: {', '.join(SERVERS)}")
     missing = {server: shim_missing(server) for server in servers}
     runs: list[Run] = []
+    load_runs: list[LoadRun] = []
+    load_rounds = args.rounds if args.load_rounds is None else args.load_rounds
+    loaded = [server for server in servers if not missing[server]]
     with tempfile.TemporaryDirectory(prefix="shutdown-overhead-") as tmp:
         for round_number in range(args.rounds):
             order = VARIANTS if round_number % 2 == 0 else VARIANTS[::-1]
@@ -297,6 +469,14 @@ def main() -> int:
                         log = next(Path(tmp).glob(f"{server}-{variant}-*.log"), None)
                         tail = log.read_text(errors="replace")[-600:] if log else ""
                         print(f"round {round_number + 1} {server} {variant}: {run.error}\n{tail}")
+        for round_number in range(load_rounds):
+            for server in loaded:
+                load_run = measure_load(server, args.slow, Path(tmp))
+                load_runs.append(load_run)
+                if load_run.error:
+                    log = next(Path(tmp).glob(f"{server}-load-*.log"), None)
+                    tail = log.read_text(errors="replace")[-600:] if log else ""
+                    print(f"load round {round_number + 1} {server}: {load_run.error}\n{tail}")
 
     print(f"\n{args.rounds} rounds, one {args.slow:g} s request in flight at SIGTERM; medians\n")
     print(
@@ -324,11 +504,23 @@ def main() -> int:
                 f"| {exits} | {readyz} |"
             )
             if variant == "shims":
-                figures[server] = f"{ms(overheads)} ms" if overheads else "n/a (every run failed)"
+                figures[server] = (
+                    f"{ms(overheads)} ms"
+                    if overheads
+                    else ("n/a (every run failed)" if done else "n/a (not run)")
+                )
+    under_load = load_table(loaded, load_runs, args.slow) if load_rounds else {}
     print()
+    loaded_figure = (
+        f"; under load ({LOAD_CALLERS} callers), last answer -> exit: "
+        + ", ".join(f"{server} {under_load[server]}" for server in loaded)
+        if under_load
+        else ""
+    )
     print(
         "shutdown overhead with shims: "
         + ", ".join(f"{server} {figures[server]}" for server in servers)
+        + loaded_figure
         + f" (goal < {GOAL_MS:.0f} ms)"
     )
     return 0

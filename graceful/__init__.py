@@ -7,6 +7,7 @@ control routes, and the lifecycle they share. See the README for a quick start p
 from __future__ import annotations
 
 from . import signals
+from ._version import __version__
 from .asgi import ASGIMiddleware
 from .config import Config, ConfigError
 from .lifecycle import (
@@ -21,8 +22,6 @@ from .lifecycle import (
 )
 from .shutdown import SignalHandlers, install_signal_handlers
 from .wsgi import WSGIMiddleware
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ASGIMiddleware",

@@ -8,8 +8,8 @@ import sys
 from . import _shared
 from ._checks import ReadinessChecker
 from ._drainfile import DrainFileWatcher
-from ._events import MIN_WAIT
-from ._http import Surface
+from ._events import MIN_WAIT, PROCESS, Refusal, Subscriber
+from ._http import EVENTS_FULL, EVENTS_OFF, Response, Surface
 from .config import Config
 from .lifecycle import Lifecycle, get_lifecycle
 
@@ -73,3 +73,20 @@ class AdapterBase:
         if cfg.drain_file is not None:
             wait = min(wait, cfg.drain_file_interval)
         return max(MIN_WAIT, wait)
+
+    def _subscribe(self, multithread: bool) -> Subscriber | Response:
+        """An events subscriber, or the answer that refuses one (:data:`EVENTS_OFF` where this
+        process holds no streams, :data:`EVENTS_FULL` past its share or the node's cap).
+
+        ``multithread``: whether the server runs requests concurrently in this process (ASGI:
+        always; WSGI: ``wsgi.multithread``). A server shim that knows its worker class
+        (``graceful.gunicorn``) has decided the share already; elsewhere a single-threaded
+        server holds no streams, and any other only the node-wide cap.
+        """
+        share = PROCESS.share if PROCESS.decided else (None if multithread else 0)
+        outcome = self.lifecycle.subscribe(share)
+        if outcome is Refusal.OFF:
+            return EVENTS_OFF
+        if outcome is Refusal.FULL:
+            return EVENTS_FULL
+        return outcome

@@ -1,4 +1,5 @@
-"""The drain file: while it exists the node drains. Looked at no more than once per interval."""
+"""The drain file: while it exists the node drains. Looked at no more than once per interval,
+and no more once a stop has begun (removing it then resumes nothing)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class DrainFileWatcher:
         self._lock = threading.Lock()
 
     def check(self, now: float, *, force: bool = False) -> None:
+        if self._lifecycle.final:  # a stop has begun: the file no longer matters
+            return
         if not force and now - self._last < self._interval:
             return
         self._last = now

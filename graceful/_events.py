@@ -1,18 +1,44 @@
-"""Phase-change notices for the events stream, with bounded memory per subscriber.
+"""Phase-change notices for the events stream, with bounded memory per subscriber, and how many
+streams a process (and its node) may hold.
 
 The hub only queues; adapters turn a :class:`Subscriber` into a server-sent-event stream and
 decide how to wait (a thread event or an asyncio event, set through ``wake``).
+
+A stream holds what serves it for as long as it is open: a thread under a threaded WSGI
+server, the whole worker under a single-threaded one. So the process admits a stream only
+within its *share* (:data:`PROCESS`): none where a stream would hold the only thread (the
+adapter answers 204 ``Graceful-Events: off``), a quarter of a gunicorn gthread worker's
+threads, no limit of its own where streams are cheap (asyncio, gevent). The node-wide cap
+(``events_max_subscribers``) is checked over every worker of the node through the shared
+memory of :mod:`graceful._shared` (:class:`NodeStreams`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import enum
 import json
+import select
+import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["MIN_WAIT", "EventHub", "Subscriber", "format_comment", "format_event"]
+__all__ = [
+    "CLIENT_CHECK",
+    "MIN_WAIT",
+    "PROCESS",
+    "EventHub",
+    "NodeStreams",
+    "ProcessStreams",
+    "Refusal",
+    "Subscriber",
+    "format_comment",
+    "format_event",
+    "gunicorn_share",
+    "peer_closed",
+]
 
 # A subscriber that never reads keeps at most this many notices; older ones are dropped.
 # Phase notices supersede each other, so the newest is what matters.
@@ -21,6 +47,169 @@ MAX_QUEUED = 16
 # A stream sleeps at least this long between its looks (heartbeat, drain file), however small
 # events_heartbeat or drain_file_interval (0: every request looks) is: it must never spin.
 MIN_WAIT = 0.05
+
+#: A WSGI stream looks whether its client has gone at least this often (seconds), so that a
+#: closed client releases its slot (and its thread) within a second or two.
+CLIENT_CHECK = 1.0
+
+
+class Refusal(enum.Enum):
+    """Why a process does not open an events stream."""
+
+    OFF = "off"
+    """This process holds no streams at all (a stream would hold its only thread): 204."""
+    FULL = "full"
+    """This process's share, or the node's cap, is taken for now: 503 with Retry-After."""
+
+
+class NodeStreams(Protocol):
+    """The other processes of the node, as far as events streams go (see :mod:`._shared`)."""
+
+    def publish(self, count: int) -> None:
+        """Make this process's count of open streams visible to the others."""
+
+    def others(self) -> int:
+        """Streams open in the node's other processes."""
+
+
+class ProcessStreams:
+    """The events streams this process holds, within its share and the node's cap.
+
+    One per process (:data:`PROCESS`), whatever the number of lifecycles: threads and workers
+    belong to the process. A server shim that knows its worker (``graceful.gunicorn``) calls
+    :meth:`join`; otherwise the adapter decides the share from what it sees (``wsgi.multithread``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        #: Set by :meth:`join`: the share the server shim decided (None: no limit of its own).
+        self.decided = False
+        self.share: int | None = None
+        self.node: NodeStreams | None = None
+
+    def join(self, share: int | None, node: NodeStreams | None, *, decided: bool = True) -> None:
+        """In a freshly forked worker: its share (None: no limit of its own) and its node."""
+        self._lock = threading.Lock()  # a fork may have copied it held
+        self.count = 0
+        self.decided, self.share, self.node = decided, share, node
+        if node is not None:
+            node.publish(0)
+
+    def admit(self, cap: int, share: int | None) -> Refusal | None:
+        """Take a slot for a new stream (None), or say why not.
+
+        ``cap`` is the node-wide ``events_max_subscribers``; ``share`` this process's own
+        limit (None: none). A worker publishes its new count *before* it reads the others',
+        so of two workers admitting at the same instant at least one sees both counts and
+        refuses (both may: the callers retry after Retry-After), and the node stays within
+        ``cap``. That relies on each worker's store reaching the other before the other's
+        load; Python promises no memory ordering, so the bound we can state is weaker: each
+        worker admits at most one stream too many per such race, so the node holds at most
+        ``cap + workers - 1`` streams (a worker's own admissions are serialised by its lock).
+        """
+        if share == 0:
+            return Refusal.OFF
+        with self._lock:
+            if share is not None and self.count >= share:
+                return Refusal.FULL
+            self.count += 1
+            node = self.node
+            if node is not None:
+                node.publish(self.count)
+            if self.count + (0 if node is None else node.others()) > cap:
+                self.count -= 1
+                if node is not None:
+                    node.publish(self.count)
+                return Refusal.FULL
+            return None
+
+    def release(self) -> None:
+        with self._lock:
+            self.count = max(0, self.count - 1)
+            if self.node is not None:
+                self.node.publish(self.count)
+
+    def node_total(self) -> int:
+        """Streams open on the whole node: here and, when linked, in the other workers."""
+        node = self.node
+        return self.count + (0 if node is None else node.others())
+
+
+#: This process's streams.
+PROCESS = ProcessStreams()
+
+#: gunicorn worker classes (by name, anywhere in the worker's class hierarchy) and the streams
+#: each may hold: a stream would hold a sync worker's (or tornado's WSGI container's) only
+#: thread; async workers hold streams cheaply (None: only the node-wide cap).
+_SINGLE_THREADED = frozenset({"SyncWorker", "TornadoWorker"})
+_ASYNC = frozenset({"AsyncWorker", "UvicornWorker", "ASGIWorker"})
+#: A gthread worker gives streams at most one thread in this many.
+THREADS_PER_STREAM = 4
+
+
+def gunicorn_share(worker: Any) -> tuple[bool, int | None]:
+    """``(decided, share)`` for a gunicorn worker: how many streams it may hold (None: no limit
+    of its own), or ``decided`` False for a worker class we do not know (the adapter then
+    decides from ``wsgi.multithread``)."""
+    names = {cls.__name__ for cls in type(worker).__mro__}
+    if "ThreadWorker" in names:
+        threads = getattr(getattr(worker, "cfg", None), "threads", 1)
+        return True, max(0, int(threads)) // THREADS_PER_STREAM
+    if names & _SINGLE_THREADED:
+        return True, 0
+    if names & _ASYNC:
+        return True, None
+    return False, None
+
+
+def peer_closed(sock: Any) -> bool:
+    """Whether the client on ``sock`` has gone (closed or reset), without blocking and without
+    consuming anything it sent (a peek). An unusable socket counts as gone."""
+    try:
+        fd = sock.fileno()
+    except (OSError, ValueError):
+        return True
+    if fd < 0:
+        return True
+    try:
+        readable, broken = _poll_now(fd)
+    except (OSError, ValueError):
+        return True
+    if broken:
+        return True
+    if not readable:
+        return False
+    # Readable: either bytes the client sent (left for the server) or the end of the stream.
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | _DONTWAIT) == b"")
+    except (BlockingIOError, InterruptedError):
+        return False
+    except ValueError:
+        return False  # a TLS socket cannot peek: the next write (heartbeat) will tell
+    except OSError:
+        return True  # reset
+
+
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_BROKEN = (
+    getattr(select, "POLLERR", 0)
+    | getattr(select, "POLLHUP", 0)
+    | getattr(select, "POLLNVAL", 0)
+    | getattr(select, "POLLRDHUP", 0)  # Linux: the client closed its end
+)
+
+
+def _poll_now(fd: int) -> tuple[bool, bool]:
+    """``(readable, broken)`` for ``fd``, at once (``select.select`` would refuse fd > 1023)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | _BROKEN)
+        events = poller.poll(0)
+        mask = events[0][1] if events else 0
+        return bool(mask & select.POLLIN), bool(mask & _BROKEN)
+    readable, _, broken = select.select([fd], [], [fd], 0)
+    return bool(readable), bool(broken)
 
 
 class Subscriber:
@@ -35,7 +224,8 @@ class Subscriber:
         self._queue.append(notice)
         wake = self.wake
         if wake is not None:
-            wake()
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody to wake
+                wake()
 
     def pop_all(self) -> list[dict[str, Any]]:
         notices = []
@@ -47,25 +237,40 @@ class Subscriber:
 
 
 class EventHub:
-    def __init__(self, max_subscribers: int) -> None:
+    """One lifecycle's subscribers; their slots are taken from ``process`` (this process's)."""
+
+    def __init__(self, max_subscribers: int, process: ProcessStreams | None = None) -> None:
         self.max_subscribers = max_subscribers
+        self.process = PROCESS if process is None else process
         self._lock = threading.Lock()
         self._subscribers: set[Subscriber] = set()
 
-    def subscribe(self, first: dict[str, Any]) -> Subscriber | None:
-        """A new subscriber holding ``first``, or None when the cap is reached."""
+    def subscribe(self, first: dict[str, Any], share: int | None = None) -> Subscriber | Refusal:
+        """A new subscriber holding ``first``, or why there is none (see :class:`Refusal`).
+
+        ``share``: how many streams this process may hold (None: only the node-wide cap).
+        """
+        refusal = self.process.admit(self.max_subscribers, share)
+        if refusal is not None:
+            return refusal
+        subscriber = Subscriber()
+        subscriber.push(first)
         with self._lock:
-            if len(self._subscribers) >= self.max_subscribers:
-                return None
-            subscriber = Subscriber()
-            subscriber.push(first)
             self._subscribers.add(subscriber)
-            return subscriber
+        return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Release ``subscriber``'s slot (once, however often it is called)."""
         subscriber.closed = True
         with self._lock:
+            held = subscriber in self._subscribers
             self._subscribers.discard(subscriber)
+        if held:
+            self.process.release()
+
+    def node_count(self) -> int:
+        """Streams open on the whole node (every hub of every process of it)."""
+        return self.process.node_total()
 
     def publish(self, notice: dict[str, Any]) -> None:
         with self._lock:

@@ -18,11 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._checks import CheckOutcome
+from .config import parse_seconds
 from .lifecycle import Lifecycle, LifecycleError, Phase
 
 __all__ = [
     "EVENTS_FULL",
+    "EVENTS_HEADER",
+    "EVENTS_OFF",
     "MAX_WAIT",
+    "NEVER_REJECTED",
+    "REJECTED_HEADER",
     "OpenEvents",
     "Response",
     "Route",
@@ -110,19 +115,39 @@ def _json(
     return Response(status, headers, b"" if head else data)
 
 
-def _fail(status: int, output: str, *, extra: Iterable[tuple[str, str]] = ()) -> Response:
-    return _json(status, {"status": "fail", "output": output}, extra=extra)
+def _fail(
+    status: int, output: str, *, extra: Iterable[tuple[str, str]] = (), head: bool = False
+) -> Response:
+    return _json(status, {"status": "fail", "output": output}, extra=extra, head=head)
 
 
-#: The answer to an events subscriber past ``events_max_subscribers``, wherever it is refused.
+#: The answer to an events subscriber past ``events_max_subscribers`` (node-wide) or past this
+#: worker's share of streams, wherever it is refused.
 EVENTS_FULL = _fail(503, "too many event subscribers", extra=(("Retry-After", "5"),))
+
+#: Set to ``off`` on :data:`EVENTS_OFF`.
+EVENTS_HEADER = "Graceful-Events"
+#: The answer to an events request where a stream would take a worker's only thread (a
+#: gunicorn sync worker, a gthread worker of fewer than 4 threads, a single-threaded WSGI
+#: server). A 204 tells an EventSource to stop reconnecting; the pool falls back to in-band
+#: headers and readiness probes.
+EVENTS_OFF = Response(204, ((EVENTS_HEADER, "off"), ("Cache-Control", "no-store")), b"")
+
+
+#: The mark on the middleware's own rejection (reject mode), and only there: the middlewares
+#: remove it from any 503 the app produced, so it tells "the app never saw this request".
+REJECTED_HEADER = "Graceful-Rejected"
+#: Methods reject mode never rejects (nginx's non-idempotent set): a proxy does not re-send them
+#: after a 503 (without ``proxy_next_upstream ... non_idempotent``), so they are served.
+NEVER_REJECTED = frozenset({"POST", "PATCH", "LOCK"})
 
 
 def rejection(delay: float) -> Response:
     """The answer to a new request while draining in reject mode (``reject_when_draining``).
 
     ``Retry-After`` is the drain delay rounded up (at least 1 s): the time load balancers are
-    given to take the node out, so a retry after it lands elsewhere. Adapters add
+    given to take the node out, so a retry after it lands elsewhere. ``Graceful-Rejected: 1``
+    says the app never saw the request (see :data:`REJECTED_HEADER`). Adapters add
     ``Connection: close`` where the server lets them.
     """
     body = b"draining: retry on another node\n"
@@ -132,6 +157,7 @@ def rejection(delay: float) -> Response:
         ("Cache-Control", "no-store"),
         ("Retry-After", str(max(1, math.ceil(delay)))),
         ("Graceful-State", "draining"),
+        (REJECTED_HEADER, "1"),
     )
     return Response(503, headers, body)
 
@@ -147,10 +173,10 @@ def _parse_bool(name: str, value: str) -> bool:
 
 def _parse_seconds(name: str, value: str) -> float:
     try:
-        seconds = float(value)
+        seconds = parse_seconds(value)
     except ValueError:
         seconds = math.nan
-    if not math.isfinite(seconds) or not 0 < seconds <= MAX_WAIT:
+    if not 0 < seconds <= MAX_WAIT:  # NaN fails too
         raise ValueError(f"query parameter {name!r} must be seconds in (0, {MAX_WAIT:g}]")
     return seconds
 
@@ -197,20 +223,24 @@ class Surface:
 
         ``authorization`` is the raw header value, or None when absent or sent more than once.
         """
+        head = method == "HEAD"  # whatever the answer, a HEAD gets no body
         if route is Route.UNKNOWN or (route in _NEEDS_TOKEN and self._token is None):
-            return _fail(404, "not found")
+            return _fail(404, "not found", head=head)
         if route in _NEEDS_TOKEN and not self.authorized(authorization):
             return _fail(
                 401,
                 "missing or wrong bearer token",
                 extra=(("WWW-Authenticate", 'Bearer realm="graceful"'),),
+                head=head,
             )
         allowed = _METHODS[route]
         if method not in allowed:
             return _fail(
-                405, f"method {method[:20]!r} not allowed", extra=(("Allow", ", ".join(allowed)),)
+                405,
+                f"method {method[:20]!r} not allowed",
+                extra=(("Allow", ", ".join(allowed)),),
+                head=head,
             )
-        head = method == "HEAD"
         lifecycle = self.lifecycle
         if route is Route.LIVEZ:
             alive = lifecycle.phase is not Phase.STOPPED
@@ -225,9 +255,7 @@ class Surface:
         if route is Route.STATUS:
             return _json(200, lifecycle.snapshot(), "application/json", head=head)
         if route is Route.EVENTS:
-            if len(lifecycle.events) >= lifecycle.events.max_subscribers:
-                return EVENTS_FULL
-            return OpenEvents()
+            return OpenEvents()  # the adapter admits it, or answers EVENTS_OFF or EVENTS_FULL
         try:
             params = self._params(route, query)
         except ValueError as exc:

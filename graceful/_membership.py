@@ -2,7 +2,8 @@
 
 No I/O, no clock, no threads: the pool passes ``now`` and what it learned (a push notice, a
 response header, a refused or timed-out connection, a probe), and asks which node to call next
-and which nodes are due a probe. One rule table says where each thing it learns takes a node.
+and which nodes are due a probe. One rule table says where each thing it learns takes a node;
+a read timeout acts only when it is the ``read_timeouts_to_down``-th in a row.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Learned(str, enum.Enum):
     RESPONSE_DRAINING = "response: draining"
     REFUSED = "refused"
     CONNECT_TIMEOUT = "connect timeout"
+    READ_TIMEOUT = "read timeout"
     PROBE_READY = "probe: ready"
     PROBE_NOT_READY = "probe: not ready"
     PROBE_UNREACHABLE = "probe: unreachable"
@@ -46,6 +48,7 @@ RULES: dict[Learned, NodeState] = {
     Learned.RESPONSE_DRAINING: NodeState.DRAINING,
     Learned.REFUSED: NodeState.DOWN,
     Learned.CONNECT_TIMEOUT: NodeState.DOWN,
+    Learned.READ_TIMEOUT: NodeState.DOWN,  # counted: see Membership
     Learned.PROBE_READY: NodeState.IN_SERVICE,
     Learned.PROBE_NOT_READY: NodeState.DRAINING,
     Learned.PROBE_UNREACHABLE: NodeState.DOWN,
@@ -81,6 +84,8 @@ class _Node:
     reason: str
     inflight: int = 0
     next_probe: float | None = None
+    read_timeouts: int = 0
+    """Read timeouts since the last answer to a call."""
 
 
 class Membership:
@@ -89,6 +94,13 @@ class Membership:
     ``balance`` is ``"round_robin"`` or ``"least_inflight"``. A node out of rotation is due a
     probe every ``probe_interval`` seconds, less a random jitter of up to ``jitter`` of it (so
     many callers do not probe in step, and a node is back within ``probe_interval``).
+
+    A read timeout takes a node down only when it is the ``read_timeouts_to_down``-th since the
+    node last answered a call (:meth:`answered`): one slow answer is no sign of a hung node, but
+    a node that accepts and never answers costs every caller it gets a whole read timeout. A
+    passing probe does not reset the count (``/readyz`` is answered by the middleware, not the
+    app, which may be the part that hangs), so a node probed back goes down again at its next
+    read timeout, until it answers a call.
     """
 
     def __init__(
@@ -99,6 +111,7 @@ class Membership:
         probe_interval: float = 5.0,
         jitter: float = 0.2,
         balance: str = "round_robin",
+        read_timeouts_to_down: int = 3,
         rng: random.Random | None = None,
     ) -> None:
         if not urls:
@@ -111,7 +124,12 @@ class Membership:
             raise ValueError(f"jitter must be in [0, 1), not {jitter!r}")
         if balance not in ("round_robin", "least_inflight"):
             raise ValueError(f"balance must be 'round_robin' or 'least_inflight', not {balance!r}")
+        if read_timeouts_to_down < 1:
+            raise ValueError(
+                f"read_timeouts_to_down must be at least 1, not {read_timeouts_to_down!r}"
+            )
         self.probe_interval = probe_interval
+        self.read_timeouts_to_down = read_timeouts_to_down
         self.jitter = jitter
         self.balance = balance
         self._rng = rng or random.Random()  # noqa: S311 - probe jitter, not a secret
@@ -138,11 +156,21 @@ class Membership:
     def end(self, url: str) -> None:
         self._nodes[url].inflight -= 1
 
+    def answered(self, url: str) -> None:
+        """A call to ``url`` got an answer (any status): its read timeouts count from zero."""
+        self._nodes[url].read_timeouts = 0
+
     # -- learning --------------------------------------------------------------------------
 
     def learn(self, url: str, learned: Learned, now: float, detail: str = "") -> NodeStatus | None:
         """Apply what was learned about ``url``; its new status when its state changed."""
         node = self._nodes[url]
+        if learned is Learned.READ_TIMEOUT:
+            node.read_timeouts += 1
+            if node.read_timeouts < self.read_timeouts_to_down:
+                return None
+            if node.read_timeouts > 1:
+                detail = ", ".join(filter(None, (f"{node.read_timeouts} in a row", detail)))
         state = RULES[learned]
         if state is NodeState.IN_SERVICE:
             node.next_probe = None

@@ -7,7 +7,11 @@ slot per worker. There is no lock a killed process could hold:
   worker before forking it and clears it when the worker has exited, so a SIGKILLed worker
   cannot leave a count behind;
 - the header (the node's drain state) is written by whoever starts a drain, resume or stop,
-  last writer wins, with a generation number that readers compare to notice a change;
+  last writer wins, with a generation number that readers compare to notice a change; two
+  header words are not "last writer wins": the final flag (a stop is under way: once set, never
+  cleared, so a resume written late by a worker that had not seen the stop yet is ignored) and
+  the time the node's drain started (monotonic; CLOCK_MONOTONIC is system-wide on Linux), kept
+  while the node stays draining, so that a late joiner's delay counts from the node's drain;
 - the header's retired total (requests exited workers served while draining) is written by the
   master only, as it clears their slots, so that node-wide counter never goes down.
 
@@ -21,6 +25,7 @@ Texts (the drain reason, a request's method and path) are informative only and m
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import threading
@@ -31,6 +36,7 @@ from collections.abc import Callable
 from .lifecycle import Lifecycle, Phase, get_lifecycle
 
 __all__ = [
+    "NodeStreams",
     "SharedNode",
     "SlotView",
     "WorkerFollower",
@@ -45,13 +51,16 @@ logger = logging.getLogger("graceful")
 _WORD = 8
 # header words: generation, phase code, reason (8 words), releases (odd while the master moves
 # a cleared slot's count into the retired total), retired (served while draining by workers
-# that have exited), spare
-_GENERATION, _PHASE, _REASON, _RELEASES, _RETIRED, _HEADER_WORDS = 0, 1, 2, 10, 11, 16
+# that have exited), final (1 once a stop is under way), drain start (a float), spare (14, 15)
+_GENERATION, _PHASE, _REASON, _RELEASES, _RETIRED, _FINAL, _SINCE, _HEADER_WORDS = (
+    0, 1, 2, 10, 11, 12, 13, 16
+)  # fmt: skip
 _REASON_BYTES = 64
 # slot words: pid, in flight, websockets, oldest start (a float), served while draining,
-# method (2 words), path (12 words)
-_PID, _INFLIGHT, _WEBSOCKETS, _OLDEST, _SERVED, _METHOD, _PATH, _SLOT_WORDS = (
-    0, 1, 2, 3, 4, 5, 7, 19
+# method (2 words), path (12 words), open events streams (written by the worker's
+# graceful._events.PROCESS, not by its follower)
+_PID, _INFLIGHT, _WEBSOCKETS, _OLDEST, _SERVED, _METHOD, _PATH, _STREAMS, _SLOT_WORDS = (
+    0, 1, 2, 3, 4, 5, 7, 19, 20
 )  # fmt: skip
 _METHOD_BYTES, _PATH_BYTES = 16, 96
 _FREE, _CLAIMED = 0, -1
@@ -102,6 +111,7 @@ class SharedNode:
         self._words = memoryview(self._map).cast("q")
         self._floats = memoryview(self._map).cast("d")
         self._claim_lock = threading.Lock()  # within the master only
+        self._floats[_SINCE] = math.nan
         self.write_header(Phase.SERVING, "serving")
 
     def _text(self, word: int, size: int, encoding: str) -> str:
@@ -126,8 +136,29 @@ class SharedNode:
         """Whether the node is draining or stopping (one word read)."""
         return self._words[_PHASE] in _ANNOUNCING_CODES
 
-    def write_header(self, phase: Phase, reason: str) -> int:
+    def drain_state(self) -> tuple[float | None, bool]:
+        """When the node's drain started (None while serving), and whether a stop is under way."""
+        final = self._words[_FINAL] == 1
+        if self._words[_PHASE] == _CODES[Phase.SERVING]:
+            return None, final
+        since = self._floats[_SINCE]
+        return (None if math.isnan(since) else since), final
+
+    def write_header(
+        self, phase: Phase, reason: str, *, final: bool = False, since: float | None = None
+    ) -> int:
+        """Announce ``phase`` to the node. ``since``: when the drain started (kept from an
+        earlier drain while the node stays draining); ``final``: set the final flag for good.
+        Written before the phase and the generation, which readers look at first."""
         generation = self.generation() + 1
+        if phase is Phase.SERVING:
+            self._floats[_SINCE] = math.nan
+        elif since is not None and (
+            self._words[_PHASE] == _CODES[Phase.SERVING] or math.isnan(self._floats[_SINCE])
+        ):
+            self._floats[_SINCE] = since
+        if final:
+            self._words[_FINAL] = 1
         self._put_text(_REASON, _REASON_BYTES, reason.encode("utf-8"))
         self._words[_PHASE] = _CODES[phase]
         self._words[_GENERATION] = generation
@@ -176,7 +207,7 @@ class SharedNode:
 
     def _clear(self, index: int) -> None:
         base = self._base(index)
-        for word in (_INFLIGHT, _WEBSOCKETS, _SERVED):
+        for word in (_INFLIGHT, _WEBSOCKETS, _SERVED, _STREAMS):
             self._words[base + word] = 0
         self._floats[base + _OLDEST] = 0.0
         self._put_text(base + _METHOD, _METHOD_BYTES, b"")
@@ -226,6 +257,32 @@ class SharedNode:
                     count += words[base + _INFLIGHT]
         return count
 
+    def set_streams(self, index: int, count: int) -> None:
+        """The open events streams of the worker in slot ``index`` (that worker only)."""
+        self._words[self._base(index) + _STREAMS] = count
+
+    def streams(self, exclude: int | None = None) -> int:
+        """Events streams open in every worker but ``exclude`` (one word read a slot; a free
+        or claimed slot holds 0)."""
+        words = self._words
+        return sum(
+            words[self._base(index) + _STREAMS] for index in range(self.slots) if index != exclude
+        )
+
+
+class NodeStreams:
+    """A worker's view of the node's events streams (a :class:`graceful._events.NodeStreams`)."""
+
+    def __init__(self, shared: SharedNode, index: int) -> None:
+        self.shared = shared
+        self.index = index
+
+    def publish(self, count: int) -> None:
+        self.shared.set_streams(self.index, count)
+
+    def others(self) -> int:
+        return self.shared.streams(exclude=self.index)
+
 
 class SlotView:
     """What one process's lifecycle sees of the node (the :class:`~graceful.lifecycle.Node`).
@@ -251,8 +308,22 @@ class SlotView:
             counts[str(os.getpid())] = own
         return counts
 
-    def announce(self, phase: Phase, reason: str) -> None:
-        self.shared.write_header(phase, reason)
+    def announce(
+        self, phase: Phase, reason: str, *, final: bool = False, since: float | None = None
+    ) -> None:
+        """Write a phase that started in this process to the header.
+
+        Only the master's stop is the node's: a worker's own stop (its process exits, say at
+        ``max_requests``, where uvicorn's lifespan shutdown stops its lifecycle) is not
+        written, or every other worker would follow it and answer "stopping" for good."""
+        master = self.index is None
+        if phase is Phase.STOPPING and not master:
+            return
+        header_phase = Phase.DRAINING if phase is Phase.DRAINED else phase
+        self.shared.write_header(header_phase, reason, final=final and master, since=since)
+
+    def drain_state(self) -> tuple[float | None, bool]:
+        return self.shared.drain_state()
 
     def stuck(self, now: float) -> list[tuple[str, str, float]]:
         """The oldest request of each other worker with work in flight (all a slot holds)."""
@@ -299,7 +370,8 @@ class WorkerFollower:
         if view.index is not None:
             view.shared.publish(view.index, lifecycle)
         _generation, phase, reason = view.shared.header()
-        lifecycle.follow(phase, reason)
+        since, final = view.shared.drain_state()
+        lifecycle.follow(phase, reason, final=final, since=since)
 
     def _run(self) -> None:
         reported: float | None = None

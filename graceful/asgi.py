@@ -17,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Iterable
 
 from ._adapter import AdapterBase
 from ._events import Subscriber, format_comment, format_event
 from ._goodbye import Goodbye
 from ._http import (
-    EVENTS_FULL,
     EVENTS_HEADERS,
+    NEVER_REJECTED,
+    REJECTED_HEADER,
     OpenEvents,
     Response,
     Route,
@@ -40,6 +42,7 @@ logger = logging.getLogger("graceful")
 
 _ANNOUNCE = (b"graceful-state", b"draining")
 _CLOSE = (b"connection", b"close")
+_MARK = REJECTED_HEADER.lower().encode()
 _FINAL_PHASES = ("stopping", "stopped")
 
 
@@ -93,16 +96,19 @@ class ASGIMiddleware(AdapterBase):
         now = self._clock()
         if self.drain_file is not None:
             self.drain_file.check(now)
+        method = scope["method"]
         if self.lifecycle.announcing:
-            # Decided at arrival, like the WSGI middleware: free while serving.
+            # Decided at arrival, like the WSGI middleware.
             http1 = scope.get("http_version", "1.1") in ("1.0", "1.1")
-            if self.surface.rejection is not None:
+            if self.surface.rejection is not None and method not in NEVER_REJECTED:
                 # Reject mode: a retrying proxy sends it elsewhere; never the app, never counted.
                 await _respond(self.surface.rejection, send, close=http1)
                 return
             send = _announcing(send, http1)
             self.lifecycle.count_served_while_draining()
-        token = tracker.begin(scope["method"], path, now)
+        else:
+            send = _serving(send)
+        token = tracker.begin(method, path, now)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -192,9 +198,9 @@ class ASGIMiddleware(AdapterBase):
         await _respond(outcome, send)
 
     async def _events(self, receive: Receive, send: Send) -> None:
-        subscriber = self.lifecycle.subscribe()
-        if subscriber is None:
-            await _respond(EVENTS_FULL, send)  # another subscriber took the last slot
+        subscriber = self._subscribe(multithread=True)  # streams are cheap on an event loop
+        if isinstance(subscriber, Response):  # 503 full (204 off only under a sync server)
+            await _respond(subscriber, send)
             return
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
@@ -249,12 +255,32 @@ def _ready(lifecycle: Lifecycle) -> None:
         lifecycle.mark_ready()
 
 
+def _serving(send: Send) -> Send:
+    """``send`` removing the reject-mode mark from the app's 503s (other messages pass as they
+    are: one dict lookup and one comparison). A plain function returning ``send``'s awaitable,
+    not a coroutine of its own: that would cost each message a coroutine and a frame more."""
+
+    def serving_send(message: Message) -> Awaitable[None]:
+        if message.get("status") == 503:
+            message = {**message, "headers": _unmarked(message.get("headers", ()))}
+        return send(message)
+
+    return serving_send
+
+
+def _unmarked(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` without the reject-mode mark: only the middleware's own rejection has it."""
+    return [(name, value) for name, value in headers if name.lower() != _MARK]
+
+
 def _announcing(send: Send, http1: bool) -> Send:
-    """``send`` adding ``graceful-state: draining`` (and on HTTP/1.x ``connection: close``)."""
+    """``send`` adding ``graceful-state: draining`` (and on HTTP/1.x ``connection: close``),
+    removing the reject-mode mark from the app's 503s."""
 
     async def announcing_send(message: Message) -> None:
         if message["type"] == "http.response.start":
-            headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
+            drop = (b"connection", _MARK) if message.get("status") == 503 else (b"connection",)
+            headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in drop]
             headers.append(_ANNOUNCE)
             if http1:
                 headers.append(_CLOSE)

@@ -13,8 +13,10 @@ reports one line per finding: ``error:`` for what fails requests, ``warning:`` f
   it closes a connection nginx is about to reuse.
 - nginx's passive checks: a server without ``max_fails=0`` in a group of several can be marked
   failed while it restarts; a quick rollout can leave no live upstream at all.
-- Reject mode (``GRACEFUL_REJECT_WHEN_DRAINING``): nginx must retry the draining node's 503,
-  POSTs included (``proxy_next_upstream ... http_503 non_idempotent``).
+- Reject mode (``GRACEFUL_REJECT_WHEN_DRAINING``): nginx must retry the draining node's 503
+  (``proxy_next_upstream ... http_503``).
+- ``non_idempotent`` in ``proxy_next_upstream``: nginx then sends a POST a node answered 503
+  to, crashed or timed out on to the next node as well, and the app can run it twice.
 
 Exit status: 0 nothing wrong (warnings allowed), 1 an error found, 2 a bad command line or a
 file that cannot be read or parsed.
@@ -34,18 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from . import budget
+from ._options import seconds_type
 from .config import ENV_PREFIX, Config, ConfigError
 
 __all__ = ["SERVER_KEEPALIVE", "Finding", "add_verb", "check", "run"]
 
 OK, FOUND_ERRORS, UNREADABLE = 0, 1, 2
 
-#: Idle keep-alive timeouts of the servers, by default: gunicorn ``--keep-alive`` (2 s) and
-#: uvicorn ``--timeout-keep-alive`` (5 s), with the option that changes each.
-SERVER_KEEPALIVE = {"gunicorn": (2.0, "--keep-alive"), "uvicorn": (5.0, "--timeout-keep-alive")}
+#: Idle keep-alive timeouts of the servers, by default, with the option that changes each:
+#: gunicorn ``--keep-alive`` as ``graceful.gunicorn`` sets it (5 s; gunicorn alone: 2 s) and
+#: uvicorn ``--timeout-keep-alive`` (5 s).
+SERVER_KEEPALIVE = {"gunicorn": (5.0, "--keep-alive"), "uvicorn": (5.0, "--timeout-keep-alive")}
 #: nginx's ``keepalive_timeout`` inside an ``upstream`` block, when not set.
 NGINX_UPSTREAM_KEEPALIVE_TIMEOUT = 60.0
-RETRY_RULE = "proxy_next_upstream error timeout http_503 non_idempotent;"
+RETRY_RULE = "proxy_next_upstream error timeout http_503;"
 
 
 class Unreadable(Exception):
@@ -210,7 +214,8 @@ def _server_keepalive(server: str | None, seconds: float | None) -> tuple[float,
     if server is None:
         return None
     default, option = SERVER_KEEPALIVE[server]
-    return default, f"{server} {option} (its default)"
+    source = "as graceful.gunicorn sets it" if server == "gunicorn" else "its default"
+    return default, f"{server} {option} ({source})"
 
 
 def nginx_findings(
@@ -258,9 +263,27 @@ def nginx_findings(
                     f"raise the server's idle timeout to {enough} s or more",
                 )
             )
+    findings += _resend_findings(nginx)
     if config.reject_when_draining:
         findings += _retry_findings(nginx)
     return findings
+
+
+def _resend_findings(nginx: _Nginx) -> list[Finding]:
+    """``non_idempotent`` lets nginx send a POST, PATCH or LOCK again after a node had it."""
+    return [
+        Finding(
+            "error",
+            path,
+            f"line {line}: proxy_next_upstream {' '.join(args)}: with non_idempotent nginx "
+            "sends a POST, PATCH or LOCK to the next node after a node had it (its app "
+            "answered 503, it crashed or timed out while running it), so the app can run it "
+            "twice; drop non_idempotent (in reject mode graceful serves POST, PATCH and LOCK "
+            f"while draining, so they need no retry): `{RETRY_RULE}`",
+        )
+        for path, line, args in nginx.retry_rules
+        if "non_idempotent" in args
+    ]
 
 
 def _retry_findings(nginx: _Nginx) -> list[Finding]:
@@ -276,16 +299,14 @@ def _retry_findings(nginx: _Nginx) -> list[Finding]:
         ]
     findings = []
     for path, line, args in nginx.retry_rules:
-        missing = [word for word in ("http_503", "non_idempotent") if word not in args]
-        if missing:
+        if "http_503" not in args:
             findings.append(
                 Finding(
                     "error",
                     path,
-                    f"line {line}: proxy_next_upstream {' '.join(args)} lacks "
-                    f"{' and '.join(missing)}: with GRACEFUL_REJECT_WHEN_DRAINING on, a "
-                    "draining node's 503 (for a POST too) reaches the client instead of the "
-                    f"next node; use `{RETRY_RULE}`",
+                    f"line {line}: proxy_next_upstream {' '.join(args)} lacks http_503: with "
+                    "GRACEFUL_REJECT_WHEN_DRAINING on, a draining node's 503 reaches the client "
+                    f"instead of the next node; use `{RETRY_RULE}`",
                 )
             )
     return findings
@@ -397,14 +418,7 @@ def run(args: argparse.Namespace) -> int:
 # -- the command line -----------------------------------------------------------------------
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in [0, 86400]")
-    return value
+_seconds = seconds_type(allow_zero=True)
 
 
 EPILOG = """exit codes:
@@ -414,7 +428,8 @@ EPILOG = """exit codes:
 
 The manifest and the unit are checked with their own GRACEFUL_* settings (what the process gets
 there); the settings from the environment, --env-file and the flags are held to --stop-timeout
-and decide whether reject mode's nginx retry rule is required."""
+and decide whether reject mode's nginx retry rule (http_503) is required. non_idempotent in a
+proxy_next_upstream is an error in any mode: nginx can then run a POST twice."""
 
 
 def add_verb(
@@ -448,7 +463,8 @@ def add_verb(
     add(
         "--server",
         choices=sorted(SERVER_KEEPALIVE),
-        help="the app server, for its default idle keep-alive timeout (gunicorn 2 s, uvicorn 5 s)",
+        help="the app server, for its default idle keep-alive timeout (gunicorn under "
+        "graceful.gunicorn 5 s, uvicorn 5 s; gunicorn alone: --server-keepalive 2)",
     )
     add(
         "--server-keepalive",

@@ -15,6 +15,7 @@ import requests
 
 from . import check_config, demo
 from ._http import MAX_WAIT
+from ._options import count_type, seconds_type
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -29,11 +30,15 @@ EXIT_CODES = {
     UNAUTHORIZED: "401: missing or wrong token (--token or GRACEFUL_TOKEN)",
     CONTROL_OFF: "404: the node has no token configured, so its control routes are off",
     TIMED_OUT: "the node did not get there (or answer) within --timeout "
-    "(nginx: the reload was not confirmed, or another edit held the lock)",
-    BAD_EDIT: "nginx: the upstream file cannot be read, written or parsed, or has no such "
-    "upstream or server (file untouched)",
-    NGINX_REJECTED: "nginx: nginx -t rejected the edit (file restored; nginx's message printed)",
-    NOT_APPLIED: "nginx: no master running, nginx could not run or reload failed (file restored)",
+    "(nginx: another edit held the lock, or the reload was not confirmed: file restored)",
+    BAD_EDIT: "nginx: the upstream file cannot be read, written or parsed, has no such "
+    "upstream or server, is not part of nginx's configuration (nginx -T), or the edit would "
+    "leave no server up (--force) (file untouched)",
+    NGINX_REJECTED: "nginx: nginx -T or nginx -t rejected the configuration (file untouched or "
+    "restored; nginx's message printed)",
+    NOT_APPLIED: "nginx: no nginx master of this configuration runs (the pid file is missing, "
+    "stale or names another process: nothing signalled), nginx could not run, or the master "
+    "exited during the reload (file untouched or restored)",
     ROLLOUT_STOPPED: "rollout: a step failed; that node is out of rotation, the nodes not yet "
     "touched are in service (the output says which step and why)",
     INTERRUPTED: "interrupted (Ctrl-C)",
@@ -63,20 +68,21 @@ def _base_url(text: str) -> str:
     return text.rstrip("/")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds in (0, 86400]")
-    return value
+_seconds = seconds_type()
 
 
 def _path(text: str) -> str:
     if not text.startswith("/") or any(c in text for c in "?# "):
         raise argparse.ArgumentTypeError(f"{text!r} is not a path like /readyz")
     return text.rstrip("/") or "/"
+
+
+def _request_path(text: str) -> str:
+    """A path to GET, with a query string if it has one: ``/items.json?_size=20``."""
+    path, _, query = text.partition("?")
+    if not path.startswith("/") or any(c in text for c in "# \t\r\n") or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a path like /version or /items?size=20")
+    return (path.rstrip("/") or "/") + (f"?{query}" if query else "")
 
 
 def _token(token: str | None) -> str | None:
@@ -236,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"exit codes:\n{codes}\n\nThe token comes from --token or GRACEFUL_TOKEN.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"graceful-drain {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -314,9 +320,16 @@ def cmd_nginx(args: argparse.Namespace) -> int:
                 print(f"{server.address} {server.state} {params}".rstrip())
             return OK
         change = (
-            controller.down(args.server) if args.action == "down" else controller.up(args.server)
+            controller.down(args.server, force=args.force)
+            if args.action == "down"
+            else controller.up(args.server)
         )
-    except (nginx.UpstreamFileError, nginx.UnknownUpstreamError, nginx.UnknownServerError) as exc:
+    except (
+        nginx.UpstreamFileError,
+        nginx.UnknownUpstreamError,
+        nginx.UnknownServerError,
+        nginx.LastServerError,
+    ) as exc:
         raise Failure(BAD_EDIT, str(exc)) from None
     except nginx.ValidationError as exc:
         raise Failure(NGINX_REJECTED, str(exc)) from None
@@ -336,8 +349,11 @@ def _nginx_verbs(verbs: Any, epilog: str | None) -> None:
         "nginx",
         help="mark a server of an nginx upstream down or up (validate, reload, confirm)",
         description="Edit the server lines of one upstream in a file of its own: status, down, "
-        "up. Each edit is locked, written atomically (FILE.prev keeps the previous content), "
-        "checked with nginx -t (rolled back when it fails), reloaded and confirmed.",
+        "up. Each edit is locked, made only in a file nginx -T lists, written atomically "
+        "(FILE.prev keeps the previous content), checked with nginx -t, reloaded by a SIGHUP to "
+        "the master once its pid is confirmed to be the nginx master of that configuration, and "
+        "confirmed; any failure after the write restores the file. down refuses to take out the "
+        "last server that is up unless --force.",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -356,7 +372,14 @@ def _nginx_verbs(verbs: Any, epilog: str | None) -> None:
         )
         if action == "status":
             sub.add_argument("--json", action="store_true", help="print the servers as JSON")
-        else:
+        if action == "down":
+            sub.add_argument(
+                "--force",
+                action="store_true",
+                help="take the server out even when it is the last one up (nginx then answers "
+                "502 to every request)",
+            )
+        if action != "status":
             sub.add_argument(
                 "server", metavar="SERVER", help="its address as on the server line (or a URL)"
             )
@@ -418,6 +441,8 @@ def _balancer(args: argparse.Namespace) -> Any:
     def flags(names: list[str]) -> str:
         return ", ".join("--" + name.replace("_", "-") for name in names)
 
+    if args.lb != "nginx" and args.force:
+        nginx_given.append("force")
     if args.lb != "nginx" and nginx_given:
         raise rollout.RolloutUsageError(f"{flags(nginx_given)}: only for --lb nginx")
     if args.lb != "haproxy" and haproxy_given:
@@ -435,7 +460,7 @@ def _balancer(args: argparse.Namespace) -> Any:
             prefix=args.nginx_prefix,
             pid_file=args.nginx_pid_file,
         )
-        return rollout.NginxBalancer(controller)
+        return rollout.NginxBalancer(controller, force=args.force)
     if args.lb == "haproxy":
         if len(haproxy_given) < 2:
             raise rollout.RolloutUsageError(
@@ -451,10 +476,7 @@ def _balancer(args: argparse.Namespace) -> Any:
     return rollout.NoBalancer(args.lb)
 
 
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
+_count = count_type(minimum=1)
 
 
 def _rollout_verb(verbs: Any, epilog: str | None) -> None:
@@ -473,7 +495,13 @@ def _rollout_verb(verbs: Any, epilog: str | None) -> None:
         "--node", action="append", required=True, type=_base_url, metavar="URL",
         help="a node's base URL, e.g. http://10.0.0.5:8000 (repeat, in rollout order)",
     )  # fmt: skip
-    sub.add_argument("--restart", required=True, metavar="CMD", help="restarts one node")
+    sub.add_argument(
+        "--restart",
+        required=True,
+        metavar="CMD",
+        help="restarts one node; done when the command exits (a server it starts in the "
+        "background may keep running)",
+    )
     sub.add_argument(
         "--lb",
         choices=("nginx", "haproxy", "readiness", "none"),
@@ -486,11 +514,18 @@ def _rollout_verb(verbs: Any, epilog: str | None) -> None:
     sub.add_argument("--nginx-conf", metavar="PATH", help="nginx -c (default: nginx's own)")
     sub.add_argument("--nginx-prefix", metavar="PATH", help="nginx -p (default: nginx's own)")
     sub.add_argument("--nginx-pid-file", metavar="PATH", help="default: from the conf's pid line")
+    sub.add_argument(
+        "--force",
+        action="store_true",
+        help="--lb nginx: go on even when a node is the last server up (nginx then answers 502 "
+        "while it restarts)",
+    )
     sub.add_argument("--haproxy-socket", metavar="PATH", help="runtime API socket (level admin)")
     sub.add_argument("--haproxy-backend", metavar="NAME", help="the backend holding the nodes")
     sub.add_argument(
-        "--verify", action="append", default=[], type=_path, metavar="PATH",
-        help="GET it on the restarted node directly; must answer 2xx (repeatable)",
+        "--verify", action="append", default=[], type=_request_path, metavar="PATH",
+        help="GET it (a path, with a query string if any) on the restarted node directly; "
+        "must answer 2xx (repeatable)",
     )  # fmt: skip
     sub.add_argument("--before-restart", metavar="CMD", help="run before each restart")
     sub.add_argument("--token", help="bearer token (default: $GRACEFUL_TOKEN); drains nodes")
@@ -504,7 +539,7 @@ def _rollout_verb(verbs: Any, epilog: str | None) -> None:
             name, type=_seconds, default=default, metavar="S", help=f"{what} (default {default:g})"
         )
     sub.add_argument(
-        "--settle", type=float, metavar="S",
+        "--settle", type=seconds_type(allow_zero=True), metavar="S",
         help="after giving a node its traffic back, wait S seconds for the load balancer's own "
         "checks to admit it before the next node (default 2 with --lb readiness, else 0: the "
         "rollout confirms nginx and haproxy itself)",

@@ -11,13 +11,23 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 
 from ._types import Check
 
-__all__ = ["ENV_PREFIX", "Config", "ConfigError", "default_delay"]
+__all__ = [
+    "ENV_PREFIX",
+    "MAX_SECONDS",
+    "MIN_TOKEN_LENGTH",
+    "Config",
+    "ConfigError",
+    "default_delay",
+    "parse_count",
+    "parse_seconds",
+]
 
 logger = logging.getLogger("graceful")
 
@@ -25,12 +35,41 @@ ENV_PREFIX = "GRACEFUL_"
 
 Kind = Literal["seconds", "optional_seconds", "count", "path", "token", "file", "checks", "bool"]
 
+#: The longest any duration may be (a day): past it a setting is a typo, and the waits built on
+#: it would overflow (``threading`` refuses timeouts past ~292 years, ``1e10`` s killed threads).
+MAX_SECONDS = 86400.0
+#: The shortest bearer token a node accepts: a short token can be guessed.
+MIN_TOKEN_LENGTH = 16
+
+# The numbers the README documents: plain ASCII decimals. No sign, exponent, ``_`` separator,
+# ``inf``/``nan`` or non-ASCII digit (``float`` and ``int`` take all of those).
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_WHOLE = re.compile(r"[0-9]+")
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
 class ConfigError(ValueError):
     """A setting has a value that is not allowed. The message names the setting."""
+
+
+def parse_seconds(text: str) -> float:
+    """A number of seconds written as a plain decimal (``2``, ``0.5``, ``.25``).
+
+    Raises :class:`ValueError` for anything else: signs, exponents (``1e3``), ``1_000``,
+    non-ASCII digits, ``inf`` and ``nan``. Upper bounds are the caller's to check.
+    """
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{text[:40]!r} is not a plain decimal number like 2 or 0.5")
+    return float(text)
+
+
+def parse_count(text: str) -> int:
+    """A whole number written with ASCII digits only (``100``); :class:`ValueError` otherwise."""
+    if not _WHOLE.fullmatch(text):
+        raise ValueError(f"{text[:40]!r} is not a whole number like 100")
+    return int(text)
 
 
 def default_delay(environ: Mapping[str, str] | None = None) -> float:
@@ -115,7 +154,7 @@ class Config:
     reject_when_draining: bool = _setting(
         False,
         "bool",
-        "While draining, answer new requests 503 with Retry-After before the app sees them, so "
+        "While draining, answer new requests but POST/PATCH/LOCK 503 (Graceful-Rejected: 1) so "
         "a retrying proxy (nginx proxy_next_upstream http_503) sends them elsewhere. Off: direct "
         "callers are served to the end.",
     )
@@ -155,12 +194,11 @@ class Config:
         for field in names.values():
             kind = field.metadata["kind"]
             key = ENV_PREFIX + field.name.upper()
-            if kind == "checks" or key not in env:
+            # An override wins, unread: its own check names the setting.
+            if kind == "checks" or key not in env or field.name in overrides:
                 continue
             value = _parse_env(key, kind, env[key])
-            if field.name not in overrides:  # an override wins: its own check names the setting
-                value = _validate_env(key, field.name, kind, env[key], value)
-            values[field.name] = value
+            values[field.name] = _validate_env(key, field.name, kind, env[key], value)
         values.setdefault("delay", default_delay(env))  # Kubernetes is detected in ``env`` too
         known = {ENV_PREFIX + n.upper() for n, f in names.items() if f.metadata["kind"] != "checks"}
         for key in sorted(env):
@@ -191,10 +229,15 @@ def _parse_env(key: str, kind: str, raw: str) -> Any:
         if kind == "optional_seconds" and text.lower() in ("", "none", "off"):
             return None
         try:
-            return int(text) if kind == "count" else float(text)
+            return parse_count(text) if kind == "count" else parse_seconds(text)
         except ValueError:
-            allowed = "a whole number" if kind == "count" else "a number of seconds"
-            raise ConfigError(f"{key}={raw!r} is not a number; expected {allowed}") from None
+            allowed = (
+                "a whole number >= 0 written with plain digits, like 100"
+                if kind == "count"
+                else "a number of seconds >= 0 written as plain decimal digits, like 2 or 0.5"
+            )
+            name = key.removeprefix(ENV_PREFIX).lower()
+            raise ConfigError(f"{key}={raw!r} is not a number; {name} expects {allowed}") from None
     if kind == "bool":
         if text.lower() in _TRUE:
             return True
@@ -247,10 +290,16 @@ def _validate_seconds(name: str, value: Any, *, allow_zero: bool) -> float:
         seconds = float(value)
     except OverflowError:  # an int too large for a float: as unusable as infinity
         seconds = math.inf
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
+    if (
+        not math.isfinite(seconds)
+        or seconds < 0
+        or (seconds == 0 and not allow_zero)
+        or seconds > MAX_SECONDS
+    ):
+        low = ">= 0" if allow_zero else "> 0"
         raise ConfigError(
-            f"{name}={value!r} is not allowed; expected a finite number of seconds {bound}"
+            f"{name}={value!r} is not allowed; expected a number of seconds {low} and at most "
+            f"{MAX_SECONDS:g} (a day)"
         )
     return seconds
 
@@ -279,6 +328,12 @@ def _validate_token(name: str, value: Any) -> str | None:
         raise ConfigError(
             f"{name} is not allowed (value hidden); expected printable ASCII without spaces, "
             "or None to turn the control routes off"
+        )
+    if len(value) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"{name} is too short ({len(value)} characters, value hidden); use at least "
+            f"{MIN_TOKEN_LENGTH} random characters, e.g. the output of "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
     return value
 

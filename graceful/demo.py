@@ -9,7 +9,8 @@ steady load (a few threads, GETs and POSTs with ids), and restarts every node tw
 
 With nginx on the PATH (``--via nginx``) the load goes through nginx: in the naive round with
 nginx's own defaults, in the graceful round with ``integrations/nginx/graceful-proxy.conf`` (a
-draining node's 503 and a refused connection are sent to the next node). Without nginx
+draining node's 503 and a refused connection are sent to the next node; a POST that reached a
+node never is). Without nginx
 (``--via pool``) the naive round calls the nodes round-robin with a plain ``requests.Session``
 (no retries) and the graceful round through :class:`graceful.client.Pool`.
 
@@ -43,6 +44,8 @@ from typing import Any, TextIO
 
 import requests
 
+from .config import parse_count, parse_seconds
+
 __all__ = ["add_verb", "main", "run"]
 
 SERVERS = ("uvicorn", "gunicorn")
@@ -67,7 +70,11 @@ SNIPPET = Path(__file__).resolve().parents[1] / "integrations" / "nginx" / "grac
 SNIPPET_DIRECTIVES = """\
 proxy_http_version 1.1;
 proxy_set_header Connection "";
-proxy_next_upstream error timeout http_503 non_idempotent;
+proxy_set_header Host $host;
+proxy_set_header X-Real-IP $remote_addr;
+proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+proxy_set_header X-Forwarded-Proto $scheme;
+proxy_next_upstream error timeout http_503;
 proxy_request_buffering on;
 """
 #: nginx's own retry rules with upstream keep-alive: a site without the library's snippet.
@@ -83,7 +90,7 @@ class DemoError(Exception):
 
 def _count(text: str) -> int:
     try:
-        value = int(text)
+        value = parse_count(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 2:
@@ -97,7 +104,7 @@ def _count(text: str) -> int:
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text)
+        value = parse_seconds(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0 or value > 600:

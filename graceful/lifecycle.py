@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from . import signals
-from ._events import EventHub, Subscriber
+from ._events import EventHub, Refusal, Subscriber
 from ._inflight import InflightTracker
 from .config import Config
 
@@ -106,19 +106,25 @@ _HINTS = {
     Event.STOPPED: "call stop() first",
 }
 
+#: A drain that started longer ago than this when this process took it on joined the node's.
+_JOINED = 0.05
+
 #: Phases in which responses tell keep-alive callers to go elsewhere.
 ANNOUNCING = frozenset({Phase.DRAINING, Phase.DRAINED, Phase.STOPPING})
+
+
+#: Why a resume is refused once a stop has begun (see :attr:`Lifecycle.final`).
+_STOP_UNDER_WAY = "a stop is under way and cannot be undone; in-flight work finishes, then it exits"
 
 
 class LifecycleError(RuntimeError):
     """An event that the current phase does not allow."""
 
-    def __init__(self, phase: Phase, event: Event) -> None:
+    def __init__(self, phase: Phase, event: Event, hint: str | None = None) -> None:
         self.phase = phase
         self.event = event
-        super().__init__(
-            f"cannot {event} while {phase.value}: {_HINTS.get(event, '')}".rstrip(": ")
-        )
+        hint = _HINTS.get(event, "") if hint is None else hint
+        super().__init__(f"cannot {event} while {phase.value}: {hint}".rstrip(": "))
 
 
 #: Events a process shares with the other processes of its node (see :class:`Node`).
@@ -132,8 +138,9 @@ _SHARED_EVENTS = {
 class Node(Protocol):
     """The other processes of this node (gunicorn's workers and master), when there are any.
 
-    Implemented over shared memory by :mod:`graceful._shared`; the lifecycle only asks how much
-    is in flight elsewhere and tells of the drains, resumes and stops that start here.
+    Implemented over shared memory by :mod:`graceful._shared`; the lifecycle asks how much is in
+    flight elsewhere and how the node drains, and tells of the drains, resumes and stops that
+    start here.
     """
 
     #: How often the others' counts are looked at while waiting (they cannot wake us).
@@ -143,7 +150,13 @@ class Node(Protocol):
 
     def by_worker(self, own: int) -> dict[str, int]: ...
 
-    def announce(self, phase: Phase, reason: str) -> None: ...
+    def announce(self, phase: Phase, reason: str, *, final: bool, since: float | None) -> None:
+        """``phase`` started here; ``since``: when the node's drain started (draining or
+        stopping); ``final``: a stop is under way (never cleared once told)."""
+
+    def drain_state(self) -> tuple[float | None, bool]:
+        """When the node's current drain started (None when serving), and whether a stop is
+        under way anywhere on the node."""
 
     def stuck(self, now: float) -> list[tuple[str, str, float]]: ...
 
@@ -163,6 +176,10 @@ class Lifecycle:
         self._drain_started: float | None = None
         self._delay_end: float | None = None
         self._drain_by_file = False
+        self._drain_reason: str | None = None
+        self._final = False
+        # The current drain (or stop) was started by another process of the node.
+        self._followed = False
         self._waiters = 0
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self._notice_id = 0
@@ -189,6 +206,25 @@ class Lifecycle:
     @property
     def reason(self) -> str:
         return self._reason
+
+    @property
+    def draining_since(self) -> float | None:
+        """When the current drain started (on the clock's scale); None while not draining."""
+        return self._drain_started
+
+    @property
+    def drain_reason(self) -> str | None:
+        """Why the current drain started; None while not draining."""
+        return self._drain_reason
+
+    @property
+    def final(self) -> bool:
+        """True once a stop has begun (a final drain, or :meth:`stop`); never cleared.
+
+        From then on a resume is refused, the drain file is not looked at, and a node of
+        several processes never follows a resume.
+        """
+        return self._final
 
     @property
     def inflight(self) -> int:
@@ -251,7 +287,7 @@ class Lifecycle:
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """Everything the status route reports."""
-        from . import __version__
+        from ._version import __version__
 
         at = self._now(now)
         self.tick(at)
@@ -269,7 +305,8 @@ class Lifecycle:
             "oldest_request_age": None if oldest is None else round(at - oldest, 3),
             "delay_remaining": None if delay_end is None else round(max(0.0, delay_end - at), 3),
             "drain_deadline_in": None if deadline is None else round(deadline - at, 3),
-            "events_subscribers": len(self.events),
+            "events_subscribers": self.events.node_count(),  # every worker's
+            "final": self._final,
             "pid": os.getpid(),
             "version": __version__,
         }
@@ -289,8 +326,21 @@ class Lifecycle:
     def mark_ready(self, *, now: float | None = None) -> None:
         self._apply(Event.MARK_READY, "ready", self._now(now))
 
-    def drain(self, reason: str = "drain requested", *, now: float | None = None) -> None:
-        self._apply(Event.DRAIN, reason, self._now(now))
+    def drain(
+        self, reason: str = "drain requested", *, now: float | None = None, final: bool = False
+    ) -> None:
+        """Start draining (a no-op when already draining, drained or stopping).
+
+        ``final``: this drain is the start of a stop (SIGTERM); it cannot be undone. A node
+        whose other processes already drain joins their drain: its delay counts from then.
+        """
+        at = self._now(now)
+        node = self.node
+        if node is not None and self._phase is Phase.SERVING:
+            since, _final = node.drain_state()
+            if since is not None:
+                at = min(at, since)
+        self._apply(Event.DRAIN, reason, at, final=final)
 
     def resume(self, reason: str = "resumed", *, now: float | None = None) -> None:
         self._apply(Event.RESUME, reason, self._now(now))
@@ -309,29 +359,70 @@ class Lifecycle:
         with self._cond:
             if self._phase is not Phase.DRAINING:
                 return self._phase
-            if self._delay_end is None:
+            delay_over = self._delay_end is None
+            if delay_over:
                 end = self.delay_ends_at()
                 if end is None or at < end:
                     return self._phase
                 self._delay_end = end
-            if self._busy():
-                return self._phase
+            busy = self._busy()
+        if delay_over:
+            self._log_delay_over()
+        if busy:
+            return self._phase
         self._apply(Event.DRAIN_COMPLETE, "drained", at, strict=False)
         return self._phase
 
+    def _log_delay_over(self) -> None:
+        start, end = self._drain_started, self._delay_end
+        delay = 0.0 if start is None or end is None else max(0.0, end - start)
+        inflight = self.node_inflight()
+        if inflight:
+            waiting = f"{inflight} in flight, waiting up to {self.config.drain_timeout:g}s for "
+            waiting += "them" if inflight > 1 else "it"
+        else:
+            waiting = "nothing in flight"
+        self._log("delay over (%gs): %s", delay, waiting)
+
+    def _log(self, message: str, *args: object) -> None:
+        """Log a step of this process's drain: at INFO, or at DEBUG where the drain is only
+        followed (a gunicorn worker: the master logs the node's drain)."""
+        logger.log(logging.DEBUG if self._followed else logging.INFO, message, *args)
+
     def sync_drain_file(self, exists: bool, *, now: float | None = None) -> None:
-        """Drain while the drain file exists; resume when it goes, if it started the drain."""
+        """Drain while the drain file exists; resume when it goes, if it started the drain.
+
+        Once a stop has begun the file no longer matters."""
         phase = self._phase
+        if self._final:
+            return
         if exists and phase is Phase.SERVING:
             self._apply(Event.DRAIN, "drain file present", self._now(now), by_file=True)
         elif not exists and self._drain_by_file and phase in (Phase.DRAINING, Phase.DRAINED):
             self._apply(Event.RESUME, "drain file removed", self._now(now), strict=False)
 
-    def follow(self, phase: Phase, reason: str, *, now: float | None = None) -> None:
-        """Take on a drain, resume or stop announced by another process of this node."""
+    def follow(
+        self,
+        phase: Phase,
+        reason: str,
+        *,
+        now: float | None = None,
+        final: bool = False,
+        since: float | None = None,
+    ) -> None:
+        """Take on a drain, resume or stop announced by another process of this node.
+
+        ``since``: when the node's drain started (this process's delay counts from then);
+        ``final``: a stop is under way, so a resume is never followed (a late one, written
+        by a process that had not seen the stop yet, is followed as the drain it cannot undo).
+        """
+        at = self._now(now)
+        if final and phase is Phase.SERVING:
+            phase = Phase.DRAINING
         for event, shared in _SHARED_EVENTS.items():
             if shared is phase:
-                self._apply(event, reason, self._now(now), strict=False, shared=False)
+                start = at if since is None or event is not Event.DRAIN else min(at, since)
+                self._apply(event, reason, start, strict=False, shared=False, final=final)
 
     def _apply(
         self,
@@ -342,39 +433,60 @@ class Lifecycle:
         strict: bool = True,
         by_file: bool = False,
         shared: bool = True,
+        final: bool = False,
     ) -> None:
+        node = self.node
+        if event is Event.RESUME and not self._final and node is not None:
+            self._final = node.drain_state()[1]  # a stop another process began
         with self._cond:
             old = self._phase
             new = TRANSITIONS.get((old, event))
+            if event is Event.RESUME and self._final:
+                new = None
             if new is None:
                 if strict:
-                    raise LifecycleError(old, event)
+                    hint = _STOP_UNDER_WAY if self._final else None
+                    raise LifecycleError(old, event, hint)
                 return
+            if final or event is Event.STOP:
+                self._final = True
             if new is old:
+                if final and node is not None and shared:  # a drain the node already knew
+                    node.announce(Phase.DRAINING, reason, final=True, since=self._drain_started)
                 return
             self._phase, self._reason, self._since = new, reason, now
             self.announcing = new in ANNOUNCING
             if new is Phase.DRAINING:
                 self._drain_started, self._delay_end = now, None
-                self._drain_by_file = by_file
+                self._drain_reason, self._drain_by_file = reason, by_file
+                self._followed = not shared
                 self.drains += 1
             elif new is Phase.SERVING:
-                self._drain_started = self._delay_end = None
+                self._drain_started = self._delay_end = self._drain_reason = None
                 self._drain_by_file = False
+                self._followed = not shared
+            elif new is Phase.STOPPING:  # its own exit, in a process that followed the drain
+                self._followed = not shared or self._followed
             watching = self._waiters > 0 or new is Phase.DRAINING
             self.requests.on_idle = self._on_idle if watching else None
             self._notice_id += 1
             notice = self.notice()
             self._cond.notify_all()
         self._wake_async()
-        node = self.node
         if node is not None and shared and event in _SHARED_EVENTS:
-            node.announce(new, reason)
+            node.announce(new, reason, final=self._final, since=self._drain_started)
         self.events.publish(notice)
-        self._announce(old, new, reason)
+        self._announce(old, new, reason, now)
 
-    def _announce(self, old: Phase, new: Phase, reason: str) -> None:
-        logger.info("phase %s -> %s (%s), %d in flight", old, new, reason, self.inflight)
+    def _announce(self, old: Phase, new: Phase, reason: str, now: float) -> None:
+        self._log(
+            "phase %s -> %s (%s), %d in flight%s",
+            old,
+            new,
+            reason,
+            self.node_inflight(),
+            self._what_it_means(old, new, now),
+        )
         signals.send(signals.phase_changed, self, old=old, new=new, reason=reason)
         if new is Phase.DRAINING:
             signals.send(signals.drain_started, self, reason=reason)
@@ -384,6 +496,23 @@ class Lifecycle:
             signals.send(signals.resumed, self, reason=reason)
         elif new is Phase.STOPPING:
             signals.send(signals.stopping, self, reason=reason)
+
+    def _what_it_means(self, old: Phase, new: Phase, now: float) -> str:
+        """The end of a phase change's log line: what the change means for the drain."""
+        start = self._drain_started
+        if new is Phase.DRAINING and start is not None:
+            age = self.clock() - start
+            if age > _JOINED:
+                return f"; the node has been draining for {age:.1f}s"
+            return (
+                "; drain started: readiness fails, requests are served through the "
+                f"{self.config.delay:g}s delay"
+            )
+        if new in (Phase.DRAINED, Phase.STOPPING) and start is not None:
+            return f"; {now - start:.1f}s after the drain started"
+        if new is Phase.SERVING and old in (Phase.DRAINING, Phase.DRAINED):
+            return "; readiness passes again"
+        return ""
 
     # -- waiting ---------------------------------------------------------------------------
 
@@ -409,8 +538,8 @@ class Lifecycle:
     def _drained(self) -> bool | None:
         """True when drained, False when the drain can no longer complete, None to keep waiting."""
         phase = self._phase
-        if phase is Phase.DRAINED:
-            return True
+        if phase is Phase.DRAINED:  # requests may still arrive (and be served) while drained
+            return True if not self._busy() else None
         if phase in (Phase.STOPPING, Phase.STOPPED):
             return not self._busy()
         if phase is Phase.DRAINING:
@@ -431,10 +560,9 @@ class Lifecycle:
                     result = done()
                     if result is not None:
                         return result
-                    wait = _until(now, deadline, self.next_deadline(), self._next_poll(now))
-                    if wait is not None and wait <= 0:
+                    if deadline is not None and now >= deadline:
                         return False
-                    self._cond.wait(wait)
+                    self._cond.wait(self._wait_for(now, deadline))
         finally:
             self._watch(-1)
 
@@ -450,15 +578,21 @@ class Lifecycle:
                 result = done()
                 if result is not None:
                     return result
-                wait = _until(now, deadline, self.next_deadline(), self._next_poll(now))
-                if wait is not None and wait <= 0:
+                if deadline is not None and now >= deadline:
                     return False
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(waiter[1].wait(), wait)
+                    await asyncio.wait_for(waiter[1].wait(), self._wait_for(now, deadline))
                 waiter[1].clear()
         finally:
             self._watch(-1)
             self._async_waiters.discard(waiter)
+
+    def _wait_for(self, now: float, deadline: float | None) -> float | None:
+        """How long a waiter may sleep: until its own deadline, the next deadline of the drain
+        still ahead (one already past was handled by the tick before), or the next look at the
+        other processes' counts. Only the waiter's own deadline ends a wait."""
+        ahead = [t for t in (self.next_deadline(), self._next_poll(now)) if t is not None]
+        return _until(now, deadline, *(t for t in ahead if t > now))
 
     def _next_poll(self, now: float) -> float | None:
         """Other processes cannot wake a waiter: look at their counts this often."""
@@ -490,10 +624,12 @@ class Lifecycle:
         """Count background work as in flight: ``with lifecycle.hold("job"):`` or ``async with``."""
         return Hold(self, name)
 
-    def subscribe(self) -> Subscriber | None:
-        """An events-stream subscriber that starts with the current phase (None past the cap)."""
+    def subscribe(self, share: int | None = None) -> Subscriber | Refusal:
+        """An events-stream subscriber that starts with the current phase, or why there is
+        none: this process holds no streams (``share`` 0), or its ``share`` or the node's
+        ``events_max_subscribers`` is taken (see :class:`graceful._events.Refusal`)."""
         with self._cond:
-            return self.events.subscribe(self.notice())
+            return self.events.subscribe(self.notice(), share)
 
     def __repr__(self) -> str:
         return f"<Lifecycle {self._phase.value} inflight={self.inflight}>"

@@ -9,6 +9,7 @@ How traffic is cut depends on the load balancer (``--lb``):
 
 - ``nginx``: the node's ``server`` line in a managed upstream file is marked ``down`` and nginx
   is reloaded (:class:`graceful.nginx.UpstreamController`); ``up`` and a reload give it back.
+  A batch that holds every server still up is refused in the preflight unless ``force``.
 - ``haproxy``: ``set server BACKEND/SERVER state drain`` over the runtime API, then the rollout
   waits until HAProxy has no session left on it; ``state ready`` (and HAProxy's own check
   passing) gives it back.
@@ -35,11 +36,12 @@ import json
 import shlex
 import string
 import subprocess
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import requests
 
@@ -63,6 +65,8 @@ __all__ = [
 PLACEHOLDERS = ("url", "host", "port", "index")
 POLL_INTERVAL = 0.2
 REQUEST_TIMEOUT = 10.0
+#: The most of a command's output kept for a failure message (the end of it is shown).
+OUTPUT_LIMIT = 64 * 1024
 #: ``--settle`` with ``--lb readiness``: seconds for the load balancer's own checks to admit a
 #: restarted node again (HAProxy ``rise 2`` x ``inter 500ms`` is 1 s; a Kubernetes readiness
 #: probe every 2 s with ``successThreshold: 1``, up to 2 s).
@@ -148,11 +152,13 @@ def check_template(option: str, template: str) -> str:
 
 
 class Balancer(Protocol):
-    """Takes a node out of rotation and gives it back. Raises :class:`StepFailed`."""
+    """Takes a node out of rotation and gives it back. Raises :class:`StepFailed`.
+
+    ``preflight`` refuses (raises) what would fail, and returns warnings for the rest."""
 
     name: str
 
-    def preflight(self, nodes: Sequence[Node]) -> None: ...
+    def preflight(self, nodes: Sequence[Node], batch: int) -> list[str]: ...
 
     def cut(self, node: Node) -> str | None: ...
 
@@ -167,8 +173,8 @@ class NoBalancer:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def preflight(self, nodes: Sequence[Node]) -> None:
-        return None
+    def preflight(self, nodes: Sequence[Node], batch: int) -> list[str]:
+        return []
 
     def cut(self, node: Node) -> str | None:
         return None
@@ -183,18 +189,23 @@ class NoBalancer:
 class NginxBalancer:
     """Marks the node's server line ``down`` / back up, with ``nginx -t`` and a confirmed reload.
 
-    nginx's passive checks (``max_fails``, default 1) would mark nodes that refused a
-    connection or answered 503 while restarting as failed for ``fail_timeout``; a rollout
-    going through the nodes faster than that can leave no live upstream at all. The preflight
-    refuses an upstream whose servers do not set ``max_fails=0``.
+    nginx's passive checks (``max_fails``, default 1) do not matter to this rollout: each node is
+    marked ``down`` before it drains or restarts, so nginx never sees it refuse or fail. They
+    matter when a node fails while still in rotation (a crash; a rollout that only drains, with
+    ``--lb readiness`` or ``none``): nginx takes it out for ``fail_timeout``, and several at once
+    leave no live upstream. The preflight warns about servers without ``max_fails=0``.
+
+    Taking out a batch that holds every server still up would leave nginx nothing to send
+    requests to (502 for everyone): refused unless ``force``.
     """
 
     name = "nginx"
 
-    def __init__(self, controller: nginx.UpstreamController) -> None:
+    def __init__(self, controller: nginx.UpstreamController, *, force: bool = False) -> None:
         self.controller = controller
+        self.force = force
 
-    def preflight(self, nodes: Sequence[Node]) -> None:
+    def preflight(self, nodes: Sequence[Node], batch: int) -> list[str]:
         servers = self._call("preflight", self.controller.status)
         addresses = {server.address for server in servers}
         where = f"upstream {self.controller.upstream!r} in {self.controller.path}"
@@ -205,15 +216,6 @@ class NginxBalancer:
                     f"{where} has no server {node.address} for --node {node.url} "
                     f"(servers: {', '.join(sorted(addresses)) or 'none'})",
                 )
-        passive = [s.address for s in servers if "max_fails=0" not in s.params]
-        if passive:
-            raise StepFailed(
-                "preflight",
-                f"{where}: {', '.join(passive)} without max_fails=0: nginx's passive checks "
-                "would mark a restarting node as failed for fail_timeout (10s by default), and "
-                "a rollout can then leave no live upstream (502 for everyone); add max_fails=0 "
-                "(readiness and the rollout take nodes out, see integrations/nginx)",
-            )
         down = [s.address for s in servers if s.down]
         if down:
             raise StepFailed(
@@ -221,9 +223,45 @@ class NginxBalancer:
                 f"{where}: {', '.join(down)} already down; bring it back first "
                 "(graceful nginx up) so the rollout does not take out more than it should",
             )
+        warnings = []
+        passive = [s.address for s in servers if "max_fails=0" not in s.params]
+        if passive:
+            warnings.append(
+                f"{', '.join(passive)} keeps nginx's default max_fails (1, for fail_timeout "
+                "10s): harmless for this rollout, which marks each node down before it drains "
+                "or restarts, so nginx never sees it fail; it matters when a node fails while "
+                "still in rotation (a crash, or a rollout with --lb readiness or none), where "
+                "nginx takes it out for fail_timeout and several at once leave no live "
+                "upstream (502 for everyone); max_fails=0 avoids that (see integrations/nginx)"
+            )
+        last = self._batch_holding_every_server(nodes, batch, servers)
+        if last is not None:
+            text = (
+                f"{where}: taking out {', '.join(last)} leaves no server up: nginx answers 502 "
+                "to every request until it is back"
+            )
+            if not self.force:
+                raise StepFailed(
+                    "preflight", f"{text}; add a server, or pass --force to accept that"
+                )
+            warnings.append(f"{text} (--force)")
+        return warnings
+
+    @staticmethod
+    def _batch_holding_every_server(
+        nodes: Sequence[Node], batch: int, servers: Sequence[nginx.Server]
+    ) -> list[str] | None:
+        up = {server.address for server in servers if not server.down}
+        for start in range(0, len(nodes), batch):
+            cut = {node.address for node in nodes[start : start + batch]}
+            if up <= cut:
+                return sorted(cut)
+        return None
 
     def cut(self, node: Node) -> str:
-        return self._done(self._call("cut", lambda: self.controller.down(node.address)))
+        return self._done(
+            self._call("cut", lambda: self.controller.down(node.address, force=self.force))
+        )
 
     def restore(self, node: Node) -> str:
         return self._done(self._call("restore", lambda: self.controller.up(node.address)))
@@ -268,7 +306,7 @@ class HAProxyBalancer:
         self.ready_timeout = ready_timeout
         self.names: dict[str, str] = {}
 
-    def preflight(self, nodes: Sequence[Node]) -> None:
+    def preflight(self, nodes: Sequence[Node], batch: int) -> list[str]:
         try:
             servers = self.api.servers(self.backend)
         except (haproxy.HAProxyError, ValueError) as exc:
@@ -290,6 +328,7 @@ class HAProxyBalancer:
                     f"rotation (admin {server.admin}, check {server.operational}); fix it first",
                 )
             self.names[node.address] = server.server
+        return []
 
     def cut(self, node: Node) -> str:
         server = self.names[node.address]
@@ -502,7 +541,8 @@ class Rollout:
                     f"{node.url}{self.readyz} answers {output} before the rollout: bring every "
                     "node into service first",
                 )
-        self.balancer.preflight(self.nodes)
+        for warning in self.balancer.preflight(self.nodes, self.batch):
+            self._say(None, "preflight", True, f"warning: {warning}")
         return f"{len(self.nodes)} node(s) ready"
 
     def _drain(self, node: Node) -> str:
@@ -539,34 +579,41 @@ class Rollout:
         return f"waited {self.settle:g}s for the load balancer to send it traffic again"
 
     def _run_command(self, argv: list[str]) -> str:
+        """Run a command until it exits. Its output goes to a temporary file, not a pipe: a
+        server it started in the background keeps whatever it inherited open, and the command
+        is done when the process itself has exited, not when its output ends."""
         started = time.monotonic()
-        try:
-            done = subprocess.run(  # noqa: S603 - the operator's own command, no shell
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=self.restart_timeout,
-                check=False,
-            )
-        except FileNotFoundError:
-            raise StepFailed("command", f"{argv[0]}: command not found") from None
-        except PermissionError:
-            raise StepFailed("command", f"{argv[0]}: permission denied") from None
-        except subprocess.TimeoutExpired:
-            raise StepFailed(
-                "command",
-                f"{shlex.join(argv)} still running after {self.restart_timeout:g}s "
-                "(--restart-timeout); it was killed",
-            ) from None
-        took = time.monotonic() - started
-        if done.returncode != 0:
-            tail = _tail(done.stderr or done.stdout)
-            raise StepFailed(
-                "command",
-                f"{shlex.join(argv)} exited with status {done.returncode}"
-                + (f": {tail}" if tail else ""),
-            )
+        with tempfile.TemporaryFile() as output:
+            try:
+                process = subprocess.Popen(  # noqa: S603 - the operator's own command, no shell
+                    argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+                )
+            except FileNotFoundError:
+                raise StepFailed("command", f"{argv[0]}: command not found") from None
+            except PermissionError:
+                raise StepFailed("command", f"{argv[0]}: permission denied") from None
+            try:
+                returncode = process.wait(self.restart_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise StepFailed(
+                    "command",
+                    f"{shlex.join(argv)} still running after {self.restart_timeout:g}s "
+                    "(--restart-timeout); it was killed",
+                ) from None
+            except BaseException:  # Ctrl-C: the command does not outlive the rollout's wait
+                process.kill()
+                process.wait()
+                raise
+            took = time.monotonic() - started
+            if returncode != 0:
+                tail = _tail(_read_tail(output))
+                raise StepFailed(
+                    "command",
+                    f"{shlex.join(argv)} exited with status {returncode}"
+                    + (f": {tail}" if tail else ""),
+                )
         return f"{shlex.join(argv)} ok ({took:.2f}s)"
 
     def _wait_ready(self, node: Node) -> str:
@@ -701,6 +748,13 @@ def _describe(exc: requests.RequestException) -> str:
     if isinstance(exc, requests.ConnectionError):
         return "cannot connect"
     return type(exc).__name__
+
+
+def _read_tail(output: IO[bytes]) -> str:
+    """The last :data:`OUTPUT_LIMIT` bytes written to ``output`` so far, as text."""
+    size = output.seek(0, 2)
+    output.seek(max(0, size - OUTPUT_LIMIT))
+    return output.read().decode("utf-8", "replace")
 
 
 def _tail(text: str, limit: int = 300) -> str:

@@ -11,6 +11,7 @@ handler); a daemon thread, or the event loop, does the work.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import signal
@@ -19,9 +20,17 @@ from collections.abc import Callable, Generator
 from types import FrameType
 from typing import Any, NamedTuple
 
+from ._logsafe import escape
 from .lifecycle import Lifecycle, LifecycleError, Phase
 
-__all__ = ["SignalHandlers", "StopSequence", "Wait", "install_signal_handlers", "log_stuck"]
+__all__ = [
+    "SignalHandlers",
+    "StopSequence",
+    "Wait",
+    "install_signal_handlers",
+    "log_stuck",
+    "log_through",
+]
 
 logger = logging.getLogger("graceful")
 
@@ -33,8 +42,42 @@ def log_stuck(lifecycle: Lifecycle, why: str) -> None:
     stuck = lifecycle.stuck()
     if not stuck:
         return
-    listed = ", ".join(f"{method} {path} ({age:.1f}s)" for method, path, age in stuck)
+    listed = ", ".join(
+        f"{escape(method, 20)} {escape(path)} ({age:.1f}s)" for method, path, age in stuck
+    )
     logger.warning("%s with %d in flight, stopping anyway: %s", why, len(stuck), listed)
+
+
+def _log_joined(lifecycle: Lifecycle, name: str, phase: Phase) -> None:
+    """A stop begun on a node that already drains: say so (no phase changes, no other line)."""
+    since = lifecycle.draining_since
+    age = 0.0 if since is None else lifecycle.clock() - since
+    if phase is Phase.DRAINED:
+        logger.info(
+            "%s: already drained (%s, %.1fs ago): stopping without a second delay",
+            name,
+            lifecycle.drain_reason,
+            age,
+        )
+    else:
+        logger.info(
+            "%s: draining for %.1fs already (%s): stopping once drained, the delay counted "
+            "from the drain's start",
+            name,
+            age,
+            lifecycle.drain_reason,
+        )
+
+
+def _drain_wait(lifecycle: Lifecycle) -> float:
+    """How long a SIGTERM's stop waits for the node to drain: the rest of the delay, then the
+    drain timeout. The delay counts from the node's drain (it may have begun long before the
+    signal); the drain timeout from the end of the delay or from now, whichever is later, so
+    that work that arrived while the node was already drained is given its time too."""
+    config, now = lifecycle.config, lifecycle.clock()
+    end = lifecycle.delay_ends_at()
+    rest_of_delay = config.delay if end is None else max(0.0, end - now)
+    return rest_of_delay + config.drain_timeout
 
 
 class Wait(NamedTuple):
@@ -98,11 +141,11 @@ class StopSequence:
                 self._move(lifecycle.stop, f"{name} while starting")
                 idle = yield Wait(drained=False, timeout=config.drain_timeout)
             else:
-                self._move(lifecycle.drain, name)
-                deadline = lifecycle.drain_deadline()
-                budget = config.delay + config.drain_timeout
-                timeout = budget if deadline is None else deadline - lifecycle.clock()
-                idle = yield Wait(drained=True, timeout=max(0.0, timeout))
+                before = lifecycle.phase
+                self._move(functools.partial(lifecycle.drain, final=True), name)
+                if before in (Phase.DRAINING, Phase.DRAINED):
+                    _log_joined(lifecycle, name, before)
+                idle = yield Wait(drained=True, timeout=_drain_wait(lifecycle))
             if not idle and self.mode == _TERM:
                 self.gave_up = True
                 log_stuck(lifecycle, f"drain timeout ({config.drain_timeout:g}s) passed")
@@ -235,3 +278,28 @@ def install_signal_handlers(
     ``on_stop()``) at once. Call from the main thread.
     """
     return SignalHandlers(lifecycle, on_stop, on_force).install()
+
+
+class _Forward(logging.Handler):
+    """Hands graceful's records to a server's logger (its handlers, its format, its level)."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.target.isEnabledFor(record.levelno):
+            self.target.handle(record)
+
+
+def log_through(server_logger: str) -> None:
+    """Log graceful's lines through the server's logger (``gunicorn.error``, ``uvicorn.error``),
+    at the server's level, unless graceful's logger is handled already (a handler of its own, or
+    one above it such as a configured root logger). Called by the server shims; once only."""
+    ours = logging.getLogger("graceful")
+    if ours.hasHandlers():
+        return
+    target = logging.getLogger(server_logger)
+    ours.addHandler(_Forward(target))
+    if ours.level == logging.NOTSET:  # else the root's WARNING would hide the drain's lines
+        ours.setLevel(target.getEffectiveLevel())

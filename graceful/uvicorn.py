@@ -22,15 +22,18 @@ At the end of the delay the middleware ends open-ended HTTP responses (server-se
 other chunked streams) through uvicorn's connection state, see :meth:`ServerLink.end_streams`.
 Relies on uvicorn's ``Server.handle_exit``, ``should_exit``, ``force_exit``,
 ``config.timeout_graceful_shutdown`` and, for streams, ``server_state.connections`` and each
-HTTP/1.1 connection's ``cycle`` (tested with uvicorn 0.54).
+HTTP/1.1 connection's ``cycle``. Needs uvicorn 0.30 or later; what differs between the
+versions it supports is kept in one place below ("uvicorn versions"), with the versions checked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,18 +43,21 @@ from typing import Any
 
 try:
     import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
 except ImportError as exc:  # pragma: no cover - exercised by hiding uvicorn in a test
     raise ImportError(
         "graceful.uvicorn needs uvicorn; install it with: pip install 'graceful-drain[uvicorn]'"
     ) from exc
 
+from ._logsafe import escape
 from .lifecycle import Lifecycle, get_lifecycle
-from .shutdown import StopSequence
+from .shutdown import StopSequence, log_through
 
 __all__ = ["Server", "ServerLink", "attach", "run"]
 
 logger = logging.getLogger("graceful")
+
+#: Where graceful's lines go under uvicorn (unless the ``graceful`` logger is handled already).
+SERVER_LOGGER = "uvicorn.error"
 
 #: The signals a link handles; uvicorn itself handles SIGINT and SIGTERM only.
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -64,6 +70,50 @@ HANDOVER_GRACE = 0.5
 #: Bound on ending one HTTP stream (a client that reads nothing holds uvicorn's send).
 _END_TIMEOUT = 1.0
 _LAST_CHUNK = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+# -- uvicorn versions ---------------------------------------------------------------------------
+# What differs between the uvicorn versions this module supports is handled here, and only here.
+# Checked on uvicorn 0.30.0 (the floor, run by tests/floors/), 0.35.0, 0.40.0, 0.45.0, 0.50.0,
+# 0.51.0 and 0.55.0.
+
+#: The oldest uvicorn that can drain. Before 0.29 uvicorn installs its signal handlers with
+#: ``loop.add_signal_handler``, where there is no handler to find and take over (SIGTERM then
+#: stops it at once: probes and requests refused); before 0.30 its supervisor (``--workers``)
+#: stops one worker after the other, each after its whole drain, so the others stay ready.
+MIN_UVICORN = (0, 30)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+if _version(uvicorn.__version__) < MIN_UVICORN:
+    raise ImportError(
+        f"graceful.uvicorn needs uvicorn >= 0.30, and {uvicorn.__version__} is installed: "
+        "upgrade it with: pip install -U 'graceful-drain[uvicorn]'"
+    )
+
+
+#: uvicorn's exit status when the server did not start (in ``uvicorn.config`` only from 0.50).
+STARTUP_FAILURE = 3
+
+
+def _new_supervisor(config: uvicorn.Config, sockets: list[Any]) -> Any:
+    """uvicorn's ``Multiprocess`` supervisor (before 0.51 it takes the workers' entry point)."""
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor: Any = Multiprocess  # typed after the installed uvicorn; both forms are used
+    if "target" in inspect.signature(Multiprocess).parameters:
+        return supervisor(config, target=uvicorn.Server(config).run, sockets=sockets)
+    return supervisor(config, sockets=sockets)
+
+
+def _live_pid(worker: Any) -> int | None:
+    """The pid of a supervisor's worker that has not exited (``Process.exitcode``: 0.50 on)."""
+    process = worker.process  # multiprocessing's SpawnProcess, in every version
+    pid: int | None = process.pid
+    return pid if process.exitcode is None else None
 
 
 class ServerLink:
@@ -196,7 +246,7 @@ async def _end(cycle: Any) -> None:
 
 def _describe(cycle: Any) -> str:
     scope = getattr(cycle, "scope", {})
-    return f"{scope.get('method', '?')} {scope.get('path', '?')}"
+    return f"{escape(str(scope.get('method', '?')), 20)} {escape(str(scope.get('path', '?')))}"
 
 
 # -- the middleware's way in (plain ``uvicorn module:app``) -------------------------------------
@@ -219,6 +269,7 @@ def attach(lifecycle: Lifecycle) -> ServerLink | None:
         return None
     if isinstance(owner, Server) and owner.link is not None:
         return owner.link
+    log_through(SERVER_LOGGER)
     loop = asyncio.get_running_loop()
     grace = HANDOVER_GRACE if owner.config.timeout_graceful_shutdown is None else None
     link = ServerLink(owner, lifecycle, loop, grace=grace)
@@ -244,7 +295,8 @@ class Server(uvicorn.Server):
     """
 
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle | None = None) -> None:
-        super().__init__(config)
+        super().__init__(config)  # uvicorn's Config has set up its logging by now
+        log_through(SERVER_LOGGER)
         self.lifecycle = lifecycle if lifecycle is not None else get_lifecycle()
         self.link: ServerLink | None = None
         self._grace: float | None = None
@@ -308,9 +360,7 @@ def _supervise(config: uvicorn.Config) -> None:
     delay. Here each signal goes on to the workers as it is, the moment it arrives; the
     supervisor then stops as usual (its own SIGTERM to the workers is ignored by then).
     """
-    from uvicorn.supervisors import Multiprocess
-
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = _new_supervisor(config, [config.bind_socket()])
     if not hasattr(supervisor, "processes") or not hasattr(supervisor, "signal_queue"):
         supervisor.run()  # a uvicorn whose supervisor we do not know: as it is
         return
@@ -318,10 +368,11 @@ def _supervise(config: uvicorn.Config) -> None:
     def forward(signum: int, frame: FrameType | None) -> None:
         # SIGQUIT is not one of the supervisor's own: it stops as on SIGINT.
         supervisor.signal_queue.append(signal.SIGINT if signum == signal.SIGQUIT else signum)
-        for process in list(supervisor.processes):
-            if process.pid is not None and process.exitcode is None:
+        for worker in list(supervisor.processes):
+            pid = _live_pid(worker)
+            if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signum)
+                    os.kill(pid, signum)
 
     for signum in SIGNALS:
         signal.signal(signum, forward)

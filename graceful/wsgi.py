@@ -12,8 +12,17 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ._adapter import AdapterBase
-from ._events import format_comment, format_event
-from ._http import EVENTS_FULL, EVENTS_HEADERS, OpenEvents, Response, Route, RunChecks, WaitDrained
+from ._events import CLIENT_CHECK, Subscriber, format_comment, format_event, peer_closed
+from ._http import (
+    EVENTS_HEADERS,
+    NEVER_REJECTED,
+    REJECTED_HEADER,
+    OpenEvents,
+    Response,
+    Route,
+    RunChecks,
+    WaitDrained,
+)
 from ._types import Environ, ExcInfo, StartResponse, WSGIApp
 from .config import Config
 from .lifecycle import Lifecycle, Phase
@@ -21,11 +30,13 @@ from .lifecycle import Lifecycle, Phase
 __all__ = ["WSGIMiddleware"]
 
 STATE_HEADER = ("Graceful-State", "draining")
+_MARK = REJECTED_HEADER.lower()
 _FINAL_PHASES = ("stopping", "stopped")
 
 _STATUS_TEXT = {
     200: "200 OK",
     202: "202 Accepted",
+    204: "204 No Content",
     400: "400 Bad Request",
     401: "401 Unauthorized",
     404: "404 Not Found",
@@ -89,10 +100,31 @@ def _patch_close(result: Any, end: Callable[[int], None], token: int) -> bool:
     return True
 
 
+def _unmarked(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` without the reject-mode mark: only the middleware's own rejection has it."""
+    return [(name, value) for name, value in headers if name.lower() != _MARK]
+
+
+def _serving(start_response: StartResponse) -> StartResponse:
+    """``start_response`` removing the mark from the app's 503s (other statuses pass as they
+    are: one slice and one comparison)."""
+
+    def start(
+        status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        if status[:3] == "503":
+            headers = _unmarked(headers)
+        return start_response(status, headers, exc_info)
+
+    return start
+
+
 def _announcing(start_response: StartResponse) -> StartResponse:
     def start(
         status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
+        if status[:3] == "503":
+            headers = _unmarked(headers)
         return start_response(status, [*headers, STATE_HEADER], exc_info)
 
     return start
@@ -130,16 +162,19 @@ class WSGIMiddleware(AdapterBase):
         now = self._clock()
         if self.drain_file is not None:
             self.drain_file.check(now)
+        method = environ.get("REQUEST_METHOD", "")
         if self.lifecycle.announcing:
-            if self.surface.rejection is not None:
+            if self.surface.rejection is not None and method not in NEVER_REJECTED:
                 # Reject mode: a retrying proxy sends it elsewhere; never the app, never counted.
                 return _respond(self.surface.rejection, start_response)
             # Decided at arrival: a request already running when a drain starts keeps its
-            # headers, and costs nothing extra while the node is serving.
+            # headers.
             start_response = _announcing(start_response)
             self.lifecycle.count_served_while_draining()
+        else:
+            start_response = _serving(start_response)
         end = self._end
-        token = self._begin(environ.get("REQUEST_METHOD", ""), path, now)
+        token = self._begin(method, path, now)
         try:
             result = self.app(environ, start_response)
         except BaseException:
@@ -176,13 +211,16 @@ class WSGIMiddleware(AdapterBase):
         elif isinstance(outcome, WaitDrained):
             outcome = self.surface.drain_waited(self.lifecycle.wait_drained(outcome.timeout))
         elif isinstance(outcome, OpenEvents):
-            return self._events(start_response)
+            return self._events(environ, start_response)
         return _respond(outcome, start_response)
 
-    def _events(self, start_response: StartResponse) -> Iterable[bytes]:
-        subscriber = self.lifecycle.subscribe()
-        if subscriber is None:
-            return _respond(EVENTS_FULL, start_response)  # another subscriber took the last slot
+    def _events(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        # Under gunicorn only its hooks know the worker class and threads: without them (the
+        # middleware warns) a worker holds no streams rather than guess.
+        threaded = bool(environ.get("wsgi.multithread")) and "gunicorn.socket" not in environ
+        subscriber = self._subscribe(threaded)
+        if isinstance(subscriber, Response):  # 204 off, or 503 full
+            return _respond(subscriber, start_response)
         woken = threading.Event()
         subscriber.wake = woken.set
         start_response("200 OK", list(EVENTS_HEADERS))
@@ -193,12 +231,25 @@ class WSGIMiddleware(AdapterBase):
         def release(_token: int) -> None:
             events.unsubscribe(subscriber)
 
-        return _Released(self._stream(subscriber, woken), release, 0)
+        gone, sure = _client_gone(environ)
+        return _Released(self._stream(subscriber, woken, gone, probe=not sure), release, 0)
 
-    def _stream(self, subscriber: Any, woken: threading.Event) -> Iterator[bytes]:
+    def _stream(
+        self,
+        subscriber: Subscriber,
+        woken: threading.Event,
+        gone: Callable[[], bool] | None,
+        *,
+        probe: bool,
+    ) -> Iterator[bytes]:
+        """The stream; it ends when the client has gone (``gone()``, looked at every
+        CLIENT_CHECK seconds at least). With ``probe`` a tiny comment is written every
+        CLIENT_CHECK seconds too: writing to a gone client fails, which ends the stream."""
         lifecycle = self.lifecycle
         heartbeat = lifecycle.config.events_heartbeat
+        wait = min(self._events_wait(), CLIENT_CHECK)
         next_beat = self._clock() + heartbeat
+        next_probe = self._clock() + CLIENT_CHECK
         try:
             yield b"retry: 2000\n\n"
             while True:
@@ -207,14 +258,37 @@ class WSGIMiddleware(AdapterBase):
                     yield format_event(notice)
                     if notice["phase"] in _FINAL_PHASES:
                         return
-                woken.wait(self._events_wait())
+                woken.wait(wait)
+                if gone is not None and gone():
+                    return
                 now = self._clock()
                 self._look_at_drain_file(now)
                 if now >= next_beat:
-                    next_beat = now + heartbeat
+                    next_beat, next_probe = now + heartbeat, now + CLIENT_CHECK
                     yield format_comment("heartbeat")
+                elif probe and now >= next_probe:
+                    next_probe = now + CLIENT_CHECK
+                    yield PROBE
         finally:
             lifecycle.events.unsubscribe(subscriber)
+
+
+#: An empty SSE comment: what a stream writes every CLIENT_CHECK seconds where it has no other
+#: way to tell that its client has gone (the write fails then).
+PROBE = b":\n\n"
+
+
+def _client_gone(environ: Environ) -> tuple[Callable[[], bool] | None, bool]:
+    """How an events stream tells its client has gone without writing, if the server says,
+    and whether that is sure (else the stream writes probes too)."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        return (lambda: peer_closed(sock)), True
+    disconnected = environ.get("waitress.client_disconnected")
+    if callable(disconnected):
+        # It only notices with waitress's channel_request_lookahead > 0 (0 by default).
+        return (lambda: bool(disconnected())), False
+    return None, False
 
 
 def _respond(response: Response, start_response: StartResponse) -> list[bytes]:

@@ -35,7 +35,7 @@ ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
 Kind: TypeAlias = Literal["wsgi", "asgi"]
 KINDS: tuple[Kind, ...] = ("wsgi", "asgi")
 
-TOKEN = "t0ken-for-tests"
+TOKEN = "t0ken-for-tests-0123"
 AUTH = (("Authorization", f"Bearer {TOKEN}"),)
 
 

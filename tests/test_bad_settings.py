@@ -33,7 +33,7 @@ import graceful.django
 import graceful.lifecycle
 from graceful import Config, ConfigError, Lifecycle
 from graceful._http import MAX_WAIT, Surface, WaitDrained
-from graceful.config import ENV_PREFIX
+from graceful.config import ENV_PREFIX, MAX_SECONDS, MIN_TOKEN_LENGTH
 from graceful.flask import Graceful
 
 FIELDS = {f.name: f.metadata["kind"] for f in dataclasses.fields(Config)}
@@ -302,12 +302,14 @@ def test_any_python_value_gives_a_config_or_a_config_error(name: str, value: Any
 
 
 def test_huge_but_finite_timings_never_make_the_drain_route_wait_unboundedly() -> None:
-    # delay + drain_timeout is the default wait of POST drain?wait=1; past ~9e18 s a thread's
-    # wait overflows, so the default is bounded like an explicit ?timeout= (at most MAX_WAIT).
-    lifecycle = Lifecycle(Config(delay=1e19, drain_timeout=1e19, token="t"))
+    # delay + drain_timeout is the default wait of POST drain?wait=1: two days at most, bounded
+    # like an explicit ?timeout= (at most MAX_WAIT).
+    token = "t" * MIN_TOKEN_LENGTH
+    lifecycle = Lifecycle(Config(delay=MAX_SECONDS, drain_timeout=MAX_SECONDS, token=token))
     lifecycle.mark_ready()
     surface = Surface(lifecycle)
 
-    outcome = surface.handle(surface.routes["/-/graceful/drain"], "POST", "wait=1", b"Bearer t")
+    auth = f"Bearer {token}".encode()
+    outcome = surface.handle(surface.routes["/-/graceful/drain"], "POST", "wait=1", auth)
 
     assert isinstance(outcome, WaitDrained) and outcome.timeout == MAX_WAIT

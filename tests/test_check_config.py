@@ -42,7 +42,7 @@ http {
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Note 'a ; b { c }';
-            proxy_next_upstream error timeout http_503 non_idempotent;
+            proxy_next_upstream error timeout http_503;
         }
     }
 }
@@ -119,15 +119,24 @@ def test_each_shipped_nginx_file_alone_has_no_error(
     assert result.lines("error") == []
 
 
-def test_the_shipped_upstream_keepalive_is_too_long_for_gunicorns_default(
+def test_the_shipped_upstream_and_graceful_gunicorn_agree_on_keepalive(
     check: Callable[..., Result],
 ) -> None:
-    # upstream.conf keeps idle connections 4 s; gunicorn closes its own after 2 s by default.
+    # upstream.conf keeps idle connections 4 s; graceful.gunicorn keeps them 5 s.
     result = check("--nginx", UPSTREAM, "--server", "gunicorn", "--stop-timeout", "30")
+    assert result.code == 0, result.out
+    assert result.lines("error") == []
+
+
+def test_the_shipped_upstream_keepalive_is_too_long_for_gunicorn_alone(
+    check: Callable[..., Result],
+) -> None:
+    # gunicorn without graceful's hooks closes idle connections after 2 s.
+    result = check("--nginx", UPSTREAM, "--server-keepalive", "2", "--stop-timeout", "30")
     assert result.code == 1
     [error] = result.lines("error")
     assert error.startswith(f"error: {UPSTREAM}: upstream 'app'")
-    assert "keepalive_timeout 4 s is not below gunicorn --keep-alive (its default), 2 s" in error
+    assert "keepalive_timeout 4 s is not below the server's idle timeout" in error
     assert "raise the server's idle timeout to 5 s or more" in error
 
 
@@ -336,17 +345,32 @@ def test_max_fails_does_not_matter_for_a_single_server_or_a_backup(
     assert (result.code, result.lines("error")) == (0, [])
 
 
-def test_reject_mode_needs_nginx_to_retry_503_for_posts_too(
+def test_reject_mode_needs_nginx_to_retry_a_draining_node_s_503(
     check: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    proxy = _variant(tmp_path, PROXY, " http_503 non_idempotent;", ";")
+    proxy = _variant(tmp_path, PROXY, " http_503;", ";")
     assert check("--nginx", proxy, "--stop-timeout", "30").code == 0  # reject mode off: fine
     monkeypatch.setenv("GRACEFUL_REJECT_WHEN_DRAINING", "1")
     result = check("--nginx", proxy, "--stop-timeout", "30")
     assert result.code == 1
     [error] = result.lines("error")
-    assert "proxy_next_upstream error timeout lacks http_503 and non_idempotent" in error
+    assert "proxy_next_upstream error timeout lacks http_503" in error
+    assert "proxy_next_upstream error timeout http_503;" in error  # the fix, spelled out
     assert error.startswith(f"error: {proxy}: line ")
+
+
+@pytest.mark.parametrize("reject_mode", ["0", "1"])
+def test_non_idempotent_is_an_error_because_nginx_then_runs_a_post_twice(
+    check: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reject_mode: str
+) -> None:
+    monkeypatch.setenv("GRACEFUL_REJECT_WHEN_DRAINING", reject_mode)
+    proxy = _variant(tmp_path, PROXY, " http_503;", " http_503 non_idempotent;")
+    result = check("--nginx", proxy, "--stop-timeout", "30")
+    assert result.code == 1
+    [error] = result.lines("error")
+    assert error.startswith(f"error: {proxy}: line ")
+    assert "non_idempotent" in error and "twice" in error
+    assert "drop non_idempotent" in error
 
 
 def test_reject_mode_without_any_retry_rule_in_sight_is_a_warning(
@@ -368,7 +392,7 @@ def test_json_output_lists_every_finding_with_its_severity(
     check: Callable[..., Result], tmp_path: Path
 ) -> None:
     unit = _variant(tmp_path, UNIT, "TimeoutStopSec=35", "")
-    result = check("--json", "--systemd", unit, "--nginx", UPSTREAM, "--server", "gunicorn")
+    result = check("--json", "--systemd", unit, "--nginx", UPSTREAM, "--server-keepalive", "2")
     assert result.code == 1
     report = json.loads(result.out)
     assert (report["errors"], report["warnings"]) == (1, 1)
@@ -408,7 +432,7 @@ def test_a_missing_file_exits_2_naming_it(
         ("bad.service", "--systemd", "[Unit]\nDescription=x\n", "no [Service] section"),
         ("bad.service", "--systemd", "[Service]\nTimeoutStopSec=30x\n", "TimeoutStopSec='30x'"),
         ("bad.env", "--env-file", "GRACEFUL_DELAY=soon\n", "GRACEFUL_DELAY='soon' is not a"),
-        ("bad.env", "--env-file", "GRACEFUL_DRAIN_TIMEOUT=-1\n", "drain_timeout=-1.0 is not"),
+        ("bad.env", "--env-file", "GRACEFUL_DRAIN_TIMEOUT=-1\n", "drain_timeout"),
         ("bad.env", "--env-file", "# ok\nGRACEFUL_DELAY\n", ":2: 'GRACEFUL_DELAY' is not KEY="),
     ],
 )
@@ -434,7 +458,8 @@ def test_a_bad_setting_in_the_environment_exits_2_naming_it(
     monkeypatch.setenv("GRACEFUL_DRAIN_TIMEOUT", "-1")
     result = check()
     assert result.code == 2
-    assert "settings from the environment: drain_timeout=-1.0 is not allowed" in result.err
+    assert result.err.startswith("graceful check-config: settings from the environment: ")
+    assert "drain_timeout" in result.err
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from graceful import Config, Lifecycle, Phase, WSGIMiddleware
 from graceful._http import MAX_WAIT
 from graceful.cli import EXIT_CODES, main
 
-TOKEN = "cli-Secret-93b1"
+TOKEN = "cli-Secret-93b1-0042"
 WRONG = "cli-Wrong-5d2e"
 HOLD_LIMIT = 20.0  # a held request never blocks a server thread for longer than this
 

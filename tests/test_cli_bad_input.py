@@ -140,6 +140,11 @@ def test_a_malformed_node_url_exits_2_with_one_error_line_naming_it(
         ("--timeout", "1e999"),
         ("--timeout", "86401"),
         ("--timeout", ""),
+        # Only plain decimals, as the README documents (float() takes all of these):
+        ("--timeout", "1e3"),
+        ("--timeout", "1_000"),
+        ("--timeout", "\u0663"),
+        ("--timeout", "+5"),
         ("--prefix", "-/graceful"),
         ("--prefix", "/a b"),
         ("--readyz-path", "/readyz?x=1"),

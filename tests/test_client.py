@@ -4,9 +4,11 @@ leaves rotation (push notice, in-band header, refused connection) and comes back
 
 Real nodes are ``tests/e2e/apps/load_app.py`` under wsgiref (graceful middleware, control routes
 with a token, ``GET /version`` answers with the process id, ``POST /orders`` records each id in
-``<pid>.ids``). Where no graceful node can behave a certain way (closing a connection before
-any answer, holding an answer, ``Connection: close``), a small in-process fake server does, and
-counts what it received. A connect timeout is a real listener whose accept queue is full.
+``<pid>.ids``); push notices come from the same app under uvicorn (``asgi_app``), a server that
+holds event streams whatever its settings. Where no graceful node can behave a certain way
+(closing a connection before any answer, holding an answer, ``Connection: close``), a small
+in-process fake server does (or a raw socket server, :mod:`_raw_node`), and counts what it
+received. A connect timeout is a real listener whose accept queue is full.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import pytest
 import requests
+from _raw_node import Exchange, Handler, RawNode, answer, hold
 from conftest import Proc, Spawn, unused_port, wait_until
 
 from graceful import signals
@@ -59,7 +62,12 @@ class Node:
         assert response.status_code == 200, response.text
 
 
-def node_argv(port: int) -> list[str]:
+def node_argv(port: int, server: str = "wsgiref") -> list[str]:
+    if server == "uvicorn":
+        return [
+            *(sys.executable, "-m", "uvicorn", "load_app:asgi_app", "--app-dir", str(APPS)),
+            *("--host", "127.0.0.1", "--port", str(port), "--no-access-log"),
+        ]
     return [sys.executable, str(APPS / "load_app.py"), "--port", str(port)]
 
 
@@ -108,11 +116,13 @@ StartNodes = Callable[..., list[Node]]
 def start_nodes(spawn: Spawn, tmp_path: Path) -> StartNodes:
     """Start ``count`` nodes of this test's own (stopped at teardown), optionally on ``ports``."""
 
-    def start(count: int = 1, *, ports: list[int] | None = None, **env: str) -> list[Node]:
+    def start(
+        count: int = 1, *, ports: list[int] | None = None, server: str = "wsgiref", **env: str
+    ) -> list[Node]:
         nodes = []
         for port in ports or [unused_port() for _ in range(count)]:
             extra = {**NODE_ENV, "LOAD_RECORD_DIR": str(tmp_path), **env}
-            proc = spawn(node_argv(port), env=extra, name="node")
+            proc = spawn(node_argv(port, server), env=extra, name="node")
             nodes.append(Node(f"http://127.0.0.1:{port}", proc, tmp_path))
         wait_ready(nodes)
         return nodes
@@ -133,6 +143,10 @@ class Fake:
 
     ``close``: reads the request, closes the connection without any answer. ``hold``: answers
     only once ``release`` is set. ``connection-close``: answers 200 with ``Connection: close``.
+    ``app-503``: 503 with ``Graceful-State: draining`` and ``Retry-After``, as the app's own 503
+    reaches a caller through a draining node's middleware. ``rejected``: the middleware's own
+    rejection (reject mode), marked ``Graceful-Rejected: 1``. ``stall-body``: 200 with a
+    ``Content-Length`` of 10 and 4 bytes of it, the rest only once ``release`` is set.
     Anything else (``answer``): answers 200 ``fake`` and keeps the connection.
     """
 
@@ -169,6 +183,26 @@ class Fake:
         if self.behaviour == "hold":
             self.holding.set()
             self.release.wait(10)  # bounded: teardown sets it
+        if self.behaviour in ("app-503", "rejected"):
+            handler.send_response(503)
+            handler.send_header("Content-Length", "8")
+            handler.send_header("Retry-After", "1")
+            handler.send_header("Graceful-State", "draining")
+            if self.behaviour == "rejected":
+                handler.send_header("Graceful-Rejected", "1")
+            handler.end_headers()
+            handler.wfile.write(b"app: 503" if self.behaviour == "app-503" else b"rejected")
+            return
+        if self.behaviour == "stall-body":
+            handler.send_response(200)
+            handler.send_header("Content-Length", "10")
+            handler.end_headers()
+            handler.wfile.write(b"part")
+            handler.wfile.flush()
+            self.holding.set()
+            self.release.wait(10)
+            handler.wfile.write(b"of it!")
+            return
         handler.send_response(200)
         handler.send_header("Content-Length", "4")
         if self.behaviour == "connection-close":
@@ -325,24 +359,74 @@ def test_no_node_available_says_connect_timeout_not_refused(
     assert f"{unanswered_url} (down: connect timeout (0.3s))" in str(raised.value)
 
 
-def test_a_503_draining_in_reject_mode_goes_to_the_next_node_and_the_app_never_saw_it(
+def test_a_rejection_in_reject_mode_goes_to_the_next_node_and_a_post_is_served_once(
     shared: list[Node], start_nodes: StartNodes, make_pool: MakePool
 ) -> None:
+    """A real draining node in reject mode: it rejects a GET (marked ``Graceful-Rejected``) and
+    the pool sends it to the next node; it serves a POST (never rejected), exactly once."""
     (rejecting,) = start_nodes(GRACEFUL_REJECT_WHEN_DRAINING="1")
     good = shared[0]
     rejecting.control("drain")
-    direct = requests.post(rejecting.url + "/orders", data={"id": "direct"}, timeout=5)
+    direct = requests.get(rejecting.url + "/version", timeout=5)
     assert (direct.status_code, direct.headers.get("Graceful-State")) == (503, "draining")
+    assert direct.headers.get("Graceful-Rejected") == "1"
     pool = make_pool(rejecting.url, good.url)  # it does not know: watch=False, no request yet
 
-    oid = new_id()
-    response = pool.post("/orders", data={"id": oid})
+    assert served_by(pool.get("/version")) == good.pid
 
-    assert response.status_code == 201
-    assert good.ids().count(oid) == 1
-    assert rejecting.ids() == []  # neither the direct POST nor the pool's reached the app
     assert status(pool, rejecting.url).state is NodeState.DRAINING
     assert status(pool, rejecting.url).reason == "response: draining (Graceful-State: draining)"
+    unaware = make_pool(rejecting.url, good.url)
+    oid = new_id()
+    assert unaware.post("/orders", data={"id": oid}).status_code == 201
+    assert (rejecting.ids(), oid in good.ids()) == ([oid], False)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "POST", "PATCH"])
+def test_an_app_503_from_a_draining_node_is_returned_to_the_caller_and_never_sent_again(
+    method: str, shared: list[Node], fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    """``Graceful-State: draining`` is on every answer of a draining node, the app's own 503s
+    included: only the middleware's mark says the app never saw the request."""
+    app_503, good = fake("app-503"), shared[0]
+    pool = make_pool(app_503.url, good.url)
+    oid = new_id()
+
+    response = pool.request(method, "/orders", data={"id": oid})
+
+    assert (response.status_code, response.text) == (503, "app: 503")
+    assert app_503.received == [(method, "/orders", f"id={oid}".encode())]
+    assert oid not in good.ids()
+    assert status(pool, app_503.url).state is NodeState.DRAINING  # it still says it drains
+    assert served_by(pool.get("/version")) == good.pid
+
+
+def test_app_503s_from_every_node_while_all_drain_are_answers_not_no_node_available(
+    fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    nodes = [fake("app-503") for _ in range(3)]
+    pool = make_pool(*(node.url for node in nodes))
+
+    answers = [pool.post("/orders", data={"id": str(n)}).status_code for n in range(6)]
+
+    assert answers == [503] * 6
+    assert sorted(body for node in nodes for _, _, body in node.received) == sorted(
+        f"id={n}".encode() for n in range(6)
+    )
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PATCH"])
+def test_a_rejection_marked_graceful_rejected_goes_to_the_next_node_whatever_the_method(
+    method: str, fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    rejecting, other = fake("rejected"), fake("answer")
+    pool = make_pool(rejecting.url, other.url)
+
+    response = pool.request(method, "/orders", data={"id": "r-1"})
+
+    assert response.text == "fake"
+    assert rejecting.received == other.received == [(method, "/orders", b"id=r-1")]
+    assert status(pool, rejecting.url).state is NodeState.DRAINING
 
 
 @pytest.mark.parametrize(
@@ -424,6 +508,204 @@ def test_a_read_timeout_is_never_sent_again(
     assert [node.inflight for node in pool.nodes] == [0, 0]
 
 
+# -- a hung node: read timeouts ----------------------------------------------------------------
+
+
+@pytest.fixture
+def hung() -> Iterator[RawNode]:
+    """A real socket server that accepts every connection, reads the request, never answers."""
+    node = RawNode(default=hold)
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def test_consecutive_read_timeouts_take_a_hung_node_out_of_rotation(
+    hung: RawNode, shared: list[Node], make_pool: MakePool
+) -> None:
+    good = shared[0]
+    pool = make_pool(hung.url, good.url, timeout=(3, 1.0))  # round robin: the hung one first
+    assert pool.read_timeouts_to_down == 3
+
+    outcomes: list[int | str] = []
+    for _ in range(12):
+        try:
+            outcomes.append(served_by(pool.get("/version")))
+        except requests.ReadTimeout as exc:
+            outcomes.append(f"read timeout from {exc.request and exc.request.url}")
+
+    timed_out = f"read timeout from {hung.url}/version"
+    assert outcomes == [timed_out, good.pid] * 3 + [good.pid] * 6
+    assert len(hung.to("/version")) == 3  # none after the third: out of rotation
+    out = status(pool, hung.url)
+    assert (out.state, out.reason) == (NodeState.DOWN, "read timeout (3 in a row, 1s)")
+    assert [node.inflight for node in pool.nodes] == [0, 0]
+
+
+def test_an_answer_from_the_node_starts_its_read_timeout_count_again(
+    fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    holding = fake("hold")
+    pool = make_pool(holding.url, read_timeouts_to_down=2)
+    with pytest.raises(requests.ReadTimeout):
+        pool.get("/slow", timeout=(3, 0.3))
+    holding.release.set()  # it answers now
+    assert pool.get("/fast").text == "fake"
+    holding.release.clear()
+    with pytest.raises(requests.ReadTimeout):
+        pool.get("/slow", timeout=(3, 0.3))
+    assert status(pool, holding.url).state is NodeState.IN_SERVICE  # one in a row, not two
+
+
+def test_a_post_that_timed_out_on_a_hung_node_is_never_sent_again(
+    hung: RawNode, shared: list[Node], make_pool: MakePool
+) -> None:
+    good = shared[0]
+    pool = make_pool(hung.url, good.url, timeout=(3, 1.0), read_timeouts_to_down=1)
+    oid = new_id()
+
+    with pytest.raises(requests.ReadTimeout):
+        pool.post("/orders", data={"id": oid})
+
+    assert [request.body for request in hung.to("/orders")] == [f"id={oid}".encode()]
+    assert oid not in good.ids()
+    assert status(pool, hung.url).state is NodeState.DOWN  # and the next call goes elsewhere
+    assert served_by(pool.get("/version")) == good.pid
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_read_timeout_in_the_middle_of_the_body_is_a_read_timeout_too(
+    method: str, fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    """requests raises a ``ConnectionError`` when the body stalls (headers came): the app has
+    the request, so it is not sent again, and it counts as a read timeout of the node."""
+    stalling, other = fake("stall-body"), fake("answer")
+    pool = make_pool(stalling.url, other.url, read_timeouts_to_down=1)
+
+    with pytest.raises(requests.ConnectionError) as raised:
+        pool.request(method, "/slow", timeout=(3, 0.3))
+
+    assert not isinstance(raised.value, NoNodeAvailable)
+    assert len(stalling.received) == 1
+    assert other.received == []
+    out = status(pool, stalling.url)
+    assert (out.state, out.reason) == (NodeState.DOWN, "read timeout (0.3s)")
+
+
+def test_read_timeouts_to_down_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="read_timeouts_to_down must be at least 1, not 0"):
+        Pool([refused_url()], read_timeouts_to_down=0, watch=False)
+
+
+@pytest.mark.parametrize("seconds", [0, -1.0, float("nan"), float("inf")])
+def test_probe_timeout_must_be_positive_seconds(seconds: float) -> None:
+    with pytest.raises(ValueError, match="probe_timeout must be > 0 seconds"):
+        Pool([refused_url()], probe_timeout=seconds, watch=False)
+
+
+# -- probes a node cannot abuse ---------------------------------------------------------------
+
+
+def trickle(exchange: Exchange) -> None:
+    """200, then a chunked body of one byte every 0.2 s that never ends."""
+    exchange.head("200 OK", [("Transfer-Encoding", "chunked")])
+    while exchange.send(b"1\r\n.\r\n"):
+        if exchange.node.closing.wait(0.2):
+            return
+
+
+def readyz(handler: Handler) -> dict[str, Handler]:
+    return {"/readyz": handler}
+
+
+READY = answer("200 OK", [("Content-Type", "application/health+json")], b'{"status":"pass"}')
+
+
+@pytest.fixture
+def raw_nodes() -> Iterator[Callable[..., RawNode]]:
+    made: list[RawNode] = []
+
+    def make(routes: dict[str, Handler], **kwargs: Any) -> RawNode:
+        made.append(RawNode(routes, **kwargs))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for node in made:
+            node.close()
+
+
+def down_pool(make_pool: MakePool, count: int, **kwargs: Any) -> tuple[Pool, list[int]]:
+    """A pool over ``count`` ports nothing listens on yet, every node of it down (refused)."""
+    ports = [unused_port() for _ in range(count)]
+    pool = make_pool(*(f"http://127.0.0.1:{port}" for port in ports), **kwargs)
+    with pytest.raises(NoNodeAvailable):
+        pool.get("/x")
+    assert [node.state for node in pool.nodes] == [NodeState.DOWN] * count
+    return pool, ports
+
+
+def test_a_probe_answer_that_never_ends_neither_holds_up_the_prober_nor_blocks_readmission(
+    raw_nodes: Callable[..., RawNode], make_pool: MakePool
+) -> None:
+    pool, (endless_port, late_port) = down_pool(make_pool, 2, probe_interval=0.3)
+    endless = raw_nodes(readyz(trickle), port=endless_port)
+    wait_until(lambda: endless.to("/readyz"), timeout=10, message="a probe of the endless one")
+    raw_nodes(readyz(READY), port=late_port)
+
+    wait_until(
+        lambda: [node.state for node in pool.nodes] == [NodeState.IN_SERVICE] * 2,
+        timeout=10,
+        message=lambda: f"both back: {pool.nodes}",
+    )
+
+
+def test_a_hung_probe_does_not_hold_up_the_probes_of_other_nodes(
+    raw_nodes: Callable[..., RawNode], make_pool: MakePool
+) -> None:
+    pool, (hung_port, late_port) = down_pool(make_pool, 2, probe_interval=0.3, probe_timeout=30)
+    hung = raw_nodes({}, default=hold, port=hung_port)
+    wait_until(lambda: hung.to("/readyz"), timeout=10, message="a probe of the hung one")
+    late = raw_nodes(readyz(READY), port=late_port)
+
+    wait_until(lambda: pool.nodes[1].state is NodeState.IN_SERVICE, timeout=10)
+
+    assert pool.nodes[0].state is NodeState.DOWN
+    assert len(hung.to("/readyz")) == 1  # its probe still hangs: no second one meanwhile
+    assert late.to("/readyz")
+
+
+def test_a_probe_does_not_follow_a_redirect(
+    raw_nodes: Callable[..., RawNode], make_pool: MakePool
+) -> None:
+    elsewhere = raw_nodes(readyz(READY))
+    pool, (port,) = down_pool(make_pool, 1, probe_interval=0.3)
+    raw_nodes(readyz(answer("302 Found", [("Location", elsewhere.url + "/readyz")])), port=port)
+
+    wait_until(lambda: pool.nodes[0].state is NodeState.DRAINING, timeout=10)
+
+    assert pool.nodes[0].reason == "probe: not ready (302)"
+    assert elsewhere.requests == []
+
+
+def test_probes_keep_no_cookies(raw_nodes: Callable[..., RawNode], make_pool: MakePool) -> None:
+    """A node cannot grow the pool's memory, or follow it about, with cookies."""
+    count = itertools.count()
+
+    def cookie(exchange: Exchange) -> None:
+        exchange.respond("503 Service Unavailable", [("Set-Cookie", f"c{next(count)}=1")])
+
+    pool, (port,) = down_pool(make_pool, 1, probe_interval=0.1)
+    node = raw_nodes(readyz(cookie), port=port)
+
+    wait_until(lambda: len(node.to("/readyz")) >= 5, timeout=10)
+
+    assert len(pool._side.cookies) == 0
+    assert [r.headers.get("cookie") for r in node.to("/readyz")] == [None] * len(node.to("/readyz"))
+
+
 @pytest.mark.parametrize("max_attempts", [1, 2, 3])
 def test_at_most_max_attempts_sends(
     max_attempts: int, fake: Callable[[str], Fake], make_pool: MakePool
@@ -461,7 +743,7 @@ def test_no_node_available_names_each_node_and_why(
     assert message.startswith("no node could take the request: ")
     assert f"{dead_1} (connection refused)" in message
     assert f"{dead_2} (connection refused)" in message
-    assert f"{draining.url} (503 draining)" in message
+    assert f"{draining.url} (rejected while draining)" in message
 
     # Now that it knows: every node is down or draining; the draining one is still tried.
     with pytest.raises(NoNodeAvailable) as raised:
@@ -469,7 +751,7 @@ def test_no_node_available_names_each_node_and_why(
     message = str(raised.value)
     assert f"{dead_1} (down: refused (ConnectionError))" in message
     assert f"{dead_2} (down: refused (ConnectionError))" in message
-    assert f"{draining.url} (503 draining)" in message
+    assert f"{draining.url} (rejected while draining)" in message
 
 
 def test_no_node_available_is_raised_at_once_when_every_node_is_down(
@@ -580,7 +862,7 @@ def test_the_probe_readmits_a_node_once_its_readyz_passes(
 def test_watch_takes_a_drained_node_out_and_a_resume_readmits_it_without_a_probe(
     shared: list[Node], start_nodes: StartNodes, make_pool: MakePool
 ) -> None:
-    (node,) = start_nodes()
+    (node,) = start_nodes(server="uvicorn")
     good = shared[0]
     pool = make_pool(node.url, good.url, watch=True)  # probe_interval 60 s: no probe in time
     changes: list[NodeStatus] = []
@@ -611,7 +893,7 @@ def test_watch_takes_a_drained_node_out_and_a_resume_readmits_it_without_a_probe
 def test_a_node_flapping_between_draining_and_serving_ends_as_its_last_notice_says(
     start_nodes: StartNodes, make_pool: MakePool
 ) -> None:
-    (node,) = start_nodes()
+    (node,) = start_nodes(server="uvicorn")
     pool = make_pool(node.url, watch=True)
     changes: list[NodeStatus] = []
 

@@ -276,8 +276,8 @@ def test_from_env_non_numbers_name_the_variable(variable: str, raw: str, allowed
 
 
 def test_from_env_values_are_validated_like_arguments() -> None:
-    with pytest.raises(ConfigError, match=r"delay=-1\.0 is not allowed"):
-        Config.from_env(environ={"GRACEFUL_DELAY": "-1"})
+    with pytest.raises(ConfigError, match=r"delay=100000\.0 is not allowed"):
+        Config.from_env(environ={"GRACEFUL_DELAY": "100000"})
     with pytest.raises(ConfigError, match="readyz_path='ready'"):
         Config.from_env(environ={"GRACEFUL_READYZ_PATH": "ready"})
 
@@ -286,7 +286,7 @@ def test_from_env_values_are_validated_like_arguments() -> None:
     ("variable", "raw", "allowed"),
     [
         ("GRACEFUL_DELAY", "-1", "seconds >= 0"),
-        ("GRACEFUL_DRAIN_TIMEOUT", "inf", "finite number of seconds >= 0"),
+        ("GRACEFUL_DRAIN_TIMEOUT", "100000", "seconds >= 0 and at most 86400"),
         ("GRACEFUL_QUIET_PERIOD", "0", "seconds > 0"),
         ("GRACEFUL_CHECK_TIMEOUT", "0", "seconds > 0"),
         ("GRACEFUL_EVENTS_HEARTBEAT", "0", "seconds > 0"),

@@ -379,3 +379,15 @@ def test_the_table_puts_each_round_in_its_column() -> None:
     assert rows[""] == ["HTTP 502: 2", ""]
     assert rows["p99 latency"] == ["40.0 ms", "20.0 ms"]
     assert rows["wall time"] == ["6.0 s", "6.5 s"]
+
+
+def _directives(text: str) -> list[str]:
+    """The directive lines of an nginx snippet, comments and blank lines left out."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_the_installed_package_s_copy_of_the_nginx_snippet_matches_the_shipped_file() -> None:
+    """Without the repository's ``integrations/`` the demo uses its own copy of the snippet."""
+    assert _directives(demo.SNIPPET_DIRECTIVES) == _directives(demo.SNIPPET.read_text())
+    assert "non_idempotent" not in demo.SNIPPET_DIRECTIVES  # nginx never resends a POST

@@ -69,7 +69,14 @@ def inflight(request: HttpRequest) -> HttpResponse:
     return HttpResponse(str(graceful.get_lifecycle().inflight).encode(), content_type="text/plain")
 
 
-urlpatterns = [path("ping", ping), path("inflight", inflight)]
+def busy(request: HttpRequest) -> HttpResponse:
+    """The app's own 503, carrying (by mistake or malice) the reject-mode mark."""
+    response = HttpResponse(b"busy", status=503, content_type="text/plain")
+    response["Graceful-Rejected"] = "1"
+    return response
+
+
+urlpatterns = [path("ping", ping), path("inflight", inflight), path("busy", busy)]
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -447,6 +454,20 @@ def test_probe_middleware_marks_responses_while_draining(graceful_lifecycle: Lif
         status, headers, body = get(app, "/ping")
         assert (status, body) == (200, b"pong")  # still served while draining
         assert headers["Graceful-State"] == "draining"
+
+
+@pytest.mark.parametrize("draining", [False, True])
+def test_probe_middleware_removes_the_reject_mark_from_djangos_own_503(
+    graceful_lifecycle: Lifecycle, draining: bool
+) -> None:
+    # Only graceful's own rejection may carry the mark: a pool re-sends a POST on it.
+    with override_settings(MIDDLEWARE=[GRACEFUL_MW, COMMON_MW]):
+        app = django_wsgi()
+        if draining:
+            graceful_lifecycle.drain("test")
+        status, headers, body = get(app, "/busy")
+        assert (status, body) == (503, b"busy")
+        assert "Graceful-Rejected" not in headers
 
 
 def test_probe_middleware_serves_the_control_routes_with_the_token(

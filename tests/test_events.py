@@ -31,7 +31,7 @@ from _apps import (
 )
 
 import graceful
-from graceful._events import MAX_QUEUED, MIN_WAIT
+from graceful._events import MAX_QUEUED, MIN_WAIT, ProcessStreams, Subscriber
 
 EVENTS = "/-/graceful/events"
 HEARTBEAT = b": heartbeat\n\n"
@@ -84,6 +84,26 @@ def _looks_at(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[float]:
 
     monkeypatch.setattr(os.path, "exists", looking)
     return looks
+
+
+class _OtherWorkers:
+    """The rest of a node holding ``others`` streams (a ``graceful._events.NodeStreams``)."""
+
+    def __init__(self, others: int) -> None:
+        self.held = others
+        self.published: list[int] = []
+
+    def publish(self, count: int) -> None:
+        self.published.append(count)
+
+    def others(self) -> int:
+        return self.held
+
+
+def _worker_of_a_full_node(others: int) -> ProcessStreams:
+    process = ProcessStreams()
+    process.join(None, _OtherWorkers(others))
+    return process
 
 
 def _open_wsgi(lc: graceful.Lifecycle) -> WSGIStream:
@@ -173,17 +193,16 @@ def test_wsgi_subscriber_cap_answers_503_until_a_slot_frees() -> None:
         assert _event(stream.next_chunk())["phase"] == "serving"
 
 
-def test_wsgi_subscriber_cap_reached_by_a_racing_subscriber_answers_like_the_cap(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_wsgi_cap_taken_by_other_workers_answers_like_the_cap() -> None:
     full = wsgi_call(_wsgi(new_lifecycle(events_max_subscribers=0)), path=EVENTS)
     _assert_events_full(full)
-    lc = new_lifecycle()
+    lc = new_lifecycle(events_max_subscribers=3)
     middleware = _wsgi(lc)
-    # Another subscriber took the last slot between the route's check and the subscription.
-    monkeypatch.setattr(lc, "subscribe", lambda: None)
+    # The node's other workers hold every slot (this process holds none).
+    lc.events.process = _worker_of_a_full_node(others=3)
     reply = wsgi_call(middleware, path=EVENTS)  # wsgiref.validate checks the answer's form
     assert _answer(reply) == _answer(full)
+    assert len(lc.events) == 0
 
 
 @pytest.mark.parametrize("drain_file", [False, True], ids=["heartbeat", "drain-file"])
@@ -227,7 +246,7 @@ def test_hub_subscriber_queue_stays_bounded() -> None:
     lc = new_lifecycle()
     lc.mark_ready()
     subscriber = lc.subscribe()
-    assert subscriber is not None
+    assert isinstance(subscriber, Subscriber)
     try:
         for _ in range(5_000):
             lc.drain()
@@ -400,20 +419,17 @@ def test_asgi_subscriber_cap_answers_503() -> None:
     asyncio.run(main())
 
 
-def test_asgi_subscriber_cap_reached_by_a_racing_subscriber_answers_like_the_cap(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_asgi_cap_taken_by_other_workers_answers_like_the_cap() -> None:
     full_lc = new_lifecycle(events_max_subscribers=0)
     full_lc.mark_ready()
     full = asyncio.run(
         asgi_call(graceful.ASGIMiddleware(hello_asgi, lifecycle=full_lc), path=EVENTS)
     )
     _assert_events_full(full)
-    lc = new_lifecycle()
+    lc = new_lifecycle(events_max_subscribers=3)
     lc.mark_ready()
     middleware = graceful.ASGIMiddleware(hello_asgi, lifecycle=lc)
-    # Another subscriber took the last slot between the route's check and the subscription.
-    monkeypatch.setattr(lc, "subscribe", lambda: None)
+    lc.events.process = _worker_of_a_full_node(others=3)
     reply = asyncio.run(asgi_call(middleware, path=EVENTS))
     assert _answer(reply) == _answer(full)
     wsgi_full = wsgi_call(_wsgi(new_lifecycle(events_max_subscribers=0)), path=EVENTS)

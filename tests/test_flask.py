@@ -264,8 +264,11 @@ class LinkedNode:
     def by_worker(self, own: int) -> dict[str, int]:
         return {"1": own}
 
-    def announce(self, phase: Phase, reason: str) -> None:
+    def announce(self, phase: Phase, reason: str, *, final: bool, since: float | None) -> None:
         pass
+
+    def drain_state(self) -> tuple[float | None, bool]:
+        return None, False
 
     def stuck(self, now: float) -> list[tuple[str, str, float]]:
         return []

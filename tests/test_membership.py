@@ -39,7 +39,7 @@ def test_rules_cover_everything_a_pool_can_learn() -> None:
 def test_each_rule_takes_a_node_to_its_state_from_any_state(
     learned: Learned, start: NodeState
 ) -> None:
-    m = membership(A)
+    m = membership(A, read_timeouts_to_down=1)  # every rule acts on its first occurrence
     m.learn(A, TO_STATE[start], now=1.0)
     assert state(m, A) is start
 
@@ -63,12 +63,78 @@ def test_the_rules_say_what_the_issue_says() -> None:
     assert RULES[Learned.PROBE_UNREACHABLE] is NodeState.DOWN
     assert RULES[Learned.NOTICE_STARTING] is NodeState.DOWN
     assert RULES[Learned.PROBE_NOT_READY] is NodeState.DRAINING
+    assert RULES[Learned.READ_TIMEOUT] is NodeState.DOWN  # after read_timeouts_to_down in a row
 
 
 def test_a_reason_without_detail_is_what_was_learned() -> None:
     m = membership(A)
     changed = m.learn(A, Learned.REFUSED, now=3.0)
     assert changed is not None and changed.reason == "refused"
+
+
+# -- read timeouts: counted ------------------------------------------------------------------
+
+
+def test_the_default_takes_a_node_down_at_the_third_read_timeout_in_a_row() -> None:
+    m = membership(A, B)
+    assert m.read_timeouts_to_down == 3
+    assert m.learn(A, Learned.READ_TIMEOUT, now=1.0, detail="60s") is None
+    assert m.learn(A, Learned.READ_TIMEOUT, now=2.0, detail="60s") is None
+    assert state(m, A) is NodeState.IN_SERVICE
+    assert m.next_deadline() is None  # not out, so not probed
+
+    changed = m.learn(A, Learned.READ_TIMEOUT, now=3.0, detail="60s")
+
+    assert changed == NodeStatus(A, NodeState.DOWN, 0, 3.0, "read timeout (3 in a row, 60s)")
+    assert {m.pick() for _ in range(4)} == {B}
+    assert m.next_deadline() is not None  # probed back like any node that is down
+
+
+def test_an_answer_between_read_timeouts_starts_the_count_again() -> None:
+    m = membership(A, read_timeouts_to_down=2)
+    m.learn(A, Learned.READ_TIMEOUT, now=1.0)
+    m.answered(A)
+    assert m.learn(A, Learned.READ_TIMEOUT, now=2.0) is None
+    assert state(m, A) is NodeState.IN_SERVICE
+    changed = m.learn(A, Learned.READ_TIMEOUT, now=3.0)
+    assert changed is not None and changed.state is NodeState.DOWN
+
+
+def test_read_timeouts_are_counted_per_node() -> None:
+    m = membership(A, B, read_timeouts_to_down=2)
+    m.learn(A, Learned.READ_TIMEOUT, now=1.0)
+    m.learn(B, Learned.READ_TIMEOUT, now=1.0)
+    m.answered(B)
+    m.learn(B, Learned.READ_TIMEOUT, now=2.0)
+    assert (state(m, A), state(m, B)) == (NodeState.IN_SERVICE, NodeState.IN_SERVICE)
+    m.learn(A, Learned.READ_TIMEOUT, now=3.0)
+    assert (state(m, A), state(m, B)) == (NodeState.DOWN, NodeState.IN_SERVICE)
+
+
+def test_a_node_probed_back_after_read_timeouts_is_out_again_at_the_next_one() -> None:
+    """Its /readyz passing does not show that its app answers (an ASGI app can hang while the
+    middleware still answers probes): only an answer to a call starts the count again."""
+    m = membership(A, read_timeouts_to_down=3)
+    for t in (1.0, 2.0, 3.0):
+        m.learn(A, Learned.READ_TIMEOUT, now=t)
+    m.learn(A, Learned.PROBE_READY, now=8.0)
+    assert state(m, A) is NodeState.IN_SERVICE
+
+    changed = m.learn(A, Learned.READ_TIMEOUT, now=9.0)
+    assert changed is not None and changed.reason == "read timeout (4 in a row)"
+
+    m.learn(A, Learned.PROBE_READY, now=14.0)
+    m.answered(A)
+    assert m.learn(A, Learned.READ_TIMEOUT, now=15.0) is None  # counting from one again
+
+
+def test_a_read_timeout_on_a_draining_node_counts_too() -> None:
+    m = membership(A, read_timeouts_to_down=2)
+    m.learn(A, Learned.NOTICE_DRAINING, now=1.0)
+    m.learn(A, Learned.READ_TIMEOUT, now=2.0)
+    assert state(m, A) is NodeState.DRAINING
+    m.learn(A, Learned.READ_TIMEOUT, now=3.0)
+    assert state(m, A) is NodeState.DOWN
 
 
 # -- picking ---------------------------------------------------------------------------------
@@ -325,6 +391,7 @@ def test_new_nodes_are_in_service_from_the_start() -> None:
         ([A], {"jitter": 1.0}, r"jitter must be in \[0, 1\), not 1.0"),
         ([A], {"jitter": -0.1}, r"jitter must be in \[0, 1\), not -0.1"),
         ([A], {"balance": "random"}, "balance must be 'round_robin' or 'least_inflight'"),
+        ([A], {"read_timeouts_to_down": 0}, "read_timeouts_to_down must be at least 1, not 0"),
     ],
 )
 def test_bad_settings_are_refused_with_a_message(

@@ -1,19 +1,25 @@
 """The nginx upstream controller without nginx: the parser, the editor, and the edit procedure
-(lock, atomic write, ``nginx -t``, reload, confirmation, rollback) against a fake nginx.
+(lock, atomic write, ``nginx -T``, ``nginx -t``, the master's identity, reload, confirmation,
+rollback) against a fake nginx.
 
-The fake ``nginx`` is a shell script that records its arguments (and, on ``-t``, the upstream file
-as it saw it) and fails ``-t`` or ``-s reload`` on demand; ``-s reload`` sends SIGHUP to a fake
-master, a small Python process that answers it like nginx does: a new worker, the old one gone.
-The real nginx is driven in ``tests/e2e/test_nginx_controller.py``.
+The fake ``nginx`` is a shell script that records its arguments, dumps a configuration on ``-T``
+(the upstream file included, unless told otherwise) and copies the upstream file as it saw it on
+``-t``; toggle files make ``-T`` or ``-t`` fail. The fake master is a small Python process whose
+title is an nginx master's (``nginx: master process ...``) and that answers SIGHUP like nginx
+does: a new worker, the old one told to stop and reaped some time later (real nginx keeps old
+workers alive while they finish). The real nginx is driven in
+``tests/e2e/test_nginx_controller.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import stat
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +29,9 @@ import pytest
 from graceful import nginx
 from graceful.cli import main
 from graceful.nginx import (
+    LastServerError,
     LockTimeoutError,
+    NotIncludedError,
     ReloadError,
     ReloadTimeoutError,
     UnknownServerError,
@@ -36,7 +44,7 @@ from graceful.nginx import (
 )
 
 if TYPE_CHECKING:
-    from conftest import Spawn, WaitUntil
+    from conftest import Proc, Spawn, WaitUntil
 
 UPSTREAM = """\
 # managed by graceful nginx: only the server lines change
@@ -57,6 +65,18 @@ FAKE_NGINX = """\
 here="$(dirname "$0")"
 echo "$*" >> "$here/calls.log"
 case "$*" in
+  *"-T"*)
+    if [ -e "$here/fail-dump" ]; then
+      echo 'nginx: [emerg] unknown directive "bogus" in nginx.conf:3' >&2
+      exit 1
+    fi
+    echo "# configuration file $here/nginx.conf:"
+    [ -e "$here/nginx.conf" ] && cat "$here/nginx.conf"
+    echo
+    if [ ! -e "$here/not-included" ]; then
+      echo "# configuration file $here/upstream.conf:"
+      cat "$here/upstream.conf"
+    fi ;;
   *"-t"*)
     cp "$here/upstream.conf" "$here/seen-by-test.conf"
     if [ -e "$here/fail-test" ]; then
@@ -64,32 +84,37 @@ case "$*" in
       echo 'nginx: configuration file nginx.conf test failed' >&2
       exit 1
     fi ;;
-  *"-s reload"*)
-    if [ -e "$here/fail-reload" ]; then
-      echo 'nginx: [error] open() "nginx.pid" failed (2: No such file or directory)' >&2
-      exit 1
-    fi
-    [ -e "$here/ignore-reload" ] || kill -HUP "$(cat "$here/logs/nginx.pid")" ;;
 esac
 """
 
+#: argv: the pid file, the site's directory. Old workers are told to stop and reaped only at
+#: the next reload: until then they are still the master's children (zombies), as nginx's old
+#: workers stay listed while they finish.
 FAKE_MASTER = """\
 import os, signal, subprocess, sys
 
-workers = []
+pid_file, here = sys.argv[1], sys.argv[2]
+workers, retired = [], []
 
 def start_worker(*_):
+    if os.path.exists(os.path.join(here, "ignore-reload")):
+        return
+    if os.path.exists(os.path.join(here, "die-on-reload")):
+        os._exit(1)
+    for old in retired:
+        old.wait()
+    retired.clear()
     workers.append(subprocess.Popen(["sleep", "60"]))
     while len(workers) > 1:
         old = workers.pop(0)
         old.terminate()
-        old.wait()
+        retired.append(old)
 
 start_worker()
 signal.signal(signal.SIGHUP, start_worker)
-with open(sys.argv[1] + ".tmp", "w") as f:
+with open(pid_file + ".tmp", "w") as f:
     f.write(str(os.getpid()))
-os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+os.replace(pid_file + ".tmp", pid_file)
 while True:
     signal.pause()
 """
@@ -125,6 +150,22 @@ class Site:
         ]
 
 
+def master_title(site_dir: Path, conf: Path | None = None) -> str:
+    """An nginx master's process title, as nginx sets it: its binary and command line."""
+    conf = site_dir / "nginx.conf" if conf is None else conf
+    return f"nginx: master process {site_dir / 'nginx'} -p {site_dir} -c {conf}"
+
+
+def start_master(spawn: Spawn, site: Site, wait_until: WaitUntil, title: str) -> Proc:
+    """The fake master, titled ``title``, once its pid file is written."""
+    script = site.dir / "master.py"
+    script.write_text(FAKE_MASTER)
+    argv = [sys.executable, str(script), str(site.pid_file), str(site.dir)]
+    proc = spawn(["bash", "-c", 'exec -a "$0" "$@"', title, *argv], name="master")
+    wait_until(site.pid_file.exists, timeout=10, message=proc.output)
+    return proc
+
+
 @pytest.fixture
 def site(tmp_path: Path) -> Site:
     """A fake nginx and the upstream file, without a master (see ``master``)."""
@@ -137,12 +178,19 @@ def site(tmp_path: Path) -> Site:
 
 
 @pytest.fixture
-def master(site: Site, spawn: Spawn, wait_until: WaitUntil) -> int:
-    """A fake nginx master on ``site``: its pid, once its pid file is written."""
-    script = site.dir / "master.py"
-    script.write_text(FAKE_MASTER)
-    proc = spawn([sys.executable, str(script), str(site.pid_file)], name="master")
-    wait_until(site.pid_file.exists, timeout=10, message=proc.output)
+def master(site: Site, spawn: Spawn, wait_until: WaitUntil, monkeypatch: pytest.MonkeyPatch) -> int:
+    """A fake nginx master on ``site``: its pid, once its pid file is written.
+
+    It is a Python process, so its executable is Python's: the one thing faked here is that
+    the controller sees the fake nginx binary as its executable (the real check runs against
+    real nginx in ``tests/e2e/test_nginx_controller.py``)."""
+    proc = start_master(spawn, site, wait_until, master_title(site.dir))
+    real_executable = nginx._executable
+
+    def executable(pid: int) -> str | None:
+        return str(site.dir / "nginx") if pid == proc.pid else real_executable(pid)
+
+    monkeypatch.setattr(nginx, "_executable", executable)
     return proc.pid
 
 
@@ -252,11 +300,13 @@ def test_down_writes_the_file_tests_it_reloads_and_waits_for_new_workers(
     assert (site.dir / "seen-by-test.conf").read_text() == site.upstream.read_text()
     assert stat.S_IMODE(site.upstream.stat().st_mode) == 0o640
     args = f"-p {site.dir} -c {site.dir / 'nginx.conf'}"
-    assert site.calls() == [f"{args} -t -q", f"{args} -s reload"]
-    new_workers = nginx._children(master)
-    assert new_workers
-    assert not new_workers & workers
+    assert site.calls() == [f"{args} -T -q", f"{args} -t -q"]
+    # What the controller guarantees once down() returns: the master runs a new worker, and
+    # every old one is gone or stopping (it may still be listed, as a zombie or shutting down).
+    assert nginx._children(master) - workers
+    assert all(nginx._quitting(pid) for pid in workers)
     assert not [p for p in site.dir.iterdir() if p.name.endswith(".tmp")]
+    assert not (site.dir / "upstream.conf.lock").exists()
     assert site.upstream.stat().st_ino != inode  # replaced by a rename, never rewritten in place
 
 
@@ -336,8 +386,9 @@ def test_an_unreadable_file_is_a_clear_error(site: Site) -> None:
     missing = UpstreamController(site.dir / "missing.conf", "app")
     with pytest.raises(UpstreamFileError, match=r"cannot read the upstream file .*missing\.conf"):
         missing.down("127.0.0.1:8001")
-    with pytest.raises(UpstreamFileError, match="cannot read"):
+    with pytest.raises(UpstreamFileError, match="not a regular file"):
         UpstreamController(site.dir, "app").status()
+    assert not (site.dir / "missing.conf.lock").exists()
 
 
 def test_a_write_that_fails_midway_leaves_the_file_and_no_temporary_file(
@@ -357,11 +408,8 @@ def test_a_write_that_fails_midway_leaves_the_file_and_no_temporary_file(
         site.controller().down("127.0.0.1:8001")
 
     assert site.upstream.read_bytes() == before
-    assert sorted(p.name for p in site.dir.iterdir() if "upstream" in p.name) == [
-        "upstream.conf",
-        "upstream.conf.lock",
-    ]
-    assert site.calls() == []
+    assert sorted(p.name for p in site.dir.iterdir() if "upstream" in p.name) == ["upstream.conf"]
+    assert [call.split()[-2:] for call in site.calls()] == [["-T", "-q"]]  # never tested
 
 
 def test_a_failing_nginx_t_restores_the_file_byte_for_byte(site: Site, master: int) -> None:
@@ -376,15 +424,29 @@ def test_a_failing_nginx_t_restores_the_file_byte_for_byte(site: Site, master: i
     assert "was restored" in str(caught.value)
     assert "8001 max_fails=0 weight=2 down;" in (site.dir / "seen-by-test.conf").read_text()
     assert site.upstream.read_bytes() == before
-    assert [c.split()[-1] for c in site.calls()] == ["-q"]  # no reload
-    assert nginx._children(master) == workers
+    assert nginx._children(master) == workers  # never signalled
 
 
-def test_a_failing_reload_restores_the_file(site: Site, master: int) -> None:
-    (site.dir / "fail-reload").touch()
+def test_a_configuration_nginx_t_already_rejects_is_refused_before_the_write(
+    site: Site, master: int
+) -> None:
+    (site.dir / "fail-dump").touch()
     before = site.upstream.read_bytes()
 
-    with pytest.raises(ReloadError, match=r"reload failed.*restored.*nginx said: nginx: \[error\]"):
+    with pytest.raises(ValidationError, match=r"before any edit.*unknown directive \"bogus\""):
+        site.controller().down("127.0.0.1:8001")
+
+    assert site.upstream.read_bytes() == before
+    assert not (site.dir / "upstream.conf.prev").exists()
+
+
+def test_a_master_that_exits_during_the_reload_leaves_the_file_restored(
+    site: Site, master: int
+) -> None:
+    (site.dir / "die-on-reload").touch()
+    before = site.upstream.read_bytes()
+
+    with pytest.raises(ReloadError, match=r"exited during the reload.*was restored"):
         site.controller().up("127.0.0.1:8003")
 
     assert site.upstream.read_bytes() == before
@@ -399,19 +461,22 @@ def test_no_running_master_is_refused_before_the_file_is_touched(site: Site) -> 
         site.controller().down("127.0.0.1:8001")
 
     assert site.upstream.read_bytes() == before
-    assert site.calls() == []
+    assert [call for call in site.calls() if "-T" not in call] == []
 
 
-def test_a_reload_that_starts_no_new_workers_times_out(site: Site, master: int) -> None:
+def test_a_reload_that_starts_no_new_workers_times_out_and_restores_the_file(
+    site: Site, master: int
+) -> None:
     (site.dir / "ignore-reload").touch()
+    before = site.upstream.read_bytes()
 
     with pytest.raises(ReloadTimeoutError, match=r"did not start new workers within 0\.3s"):
         site.controller(timeout=0.3).down("127.0.0.1:8001")
 
-    assert "8001 max_fails=0 weight=2 down;" in site.upstream.read_text()  # nginx has it
+    assert site.upstream.read_bytes() == before
 
 
-def test_a_missing_nginx_binary_restores_the_file(site: Site, master: int) -> None:
+def test_a_missing_nginx_binary_leaves_the_file_untouched(site: Site, master: int) -> None:
     before = site.upstream.read_bytes()
 
     with pytest.raises(ReloadError, match="cannot run '/nonexistent/nginx'"):
@@ -431,6 +496,184 @@ def test_an_edit_waits_for_the_lock_and_gives_up_at_its_timeout(site: Site, mast
 
     assert site.upstream.read_bytes() == before
     assert site.controller().down("127.0.0.1:8001").changed  # the lock is free again
+
+
+# -- whose process gets the signal ---------------------------------------------------------
+
+
+def test_a_pid_file_naming_a_process_that_is_not_nginx_signals_nothing(
+    site: Site, spawn: Spawn
+) -> None:
+    stranger = spawn(["sleep", "60"], name="stranger")
+    site.pid_file.write_text(f"{stranger.pid}\n")
+    before = site.upstream.read_bytes()
+
+    with pytest.raises(ReloadError, match=rf"process {stranger.pid} .* is not an nginx master"):
+        site.controller().down("127.0.0.1:8001")
+
+    assert stranger.alive()
+    assert site.upstream.read_bytes() == before
+    assert not (site.dir / "upstream.conf.prev").exists()
+
+
+def test_a_process_titled_like_an_nginx_master_but_running_another_program_is_refused(
+    site: Site, spawn: Spawn, wait_until: WaitUntil
+) -> None:
+    impostor = start_master(spawn, site, wait_until, master_title(site.dir))  # Python inside
+    workers = nginx._children(impostor.pid)
+    before = site.upstream.read_bytes()
+
+    with pytest.raises(ReloadError, match=rf"process {impostor.pid} .* runs .*python"):
+        site.controller().down("127.0.0.1:8001")
+
+    assert nginx._children(impostor.pid) == workers  # never signalled
+    assert site.upstream.read_bytes() == before
+
+
+def test_the_master_of_another_configuration_is_refused(
+    site: Site, spawn: Spawn, wait_until: WaitUntil, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = site.dir / "other" / "nginx.conf"
+    other = start_master(spawn, site, wait_until, master_title(site.dir, conf=elsewhere))
+    monkeypatch.setattr(nginx, "_executable", lambda pid: str(site.dir / "nginx"))
+    workers = nginx._children(other.pid)
+    before = site.upstream.read_bytes()
+
+    with pytest.raises(ReloadError, match=rf"runs {elsewhere}, not {site.dir / 'nginx.conf'}"):
+        site.controller().down("127.0.0.1:8001")
+
+    assert nginx._children(other.pid) == workers
+    assert site.upstream.read_bytes() == before
+
+
+# -- the files it reads and creates ----------------------------------------------------------
+
+
+def test_an_upstream_file_nginx_does_not_include_is_refused_untouched(
+    site: Site, master: int
+) -> None:
+    (site.dir / "not-included").touch()
+    before = site.upstream.read_bytes()
+
+    with pytest.raises(NotIncludedError, match=r"upstream\.conf is not part of nginx's config"):
+        site.controller().down("127.0.0.1:8001")
+
+    assert site.upstream.read_bytes() == before
+    assert [call.split()[-2:] for call in site.calls()] == [["-T", "-q"]]
+
+
+def test_the_last_server_in_service_is_taken_out_only_with_force(site: Site, master: int) -> None:
+    controller = site.controller()
+    controller.down("127.0.0.1:8001")
+    before = site.upstream.read_bytes()
+
+    with pytest.raises(LastServerError, match=r"127\.0\.0\.1:8002 is the last server .* --force"):
+        controller.down("127.0.0.1:8002")
+
+    assert site.upstream.read_bytes() == before
+    assert controller.down("127.0.0.1:8002", force=True).changed
+    assert [s.state for s in controller.status()] == ["down", "down", "down"]
+
+
+def test_the_lock_file_is_gone_after_an_edit_that_fails(site: Site, master: int) -> None:
+    (site.dir / "fail-test").touch()
+
+    with pytest.raises(ValidationError):
+        site.controller().down("127.0.0.1:8001")
+
+    assert not (site.dir / "upstream.conf.lock").exists()
+
+
+@pytest.mark.parametrize("planted", ["upstream.conf.lock", "upstream.conf.prev"])
+def test_a_symlink_planted_where_the_controller_writes_is_never_followed(
+    site: Site, master: int, planted: str
+) -> None:
+    target = site.dir / "victim"
+    target.write_text("keep me\n")
+    (site.dir / planted).symlink_to(target)
+
+    if planted.endswith(".lock"):  # a lock is never opened through a link: refused
+        with pytest.raises(UpstreamFileError, match="is a symbolic link"):
+            site.controller().down("127.0.0.1:8001")
+    else:  # FILE.prev is replaced by a rename, which replaces the link itself
+        assert site.controller().down("127.0.0.1:8001").changed
+        assert not (site.dir / planted).is_symlink()
+        assert (site.dir / planted).read_text() == UPSTREAM
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_dangling_symlink_at_the_lock_creates_no_file_at_its_target(
+    site: Site, master: int
+) -> None:
+    target = site.dir / "created-through-the-lock"
+    (site.dir / "upstream.conf.lock").symlink_to(target)
+    before = site.upstream.read_bytes()
+
+    with pytest.raises(UpstreamFileError, match=r"lock file .* is a symbolic link"):
+        site.controller().down("127.0.0.1:8001")
+
+    assert not target.exists()
+    assert site.upstream.read_bytes() == before
+
+
+def test_an_upstream_file_larger_than_the_limit_is_refused_before_anything_is_created(
+    site: Site, master: int
+) -> None:
+    padding = "#" + "x" * 100 + "\n"
+    site.upstream.write_text(UPSTREAM + padding * (nginx.MAX_FILE_BYTES // len(padding) + 1))
+    before = site.upstream.read_bytes()
+
+    with pytest.raises(UpstreamFileError, match=r"larger than 1 MiB"):
+        site.controller().down("127.0.0.1:8001")
+
+    assert site.upstream.read_bytes() == before
+    assert sorted(p.name for p in site.dir.iterdir() if "upstream" in p.name) == ["upstream.conf"]
+
+
+def test_an_upstream_file_that_is_not_a_regular_file_is_refused_without_reading_it(
+    site: Site, master: int
+) -> None:
+    fifo = site.dir / "fifo.conf"
+    os.mkfifo(fifo)
+    endless = _EndlessWriter(fifo)
+    try:
+        with pytest.raises(UpstreamFileError, match=r"fifo\.conf is not a regular file"):
+            UpstreamController(fifo, "app", pid_file=site.pid_file).down("127.0.0.1:8001")
+        assert endless.written == 0  # never opened, so never read
+    finally:
+        endless.stop()
+
+    assert not (site.dir / "fifo.conf.lock").exists()
+
+
+class _EndlessWriter:
+    """Writes to a FIFO for as long as someone reads it (a /dev/zero that cannot fill a disk)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.written = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._write, daemon=True)
+        self.thread.start()
+
+    def _write(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY)  # waits for a reader
+        except OSError:
+            return
+        try:
+            while not self.done.is_set() and self.written < 64 << 20:
+                self.written += os.write(fd, b"server 127.0.0.1:1;\n" * 512)
+        except OSError:
+            pass  # the reader went away
+        finally:
+            os.close(fd)
+
+    def stop(self) -> None:
+        self.done.set()
+        with contextlib.suppress(OSError):  # release a writer still waiting for a reader
+            os.close(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))
+        self.thread.join(10)
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -467,14 +710,19 @@ def test_cli_down_and_up(site: Site, master: int, capsys: pytest.CaptureFixture[
         ("", ["down", "127.0.0.1:9999"], 7, "has no server '127.0.0.1:9999'"),
         ("bad-file", ["down", "127.0.0.1:8001"], 7, "unknown server parameter 'bogus'"),
         ("fail-test", ["down", "127.0.0.1:8001"], 8, "nginx -t rejected"),
-        ("fail-reload", ["down", "127.0.0.1:8001"], 9, "nginx -s reload failed"),
+        ("fail-dump", ["down", "127.0.0.1:8001"], 8, "before any edit"),
+        ("not-included", ["down", "127.0.0.1:8001"], 7, "is not part of nginx's configuration"),
+        ("last", ["down", "127.0.0.1:8001"], 7, "is the last server"),
+        ("die-on-reload", ["down", "127.0.0.1:8001"], 9, "was restored"),
         ("no-master", ["down", "127.0.0.1:8001"], 9, "no nginx master to reload"),
+        ("stranger", ["down", "127.0.0.1:8001"], 9, "is not an nginx master"),
         ("locked", ["down", "127.0.0.1:8001", "--timeout", "0.2"], 6, "held"),
     ],
 )
 def test_cli_bad_edits_exit_with_distinct_codes_and_leave_the_file_untouched(
     site: Site,
     master: int,
+    spawn: Spawn,
     capsys: pytest.CaptureFixture[str],
     setup: str,
     argv: list[str],
@@ -485,6 +733,10 @@ def test_cli_bad_edits_exit_with_distinct_codes_and_leave_the_file_untouched(
         site.upstream.write_text(UPSTREAM.replace("weight=2", "bogus"))
     elif setup == "no-master":
         site.pid_file.unlink()
+    elif setup == "stranger":
+        site.pid_file.write_text(f"{spawn(['sleep', '60'], name='stranger').pid}\n")
+    elif setup == "last":
+        site.upstream.write_text(UPSTREAM.replace("8002;", "8002 down;"))
     elif setup:
         (site.dir / setup).touch()
     before = site.upstream.read_bytes()
@@ -498,6 +750,18 @@ def test_cli_bad_edits_exit_with_distinct_codes_and_leave_the_file_untouched(
     assert err.startswith("graceful: ")
     assert message in err
     assert site.upstream.read_bytes() == before
+    assert not (site.dir / "upstream.conf.lock").exists() or setup == "locked"
+
+
+def test_cli_down_force_takes_the_last_server_out(
+    site: Site, master: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site.upstream.write_text(UPSTREAM.replace("8002;", "8002 down;"))
+
+    assert main(site.cli("nginx", "down", "127.0.0.1:8001")) == 7
+    assert "--force" in capsys.readouterr().err
+    assert main(site.cli("nginx", "down", "127.0.0.1:8001", "--force")) == 0
+    assert "app 127.0.0.1:8001 down (" in capsys.readouterr().out
 
 
 def test_cli_help_lists_the_nginx_verbs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -506,7 +770,8 @@ def test_cli_help_lists_the_nginx_verbs(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     for verb in ("status", "down", "up"):
         assert verb in out
-    assert "  8  nginx: nginx -t rejected" in out
+    assert "  8  nginx: nginx -T or nginx -t rejected" in out
+    assert "--force" in out
 
 
 def test_the_example_upstream_file_parses() -> None:

@@ -6,11 +6,11 @@ import importlib
 import inspect
 import pathlib
 import re
-import sys
 
 import graceful
 
 PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+VERSION_FILE = PYPROJECT.parent / "graceful" / "_version.py"
 
 
 def test_all_is_sorted_without_duplicates() -> None:
@@ -59,17 +59,16 @@ def test_private_modules_are_not_exported() -> None:
 
 
 def project_version() -> str:
+    """The version the package is built with: pyproject.toml reads it from graceful._version."""
     text = PYPROJECT.read_text(encoding="utf-8")
-    if sys.version_info >= (3, 11):
-        import tomllib
-
-        version: str = tomllib.loads(text)["project"]["version"]
-        return version
-    project = text.split("[project]", 1)[1].split("\n[", 1)[0]
-    match = re.search(r'^version\s*=\s*"([^"]+)"', project, re.MULTILINE)
-    assert match is not None
-    return match.group(1)
+    assert re.search(r'^dynamic = \["version"\]$', text, re.MULTILINE), "version is not dynamic"
+    assert 'version = { attr = "graceful._version.__version__" }' in text
+    found = re.search(r'^__version__ = "([^"]+)"$', VERSION_FILE.read_text(), re.MULTILINE)
+    assert found is not None
+    return found.group(1)
 
 
 def test_version_matches_pyproject() -> None:
-    assert graceful.__version__ == project_version()
+    from importlib.metadata import version
+
+    assert graceful.__version__ == project_version() == version("graceful-drain")

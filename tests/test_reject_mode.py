@@ -1,6 +1,7 @@
 """Reject mode (``reject_when_draining``): while the node announces, new requests get 503 before
-the app sees them, uncounted; requests already running finish; probes and control routes are
-unaffected. Both middlewares, in-process."""
+the app sees them, uncounted, marked ``Graceful-Rejected: 1``; POST, PATCH and LOCK (which a
+proxy does not re-send) are served; requests already running finish; probes and control routes
+are unaffected. Both middlewares, in-process (the mark itself: ``test_rejected_mark.py``)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def _assert_rejected(reply: Reply, retry_after: str = "10") -> None:
     assert reply.status == 503, reply
     assert reply.header("Retry-After") == retry_after
     assert reply.header("Graceful-State") == "draining"
+    assert reply.header("Graceful-Rejected") == "1"
     assert reply.header("Cache-Control") == "no-store"
     assert reply.header("Content-Type") == "text/plain; charset=utf-8"
     assert reply.header("Content-Length") == str(len(reply.body))
@@ -133,7 +135,7 @@ def test_new_requests_while_announcing_get_503_without_reaching_the_app_or_being
     _announce(lc, clock, phase)
     arrival = lc.requests.last_arrival  # None, or the hold that kept the stop going
     clock.advance(1.0)
-    for method in ("GET", "POST", "DELETE"):
+    for method in ("GET", "PUT", "DELETE"):
         _assert_rejected(client.request(method, "/orders"))
     assert client.calls == []
     assert lc.requests.last_arrival == arrival  # never counted, not even as an arrival
@@ -235,7 +237,7 @@ def test_wsgi_request_in_flight_when_the_drain_starts_finishes_normally() -> Non
     try:
         wait_until(lambda: lc.inflight == 1, what="the slow request in flight")
         lc.drain("deploy")
-        _assert_rejected(wsgi_call(middleware, "POST", "/new"))
+        _assert_rejected(wsgi_call(middleware, "PUT", "/new"))
         assert lc.inflight == 1
         clock.advance(11.0)
         assert lc.tick() is Phase.DRAINING  # the delay is over, the slow request holds it
@@ -273,7 +275,7 @@ def test_asgi_request_in_flight_when_the_drain_starts_finishes_normally() -> Non
         while lc.inflight == 0:  # let the slow request start (bounded by the wait_for below)
             await asyncio.sleep(0)
         lc.drain("deploy")
-        rejected = await asgi_call(middleware, "POST", "/new")
+        rejected = await asgi_call(middleware, "PUT", "/new")
         assert lc.inflight == 1
         release.set()
         await asyncio.wait_for(slow, 10.0)

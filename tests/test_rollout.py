@@ -11,7 +11,9 @@ and restarted by ``tests/e2e/apps/node_ctl.py`` (SIGTERM, wait for the exit, sta
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -329,19 +331,28 @@ def test_an_unreachable_node_stops_the_rollout_in_preflight(
     assert f"{nowhere}/readyz answers cannot connect" in out
 
 
-def test_nginx_preflight_refuses_passive_checks_and_unknown_servers_touching_nothing(
+def test_nginx_preflight_warns_about_passive_checks_and_refuses_unknown_servers(
     start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """nginx's default max_fails is a warning, not a refusal: the rollout marks each node down
+    before it drains or restarts, so nginx's passive checks never see it fail. (That the
+    rollout then goes through is proven against real nginx in
+    ``tests/e2e/test_nginx_controller.py``; here no nginx runs, so the cut fails.)"""
     (first, _), (second, _) = start_node(), start_node()
     upstream = tmp_path / "upstream.conf"
     a, b = first.removeprefix("http://"), second.removeprefix("http://")
     upstream.write_text(f"upstream app {{\n    server {a} max_fails=0;\n    server {b};\n}}\n")
     before = upstream.read_bytes()
-    common = ["--lb", "nginx", "--nginx-upstream-file", str(upstream), "--nginx-upstream", "app"]
+    common = [
+        "--lb", "nginx", "--nginx-upstream-file", str(upstream), "--nginx-upstream", "app",
+        "--nginx-bin", str(tmp_path / "no-nginx"),
+    ]  # fmt: skip
     code = rollout(*nodes_args(first, second), *common, "--restart", "true")
     out = capsys.readouterr().out
     assert code == cli.ROLLOUT_STOPPED
-    assert f"{b} without max_fails=0" in out and "no live upstream" in out
+    assert f"preflight: warning: {b} keeps nginx's default max_fails" in out
+    assert "preflight: FAILED" not in out and "cut: FAILED: nginx: cannot run" in out
+    assert upstream.read_bytes() == before
     upstream.write_text(f"upstream app {{\n    server {a} max_fails=0;\n}}\n")
     before = upstream.read_bytes()
     code = rollout(*nodes_args(first, second), *common, "--restart", "true")
@@ -350,6 +361,28 @@ def test_nginx_preflight_refuses_passive_checks_and_unknown_servers_touching_not
     assert f"has no server {b}" in out
     assert upstream.read_bytes() == before
     assert not (tmp_path / "upstream.conf.prev").exists()
+
+
+def test_nginx_rollout_of_the_only_server_needs_force(
+    start_node: StartNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, _ = start_node()
+    upstream = tmp_path / "upstream.conf"
+    upstream.write_text(f"upstream app {{\n    server {first.removeprefix('http://')};\n}}\n")
+    ran = tmp_path / "restarted"
+    common = [
+        "--node", first, "--lb", "nginx", "--nginx-upstream-file", str(upstream),
+        "--nginx-upstream", "app", "--nginx-bin", str(tmp_path / "no-nginx"),
+        "--restart", marker_command(ran),
+    ]  # fmt: skip
+
+    assert rollout(*common) == cli.ROLLOUT_STOPPED
+    out = capsys.readouterr().out
+    assert "preflight: FAILED: " in out and "leaves no server up" in out and "--force" in out
+    assert rollout(*common, "--force") == cli.ROLLOUT_STOPPED  # on to the cut (no nginx here)
+    out = capsys.readouterr().out
+    assert "preflight: warning: " in out and "cut: FAILED: nginx: cannot run" in out
+    assert not ran.exists()
 
 
 def test_haproxy_without_its_socket_stops_the_rollout_in_preflight(
@@ -381,16 +414,21 @@ def test_haproxy_without_its_socket_stops_the_rollout_in_preflight(
         (["--lb", "haproxy"], "--lb haproxy needs --haproxy-socket PATH and --haproxy-backend"),
         (["--nginx-upstream", "app"], "--nginx-upstream: only for --lb nginx"),
         (["--haproxy-backend", "app", "--lb", "nginx"], "--haproxy-backend: only for --lb haproxy"),
+        (["--lb", "none", "--force"], "--force: only for --lb nginx"),
         (["--node", "http://127.0.0.1:1"], "is given twice"),
         (["--node", "ftp://x"], "is not a node URL"),
-        (["--verify", "version"], "is not a path like /readyz"),
+        (["--verify", "version"], "is not a path like /version or /items?size=20"),
+        (["--verify", "/a b"], "is not a path like /version or /items?size=20"),
+        (["--verify", "/a#top"], "is not a path like /version or /items?size=20"),
         (["--drain-timeout", "-1"], "is not a number of seconds"),
         (
             ["--token", "t", "--drain-timeout", "7200"],
             "--drain-timeout 7200: a node answers a drain wait for at most 3600s",
         ),
-        (["--settle", "-1"], "--settle -1.0 is not a number of seconds in [0, 86400]"),
-        (["--settle", "soon"], "invalid float value: 'soon'"),
+        (["--settle", "-1"], "--settle: '-1' is not a number of seconds in [0, 86400]"),
+        (["--settle", "soon"], "--settle: 'soon' is not a number of seconds in [0, 86400]"),
+        (["--settle", "1e3"], "--settle: '1e3' is not a number of seconds in [0, 86400]"),
+        (["--batch", "\u0663"], "'\u0663' is not a whole number of at least 1"),
         (["--lb", "f5"], "invalid choice: 'f5'"),
     ],
 )
@@ -689,3 +727,86 @@ def test_a_restart_that_leaves_the_drained_process_serving_is_caught(
                    "--restart", restart) == cli.ROLLOUT_STOPPED  # fmt: skip
     out = capsys.readouterr().out
     assert "ready: FAILED: " + first + " still answers from the process(es) it drained" in out
+
+
+SERVE = """\
+import functools, http.server, sys, time
+
+port, directory = int(sys.argv[1]), sys.argv[2]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+deadline = time.monotonic() + 30
+while True:
+    try:
+        server = http.server.HTTPServer(("127.0.0.1", port), handler)
+        break
+    except OSError:  # the old server has not let go of the port yet
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+print("serving", port, flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_restart_that_leaves_a_server_running_in_the_background_is_done_when_it_exits(
+    spawn: Spawn, tmp_path: Path, wait_until: WaitUntil, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sh -c 'server & echo started'``: the shell exits at once, the server it started keeps
+    its output open. The restart is done when the shell exits, whatever its children hold."""
+    www, pid_file, serve = tmp_path / "www", tmp_path / "server.pid", tmp_path / "serve.py"
+    www.mkdir()
+    (www / "readyz").write_text("ok")
+    serve.write_text(SERVE)
+    port = unused_port()
+    server = shlex.join([sys.executable, str(serve), str(port), str(www)])
+    start = f"{server} & echo $! > {shlex.quote(str(pid_file))}; echo started"
+    first = spawn(["sh", "-c", start], name="first-server")  # the node before the rollout
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _ready(url) and pid_file.exists(), timeout=20, message=first.output)
+    old_pid = int(pid_file.read_text())
+    restart = "sh -c " + shlex.quote(f"kill {old_pid}; {start}")
+    timeline = tmp_path / "timeline.json"
+    try:
+        code = rollout(
+            "--node", url, "--lb", "none", "--restart", restart, "--restart-timeout", "30",
+            "--log-json", str(timeline),
+        )  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == cli.OK, out
+        assert "restart: FAILED" not in out and "killed" not in out
+        assert int(pid_file.read_text()) != old_pid
+        # the background server outlived the restart command, and serves
+        wait_until(lambda: _ready(url), timeout=20, message="the restarted server")
+        events = json.loads(timeline.read_text())["events"]
+        [restart_event] = [event for event in events if event["step"] == "restart"]
+        assert restart_event["ok"] and " ok (" in restart_event["detail"]
+    finally:
+        _kill_recorded(pid_file)
+
+
+def _kill_recorded(pid_file: Path) -> None:
+    """Stop the background server a test's restart command started (its pid, from its file)."""
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_restart_command_s_output_is_reported_when_it_fails(
+    start_node: StartNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, _ = start_node()
+    restart = "sh -c 'echo working; echo \"no such unit: app\" >&2; exit 4'"
+    assert rollout("--node", first, "--lb", "none", "--restart", restart) == cli.ROLLOUT_STOPPED
+    out = capsys.readouterr().out
+    assert "exited with status 4: " in out and "no such unit: app" in out
+
+
+def test_verify_takes_a_path_with_a_query_string(
+    start_node: StartNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, _ = start_node()
+    code = rollout(
+        "--node", first, "--lb", "none", "--restart", "true", "--verify", "/ping?probe=1&x=%20",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == cli.OK, out
+    assert "verify: GET /ping?probe=1&x=%20 200" in out

@@ -264,6 +264,35 @@ def test_control_routes_answer_405_with_allow(
     assert phase_of(client.lifecycle) is Phase.SERVING
 
 
+@pytest.mark.parametrize(
+    ("path", "status", "auth"),
+    [
+        ("/-/graceful/drain", 405, True),
+        ("/-/graceful/resume", 405, True),
+        ("/-/graceful/events", 405, False),
+        ("/-/graceful/status", 401, False),
+        ("/-/graceful/nope", 404, True),
+    ],
+)
+def test_head_on_a_control_route_answers_without_a_body(
+    kind: Kind, path: str, status: int, auth: bool
+) -> None:
+    client = _client(kind)
+    reply = client.request("HEAD", path, headers=AUTH if auth else ())
+    assert reply.status == status
+    assert reply.body == b""
+    assert phase_of(client.lifecycle) is Phase.SERVING
+
+
+def test_head_on_a_control_route_of_a_node_without_a_token_answers_without_a_body(
+    kind: Kind,
+) -> None:
+    client = _client(kind, token=None)
+    reply = client.request("HEAD", "/-/graceful/status")
+    assert reply.status == 404
+    assert reply.body == b""
+
+
 @pytest.mark.parametrize("path", ["/-/graceful/nope", "/-/graceful", "/-/graceful/drain/x"])
 def test_unknown_control_route_is_404_and_never_reaches_the_app(kind: Kind, path: str) -> None:
     client = _client(kind)
@@ -286,6 +315,12 @@ BAD_QUERIES = [
     "wait=1&wait=1",
     "timeout=1&timeout=2",
     "wait=1&&",
+    # Only plain decimals, as the README documents: float() takes all of these.
+    "wait=1&timeout=1_0",
+    "wait=1&timeout=%D9%A3",
+    "wait=1&timeout=1e1",
+    "wait=1&timeout=%2B5",
+    "wait=1&timeout=%205",
 ]
 
 

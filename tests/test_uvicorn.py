@@ -290,8 +290,13 @@ class _StubNode:
     def by_worker(self, own: int) -> dict[str, int]:
         return {"1": own}
 
-    def announce(self, phase: graceful.Phase, reason: str) -> None:
+    def announce(
+        self, phase: graceful.Phase, reason: str, *, final: bool, since: float | None
+    ) -> None:
         pass
+
+    def drain_state(self) -> tuple[float | None, bool]:
+        return None, False
 
     def stuck(self, now: float) -> list[tuple[str, str, float]]:
         return []
@@ -589,13 +594,19 @@ def test_a_stop_closes_websockets_at_once_and_later_ones_right_after_accept() ->
     assert second.ended_with == 1012
 
 
-def test_http_requests_get_the_servers_own_receive_and_send() -> None:
-    """The goodbye costs HTTP requests nothing: no wrapper on the hot path."""
+def test_http_requests_get_the_servers_own_receive_and_their_messages_sent_as_they_are() -> None:
+    """The goodbye costs HTTP requests nothing: the server's own ``receive``, and ``send`` only
+    looks at a response's status (to remove the reject-mode mark from the app's 503s): every
+    message reaches the server as the app sent it, the same object."""
     lifecycle = lifecycle_with()
-    seen: list[tuple[object, object]] = []
+    seen: list[object] = []
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1")]}
+    body = {"type": "http.response.body", "body": b"ok"}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        seen.append((receive, send))
+        seen.append(receive)
+        await send(start)
+        await send(body)
 
     receive, sent = FakeReceive(), asyncio.Queue[Message]()
 
@@ -603,7 +614,10 @@ def test_http_requests_get_the_servers_own_receive_and_send() -> None:
         sent.put_nowait(message)
 
     asyncio.run(graceful.ASGIMiddleware(app, lifecycle)(http_scope(), receive, send))
-    assert seen == [(receive, send)]
+    assert seen == [receive]
+    first, second = sent.get_nowait(), sent.get_nowait()
+    assert first is start and second is body
+    assert sent.empty()
 
 
 # -- the goodbye: HTTP streams under uvicorn -------------------------------------------------

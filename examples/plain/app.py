@@ -1,6 +1,7 @@
 """The smallest node that drains: a stdlib WSGI server, the middleware and the signal handlers.
 
-    GRACEFUL_TOKEN=secret python examples/plain/app.py --port 8000
+    export GRACEFUL_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
+    python examples/plain/app.py --port 8000
 
 SIGTERM: /readyz turns 503 at once, requests are still served through the delay, in-flight
 requests finish, then the server stops. ``/slow?s=2`` takes two seconds, ``/`` answers at once.

@@ -18,6 +18,7 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
+from .._http import REJECTED_HEADER
 from .._types import Environ, ExcInfo, StartResponse
 from ..wsgi import WSGIMiddleware
 from ._entry import COUNTED
@@ -82,6 +83,8 @@ class GracefulMiddleware:
         close: Callable[[], None] = getattr(result, "close", _nothing)
         response = call.response
         if response is not None:  # Django answered: graceful counts it until Django closes it
+            if response.status_code == 503 and REJECTED_HEADER in response:
+                del response[REJECTED_HEADER]  # only graceful's own rejection carries the mark
             for name, value in call.headers:
                 response[name] = value
             _closers(response).append(close)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 APPS = Path(__file__).parent / "apps"
-TOKEN = "e2e-Secret-7f3a"
+TOKEN = "e2e-Secret-7f3a-0042"
 DELAY = 0.5
 SERVERS = ("uvicorn", "gunicorn-sync", "gunicorn-gthread")
 

@@ -340,3 +340,119 @@ def test_rollout_stops_when_nginx_cannot_be_reloaded_and_leaves_the_file_untouch
     assert "cut: FAILED: nginx: " in out and "no nginx master to reload" in out
     assert site.upstream.read_bytes() == before
     assert not ran.exists()
+
+
+# -- whose process gets the signal, which file may be edited ---------------------------------
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_pid_file_naming_a_process_that_is_not_nginx_signals_nothing(
+    site: Site, spawn: Spawn
+) -> None:
+    """nginx's own pid file (from the configuration's pid line) is stale and now names another
+    process: ``nginx -s reload`` would send that process SIGHUP."""
+    stranger = spawn(["sleep", "60"], name="stranger")
+    pid_file = site.dir / "nginx.pid"
+    pid_file.write_text(f"{stranger.pid}\n")
+    before = site.upstream.read_bytes()
+    workers = site.workers()
+
+    result = run_cli(site.cli("down", site.backends["a"]))
+
+    assert result.returncode == 9, result.stderr
+    assert f"process {stranger.pid} (from {pid_file}) is not an nginx master" in result.stderr
+    assert stranger.alive()  # a SIGHUP would have ended it
+    assert site.upstream.read_bytes() == before
+    assert site.workers() == workers
+    assert set(site.who()) == set(NAMES)
+    assert sorted(p.name for p in site.dir.iterdir() if p.name.startswith("upstream")) == [
+        "upstream.conf"
+    ]
+
+
+def test_the_master_of_another_nginx_is_not_signalled(
+    site: Site, spawn: Spawn, tmp_path: Path, wait_until: WaitUntil
+) -> None:
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    shutil.copy(site.upstream, other_dir / "upstream.conf")
+    other_conf = other_dir / "nginx.conf"
+    other_conf.write_text(nginx_conf(other_dir, unused_port()))
+    other = spawn([site.nginx_bin, "-p", str(other_dir), "-c", str(other_conf)], name="other")
+    wait_until(lambda: nginx._children(other.pid), timeout=15, message=other.output)
+    other_workers = nginx._children(other.pid)
+    before = site.upstream.read_bytes()
+
+    result = run_cli(
+        [*site.cli("down", site.backends["a"]), "--pid-file", str(other_dir / "nginx.pid")]
+    )
+
+    assert result.returncode == 9, result.stderr
+    assert f"runs {other_conf}, not {site.conf}" in result.stderr
+    assert nginx._children(other.pid) == other_workers
+    assert site.upstream.read_bytes() == before
+
+
+def test_an_upstream_file_nginx_does_not_include_is_refused_untouched(
+    site: Site, tmp_path: Path
+) -> None:
+    stray = tmp_path / "stray" / "upstream.conf"
+    stray.parent.mkdir()
+    shutil.copy(site.upstream, stray)
+    before = stray.read_bytes()
+    args = site.cli("down", site.backends["a"])
+    args[args.index(str(site.upstream))] = str(stray)
+
+    result = run_cli(args)
+
+    assert result.returncode == 7, result.stderr
+    assert f"{stray} is not part of nginx's configuration ({site.conf})" in result.stderr
+    assert stray.read_bytes() == before
+    assert sorted(p.name for p in stray.parent.iterdir()) == ["upstream.conf"]  # no litter
+    assert set(site.who()) == set(NAMES)
+
+
+def test_the_last_server_up_is_taken_out_only_with_force(site: Site) -> None:
+    controller = site.controller()
+    controller.down(site.backends["a"])
+    controller.down(site.backends["b"])
+    before = site.upstream.read_bytes()
+
+    refused = run_cli(site.cli("down", site.backends["c"]))
+
+    assert refused.returncode == 7, refused.stderr
+    assert "is the last server" in refused.stderr and "--force" in refused.stderr
+    assert site.upstream.read_bytes() == before
+    assert set(site.who()) == {"c"}
+    forced = run_cli([*site.cli("down", site.backends["c"]), "--force"])
+    assert forced.returncode == 0, forced.stderr
+    assert requests.get(site.url, headers={"Connection": "close"}, timeout=5).status_code == 502
+
+
+def test_rollout_goes_through_an_upstream_with_nginx_s_default_passive_checks(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each node is marked down before anything else happens to it, so nginx's default
+    max_fails=1 never sees it fail: a warning, not a refusal."""
+    defaults = site.upstream.read_text().replace(" max_fails=0", "")
+    site.upstream.write_text(defaults)
+    seen = tmp_path / "seen"
+    code = (
+        "import sys, urllib.request\n"
+        "who = {urllib.request.urlopen(sys.argv[1], timeout=5).read().decode() for _ in range(6)}\n"
+        "open(sys.argv[2], 'a').write(sys.argv[3] + ' ' + ','.join(sorted(who)) + '\\n')\n"
+    )
+    code = code.replace("{", "{{").replace("}", "}}")
+    restart = f"{sys.executable} -c {shlex.quote(code)} {site.url} {seen} {{index}}"
+
+    assert cli.main(rollout_args(site, restart)) == 0
+
+    out = capsys.readouterr().out
+    assert "preflight: warning: " in out and "keeps nginx's default max_fails" in out
+    assert "FAILED" not in out
+    assert seen.read_text().splitlines() == ["0 b,c", "1 a,c", "2 a,b"]
+    assert site.upstream.read_text() == defaults
+    assert set(site.who(6)) == set(NAMES)
