@@ -30,7 +30,7 @@ from typing import Any
 
 import requests
 
-from graceful.client import DEFAULT_TIMEOUT, Pool
+from graceful._client.pool import DEFAULT_TIMEOUT, Pool
 
 GOAL = 1.05
 NOTICE = b'data: {"id":1,"phase":"serving","reason":"ready","retry_after":0}\n\n'

@@ -26,8 +26,17 @@ from starlette.responses import Response
 from starlette.types import ASGIApp as StarletteApp
 
 import graceful
-from graceful._inflight import InflightTracker
-from graceful._types import ASGIApp, Environ, Message, Receive, Scope, Send, StartResponse, WSGIApp
+from graceful._core.inflight import InflightTracker
+from graceful._core.types import (
+    ASGIApp,
+    Environ,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    StartResponse,
+    WSGIApp,
+)
 
 GOAL = 2.5
 GOAL_BASEHTTP = 10.0

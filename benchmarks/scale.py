@@ -9,9 +9,9 @@ Three figures:
    until it is released. Once every request is in the app, SIGTERM; once ``/readyz`` answers 503
    (the drain has begun), SIGUSR1 releases the held requests. Counted: answers read whole, the
    exit code, and the drain time, from the last answer read to the process's exit (a pidfd).
-2. **Memory per in-flight request** held by graceful's tracker (``graceful._inflight``), measured
-   in this process with ``tracemalloc`` around N ``begin()`` calls (method and path strings exist
-   already: the server made them for the request). Goal: <= 300 bytes.
+2. **Memory per in-flight request** held by graceful's tracker (``graceful._core.inflight``),
+   measured in this process with ``tracemalloc`` around N ``begin()`` calls (method and path
+   strings exist already: the server made them for the request). Goal: <= 300 bytes.
 3. **Drain time growth**: the drain time of (1) for 10, 100, 1,000 and the full count in flight.
 
     python benchmarks/scale.py [--inflight 5000] [--counts 10,100,1000] [--rounds 2]
@@ -43,8 +43,8 @@ from pathlib import Path
 
 from shutdown_overhead import ExitWatch  # the same pidfd watch
 
-from graceful._lazy import lazy_middleware
-from graceful._types import Receive, Scope, Send
+from graceful._adapters.lazy import lazy_middleware
+from graceful._core.types import Receive, Scope, Send
 
 GOAL_BYTES = 300
 HERE = Path(__file__).resolve().parent
@@ -263,7 +263,7 @@ def measure(count: int, log_dir: Path) -> Result:
 
 def tracker_bytes_per_request(count: int) -> float:
     """Bytes ``tracemalloc`` sees allocated by ``count`` begin() calls on the tracker."""
-    from graceful._inflight import InflightTracker
+    from graceful._core.inflight import InflightTracker
 
     paths = [f"/orders/{n}" for n in range(count)]  # the server's strings, made beforehand
     tracker = InflightTracker()

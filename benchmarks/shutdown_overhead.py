@@ -44,8 +44,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from graceful._lazy import lazy_middleware
-from graceful._types import Environ, Receive, Scope, Send, StartResponse
+from graceful._adapters.lazy import lazy_middleware
+from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
 
 GOAL_MS = 300.0
 HERE = Path(__file__).resolve().parent

@@ -40,8 +40,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
-from graceful._lazy import lazy_middleware
-from graceful._types import Environ, Receive, Scope, Send, StartResponse
+from graceful._adapters.lazy import lazy_middleware
+from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
 
 GOAL = 0.97
 HERE = Path(__file__).resolve().parent

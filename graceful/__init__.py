@@ -7,10 +7,10 @@ control routes, and the lifecycle they share. See the README for a quick start p
 from __future__ import annotations
 
 from . import signals
-from ._version import __version__
-from .asgi import ASGIMiddleware
-from .config import Config, ConfigError
-from .lifecycle import (
+from ._adapters.asgi import ASGIMiddleware
+from ._adapters.wsgi import WSGIMiddleware
+from ._core.config import Config, ConfigError
+from ._runtime.lifecycle import (
     Hold,
     Lifecycle,
     LifecycleError,
@@ -20,8 +20,8 @@ from .lifecycle import (
     is_draining,
     set_lifecycle,
 )
-from .shutdown import SignalHandlers, install_signal_handlers
-from .wsgi import WSGIMiddleware
+from ._runtime.shutdown import SignalHandlers, install_signal_handlers
+from ._version import __version__
 
 __all__ = [
     "ASGIMiddleware",

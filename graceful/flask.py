@@ -41,9 +41,9 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding flask in a 
         "graceful.flask needs Flask; install it with: pip install 'graceful-drain[flask]'"
     ) from exc
 
-from .config import ENV_PREFIX, Config, ConfigError, _parse_env, _validate
-from .lifecycle import Hold, Lifecycle, get_lifecycle
-from .wsgi import WSGIMiddleware
+from ._adapters.wsgi import WSGIMiddleware
+from ._core.config import ENV_PREFIX, Config, ConfigError, _parse_env, _validate
+from ._runtime.lifecycle import Hold, Lifecycle, get_lifecycle
 
 __all__ = [
     "EXTENSION_KEY",

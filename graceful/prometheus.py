@@ -39,8 +39,8 @@ except ImportError as exc:  # pragma: no cover - exercised by the import-hint te
         "pip install 'graceful-drain[prometheus]' (or pip install prometheus_client)"
     ) from exc
 
-from ._shared import SlotView
-from .lifecycle import Lifecycle, Phase, get_lifecycle
+from ._runtime.lifecycle import Lifecycle, Phase, get_lifecycle
+from ._servers.node_shm import SlotView
 
 __all__ = ["GracefulCollector", "register"]
 

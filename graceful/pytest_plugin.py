@@ -47,8 +47,8 @@ from typing import Any, Literal
 import pytest
 import requests
 
-from .config import Config
-from .lifecycle import Lifecycle, Phase, get_lifecycle, set_lifecycle
+from ._core.config import Config
+from ._runtime.lifecycle import Lifecycle, Phase, get_lifecycle, set_lifecycle
 
 __all__ = [
     "FakeClock",
@@ -528,7 +528,7 @@ def graceful_clock() -> FakeClock:
 def graceful_lifecycle(graceful_clock: FakeClock) -> Iterator[Lifecycle]:
     """A fresh lifecycle on ``graceful_clock`` (delay 1 s, drain timeout 5 s), the process-wide
     one for the duration of the test."""
-    from . import lifecycle as module
+    from ._runtime import lifecycle as module
 
     previous = module._default
     lifecycle = Lifecycle(Config(delay=1.0, drain_timeout=5.0), clock=graceful_clock)

@@ -38,8 +38,8 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding starlette i
         "pip install 'graceful-drain[starlette]'"
     ) from exc
 
-from . import lifecycle as _lifecycle
-from .lifecycle import Lifecycle, Phase
+from ._runtime import lifecycle as _lifecycle
+from ._runtime.lifecycle import Lifecycle, Phase
 
 __all__ = ["STATE_KEY", "UserLifespan", "get_lifecycle", "lifespan"]
 

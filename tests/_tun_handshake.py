@@ -4,10 +4,10 @@ Run as root in a network namespace of its own (``unshare -n python tests/_tun_ha
 it plays the client of a real listening socket on 10.9.0.1 and chooses when each packet of the
 handshake arrives, which no real client on loopback lets a test do. It prints one JSON object:
 
-- ``counted_half_open``: :func:`graceful._backlog.queued` once the SYN-ACK went out (the
+- ``counted_half_open``: :func:`graceful._servers.backlog.queued` once the SYN-ACK went out (the
   handshake under way is counted);
 - ``answer_to_ack``: what the server sent after the client's last ACK and request, which arrived
-  after :func:`graceful._backlog.block_new_connections`;
+  after :func:`graceful._servers.backlog.block_new_connections`;
 - ``queued_after_ack``: the listener's queue then;
 - ``accepted``: the request read from the accepted connection (null: nothing to accept);
 - ``answer_to_new_syn``: what a brand-new SYN got once blocked.
@@ -24,7 +24,7 @@ import struct
 import subprocess
 import time
 
-from graceful import _backlog
+from graceful._servers import backlog as _backlog
 
 TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 SERVER, CLIENT, PORT = "10.9.0.1", "10.9.0.2", 8080

@@ -1,5 +1,5 @@
-"""graceful._backlog with real sockets on 127.0.0.1: a blocked listener keeps and hands out what
-it had queued, lets no new connection in, and says how many wait."""
+"""graceful._servers.backlog with real sockets on 127.0.0.1: a blocked listener keeps and hands
+out what it had queued, lets no new connection in, and says how many wait."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import wait_until
 
-from graceful import _backlog
+from graceful._servers import backlog as _backlog
 
 linux = pytest.mark.skipif(sys.platform != "linux", reason="the filter and the counts are Linux's")
 

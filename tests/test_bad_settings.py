@@ -29,11 +29,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graceful
+import graceful._runtime.lifecycle
 import graceful.django
-import graceful.lifecycle
 from graceful import Config, ConfigError, Lifecycle
-from graceful._http import MAX_WAIT, Surface, WaitDrained
-from graceful.config import ENV_PREFIX, MAX_SECONDS, MIN_TOKEN_LENGTH
+from graceful._core.config import ENV_PREFIX, MAX_SECONDS, MIN_TOKEN_LENGTH
+from graceful._core.surface import MAX_WAIT, Surface, WaitDrained
 from graceful.flask import Graceful
 
 FIELDS = {f.name: f.metadata["kind"] for f in dataclasses.fields(Config)}
@@ -142,7 +142,9 @@ def test_a_bad_environment_variable_starts_no_lifecycle_and_wraps_no_app(
     assert_names(str(raised.value), name, raw)
     with pytest.raises(ConfigError):
         graceful.ASGIMiddleware(asgi_app)
-    assert graceful.lifecycle._default is None, "a process-wide lifecycle was created anyway"
+    assert graceful._runtime.lifecycle._default is None, (
+        "a process-wide lifecycle was created anyway"
+    )
 
 
 @pytest.mark.parametrize(("settings", "named"), TOGETHER)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from graceful.check_config import add_verb
+from graceful._tools.check_config import add_verb
 
 INTEGRATIONS = Path(__file__).resolve().parent.parent / "integrations"
 MANIFEST = INTEGRATIONS / "kubernetes" / "deployment.yaml"

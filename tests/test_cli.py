@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from graceful import Config, Lifecycle, Phase, WSGIMiddleware
-from graceful._http import MAX_WAIT
+from graceful._core.surface import MAX_WAIT
 from graceful.cli import EXIT_CODES, main
 
 TOKEN = "cli-Secret-93b1-0042"

@@ -20,7 +20,7 @@ import pytest
 from _raw_node import Exchange, Handler, RawNode, answer
 from conftest import wait_until
 
-from graceful import client
+from graceful._client import pool as client
 from graceful.client import NodeState, Pool
 
 EVENTS = "/-/graceful/events"

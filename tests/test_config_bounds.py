@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from graceful import Config, ConfigError
-from graceful.config import MAX_SECONDS, MIN_TOKEN_LENGTH
+from graceful._core.config import MAX_SECONDS, MIN_TOKEN_LENGTH
 
 if TYPE_CHECKING:
     from conftest import Spawn

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from conftest import child_env
 
-from graceful import demo
+from graceful._tools import demo as demo
 
 if TYPE_CHECKING:
     from conftest import WaitUntil
@@ -93,7 +93,7 @@ def marked(tmp_path: Path) -> Iterator[Marked]:
 
 
 def demo_argv(*options: str) -> list[str]:
-    return [sys.executable, "-m", "graceful.demo", *options]
+    return [sys.executable, "-m", "graceful._tools.demo", *options]
 
 
 def run_demo(
@@ -359,7 +359,7 @@ def test_the_verb_registers_demo_without_a_node() -> None:
 
 
 def test_the_node_app_is_importable_from_the_installed_package() -> None:
-    from graceful import _demo_app
+    from graceful._tools import demo_app as _demo_app
 
     assert callable(_demo_app.wsgi_plain)
     assert callable(_demo_app.asgi_plain)

@@ -28,7 +28,7 @@ from django.urls import path
 import graceful
 import graceful.django
 from graceful import Lifecycle, Phase
-from graceful._types import Message
+from graceful._core.types import Message
 from graceful.pytest_plugin import RequestDrain
 
 if not settings.configured:

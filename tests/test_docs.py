@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import graceful
-from graceful.cli import EXIT_CODES, build_parser
+from graceful._tools.cli import EXIT_CODES, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import pytest
 
 from graceful import Config, Lifecycle
-from graceful._shared import SharedNode, SlotView, WorkerFollower
+from graceful._runtime.shutdown import StopSequence, log_through
+from graceful._servers.node_shm import SharedNode, SlotView, WorkerFollower
 from graceful.pytest_plugin import FakeClock
-from graceful.shutdown import StopSequence, log_through
 
 TOKEN = "s3cret-Token-never-logged-either"
 

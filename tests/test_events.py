@@ -31,7 +31,7 @@ from _apps import (
 )
 
 import graceful
-from graceful._events import MAX_QUEUED, MIN_WAIT, ProcessStreams, Subscriber
+from graceful._core.stream import MAX_QUEUED, MIN_WAIT, ProcessStreams, Subscriber
 
 EVENTS = "/-/graceful/events"
 HEARTBEAT = b": heartbeat\n\n"
@@ -87,7 +87,7 @@ def _looks_at(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[float]:
 
 
 class _OtherWorkers:
-    """The rest of a node holding ``others`` streams (a ``graceful._events.NodeStreams``)."""
+    """The rest of a node holding ``others`` streams (a ``graceful._core.stream.NodeStreams``)."""
 
     def __init__(self, others: int) -> None:
         self.held = others

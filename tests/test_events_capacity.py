@@ -29,7 +29,7 @@ from _apps import (
 )
 
 import graceful
-from graceful._events import (
+from graceful._core.stream import (
     PROCESS,
     ProcessStreams,
     Refusal,
@@ -37,7 +37,7 @@ from graceful._events import (
     gunicorn_share,
     peer_closed,
 )
-from graceful._shared import NodeStreams, SharedNode
+from graceful._servers.node_shm import NodeStreams, SharedNode
 
 EVENTS = "/-/graceful/events"
 PROBE = b":\n\n"

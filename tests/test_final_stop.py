@@ -21,9 +21,9 @@ import pytest
 from _apps import AUTH, KINDS, TOKEN, FakeClock, Kind, make_client, new_lifecycle, phase_of
 
 from graceful import Config, Lifecycle, LifecycleError, Phase
-from graceful._drainfile import DrainFileWatcher
-from graceful._shared import SharedNode, SlotView, WorkerFollower
-from graceful.shutdown import StopSequence
+from graceful._runtime.drainfile import DrainFileWatcher
+from graceful._runtime.shutdown import StopSequence
+from graceful._servers.node_shm import SharedNode, SlotView, WorkerFollower
 
 DELAY = 1.0
 

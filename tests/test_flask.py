@@ -254,7 +254,7 @@ def _setup_with(app: Flask, lifecycle: Lifecycle) -> Flask:
 
 
 class LinkedNode:
-    """What a gunicorn worker's lifecycle is linked to (graceful.lifecycle.Node), alone."""
+    """What a gunicorn worker's lifecycle is linked to (graceful._runtime.lifecycle.Node), alone."""
 
     poll_interval = 0.02
 

@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graceful import ASGIMiddleware, Config, Lifecycle, Phase, WSGIMiddleware
-from graceful._http import NEVER_REJECTED
-from graceful._types import Environ, Message, Scope, StartResponse
+from graceful._core.surface import NEVER_REJECTED
+from graceful._core.types import Environ, Message, Scope, StartResponse
 
 TOKEN = "fuzz-T0ken_9c1e-0042"
 PREFIX = "/-/graceful"

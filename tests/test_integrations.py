@@ -21,7 +21,10 @@ from typing import Any
 import pytest
 import yaml
 
-from graceful import Config, cli, haproxy, nginx
+from graceful import Config
+from graceful._balancers import haproxy as haproxy
+from graceful._balancers import nginx as nginx
+from graceful._tools import cli as cli
 from graceful.budget import (
     DOCKER_STOP_TIMEOUT,
     SERVER_STOP,

@@ -15,8 +15,8 @@ import pytest
 
 import graceful
 from graceful import Config, Lifecycle, LifecycleError, Phase
-from graceful import lifecycle as lifecycle_module
-from graceful.lifecycle import TRANSITIONS, Event
+from graceful._runtime import lifecycle as lifecycle_module
+from graceful._runtime.lifecycle import TRANSITIONS, Event
 
 
 class FakeClock:

@@ -7,8 +7,8 @@ import logging
 import pytest
 
 import graceful
-from graceful._logsafe import escape
-from graceful.shutdown import log_stuck
+from graceful._core.logsafe import escape
+from graceful._runtime.shutdown import log_stuck
 
 FORGED = "/orders\nWARNING graceful: forged line\r\x1b[2J\u2028end"
 

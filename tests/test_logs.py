@@ -10,7 +10,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 import graceful
-from graceful._types import Environ, StartResponse
+from graceful._core.types import Environ, StartResponse
 
 TOKEN = "s3cret-Token-never-logged"
 

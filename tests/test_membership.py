@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from graceful._membership import PHASES, RULES, Learned, Membership, NodeState, NodeStatus
+from graceful._core.membership import PHASES, RULES, Learned, Membership, NodeState, NodeStatus
 
 A, B, C = "http://127.0.0.1:9001", "http://127.0.0.1:9002", "http://127.0.0.1:9003"
 

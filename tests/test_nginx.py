@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from graceful import nginx
+from graceful._balancers import nginx as nginx
 from graceful.cli import main
 from graceful.nginx import (
     LastServerError,

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 import graceful
 import graceful.prometheus
 from graceful import Config, Lifecycle, Phase
-from graceful._shared import SharedNode, SlotView
-from graceful._types import Environ, Message, Receive, Scope, Send, StartResponse
+from graceful._core.types import Environ, Message, Receive, Scope, Send, StartResponse
+from graceful._servers.node_shm import SharedNode, SlotView
 
 
 @pytest.fixture

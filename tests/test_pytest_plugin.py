@@ -11,7 +11,7 @@ import importlib.metadata
 import pytest
 
 import graceful
-from graceful import lifecycle as lifecycle_module
+from graceful._runtime import lifecycle as lifecycle_module
 
 pytest_plugins = ["pytester"]
 

@@ -29,7 +29,7 @@ from _apps import (
 )
 
 import graceful
-from graceful._http import NEVER_REJECTED, REJECTED_HEADER
+from graceful._core.surface import NEVER_REJECTED, REJECTED_HEADER
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")
 

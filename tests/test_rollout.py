@@ -26,7 +26,7 @@ import pytest
 import requests
 from conftest import Proc, Spawn, WaitUntil, child_env, unused_port
 
-from graceful import cli
+from graceful._tools import cli as cli
 from graceful.rollout import (
     READINESS_SETTLE,
     NoBalancer,

@@ -1,5 +1,5 @@
-"""The node state shared by a gunicorn master and its workers (graceful._shared), in process and
-across a real fork."""
+"""The node state shared by a gunicorn master and its workers (graceful._servers.node_shm), in
+process and across a real fork."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import threading
 
 import pytest
 
-from graceful import Config, Lifecycle, Phase, _shared
-from graceful._shared import SharedNode, SlotView, WorkerFollower
+from graceful import Config, Lifecycle, Phase
+from graceful._servers import node_shm as _shared
+from graceful._servers.node_shm import SharedNode, SlotView, WorkerFollower
 from graceful.pytest_plugin import FakeClock
 
 

@@ -34,7 +34,7 @@ from _apps import FakeReceive, Message, Receive, Scope, Send, http_scope, wait_u
 
 import graceful
 import graceful.uvicorn
-from graceful.uvicorn import HANDOVER_GRACE, ServerLink, attach
+from graceful._servers.uvicorn import HANDOVER_GRACE, ServerLink, attach
 
 Phase = graceful.Phase
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -704,5 +704,6 @@ def test_importing_graceful_uvicorn_without_uvicorn_names_the_extra(
 ) -> None:
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # "not installed"
     monkeypatch.delitem(sys.modules, "graceful.uvicorn")
+    monkeypatch.delitem(sys.modules, "graceful._servers.uvicorn")
     with pytest.raises(ImportError, match=r"pip install 'graceful-drain\[uvicorn\]'"):
         importlib.import_module("graceful.uvicorn")

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 import uvicorn.supervisors
 
-import graceful.uvicorn as graceful_uvicorn
+import graceful._servers.uvicorn as graceful_uvicorn
 
 IMPORT_AS = (
     "import uvicorn; uvicorn.__version__ = {version!r}\n"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .._types import Environ, Receive, Scope, Send, StartResponse
-from ..asgi import ASGIMiddleware
-from ..wsgi import WSGIMiddleware
+from .._adapters.asgi import ASGIMiddleware
+from .._adapters.wsgi import WSGIMiddleware
+from .._core.types import Environ, Receive, Scope, Send, StartResponse
 from ._settings import get_config
 
 __all__ = ["COUNTED", "get_asgi_application", "get_wsgi_application", "is_wrapped"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ..config import Config, ConfigError
+from .._core.config import Config, ConfigError
 
 __all__ = [
     "KILL_DEADLINE_DEFAULT",

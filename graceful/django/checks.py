@@ -23,7 +23,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from .. import budget
+from .._core import budget
 from ._entry import is_wrapped
 from ._settings import get_config, get_kill_deadline
 

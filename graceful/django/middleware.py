@@ -18,9 +18,9 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from .._http import REJECTED_HEADER
-from .._types import Environ, ExcInfo, StartResponse
-from ..wsgi import WSGIMiddleware
+from .._adapters.wsgi import WSGIMiddleware
+from .._core.surface import REJECTED_HEADER
+from .._core.types import Environ, ExcInfo, StartResponse
 from ._entry import COUNTED
 from ._settings import get_config
 

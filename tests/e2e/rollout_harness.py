@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from conftest import child_env, unused_port
 
-from graceful.nginx import _children
+from graceful._balancers.nginx import _children
 
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil

@@ -20,7 +20,7 @@ import requests
 from drain_harness import DrainReport, assert_lossless, sigterm_under_load
 
 import graceful
-from graceful._types import Message
+from graceful._core.types import Message
 
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil

@@ -25,7 +25,8 @@ import requests
 from conftest import unused_port
 from rollout_harness import Cluster, Load, find_binary, start_nginx
 
-from graceful import cli, rollout
+from graceful._tools import cli as cli
+from graceful._tools import rollout as rollout
 from graceful.client import NodeState, NoNodeAvailable, Pool
 
 if TYPE_CHECKING:

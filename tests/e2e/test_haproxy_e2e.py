@@ -27,7 +27,7 @@ import pytest
 import requests
 from conftest import unused_port
 
-from graceful import cli
+from graceful._tools import cli as cli
 from graceful.haproxy import RuntimeAPI
 
 if TYPE_CHECKING:

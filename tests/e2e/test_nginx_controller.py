@@ -23,7 +23,8 @@ import pytest
 import requests
 from conftest import unused_port
 
-from graceful import cli, nginx
+from graceful._balancers import nginx as nginx
+from graceful._tools import cli as cli
 from graceful.nginx import UpstreamController, ValidationError
 
 if TYPE_CHECKING:

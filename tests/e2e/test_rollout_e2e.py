@@ -50,7 +50,7 @@ from rollout_harness import (
     start_nginx,
 )
 
-from graceful import nginx as nginx_ctl
+from graceful._balancers import nginx as nginx_ctl
 from graceful.haproxy import RuntimeAPI
 from graceful.rollout import READINESS_SETTLE
 

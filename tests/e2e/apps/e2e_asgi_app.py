@@ -10,7 +10,7 @@ import asyncio
 from urllib.parse import parse_qs
 
 import graceful
-from graceful._types import Receive, Scope, Send
+from graceful._core.types import Receive, Scope, Send
 
 
 async def inner(scope: Scope, receive: Receive, send: Send) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from urllib.parse import parse_qs
 
 import graceful
-from graceful._types import Environ, StartResponse
+from graceful._core.types import Environ, StartResponse
 
 
 def inner(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

@@ -41,8 +41,8 @@ from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import graceful
-from graceful._lazy import lazy_middleware
-from graceful._types import Environ, Receive, Scope, Send, StartResponse
+from graceful._adapters.lazy import lazy_middleware
+from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
 
 MAX_SLOW = 60.0
 MAX_CHUNKS = 600  # GET /stream?count=N: at most a minute

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from urllib.parse import parse_qs
 
 import graceful
-from graceful._types import Environ, StartResponse
+from graceful._core.types import Environ, StartResponse
 
 HEADERS = ("Host", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Proto", "X-From-Server")
 TEXT = "text/plain; charset=utf-8"

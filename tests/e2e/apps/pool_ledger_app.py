@@ -24,8 +24,8 @@ from collections.abc import Iterable
 from urllib.parse import parse_qs
 
 import graceful
-from graceful._lazy import lazy_middleware
-from graceful._types import Environ, Receive, Scope, Send, StartResponse
+from graceful._adapters.lazy import lazy_middleware
+from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
 
 TEXT = "text/plain; charset=utf-8"
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 import graceful
 import graceful.prometheus
-from graceful._types import Environ, ExcInfo, StartResponse
+from graceful._core.types import Environ, ExcInfo, StartResponse
 
 registry = CollectorRegistry()
 graceful.prometheus.register(registry)

@@ -21,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import graceful
 from graceful import signals
-from graceful._types import Environ, StartResponse
+from graceful._core.types import Environ, StartResponse
 
 _print_lock = threading.Lock()
 

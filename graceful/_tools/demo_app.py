@@ -6,8 +6,8 @@ the library.
   :class:`graceful.ASGIMiddleware` (built on first access, so serving one never touches the
   other)::
 
-    uvicorn graceful._demo_app:asgi_app
-    gunicorn -c python:graceful.gunicorn graceful._demo_app:wsgi_app
+    uvicorn graceful._tools.demo_app:asgi_app
+    gunicorn -c python:graceful.gunicorn graceful._tools.demo_app:wsgi_app
 
 Routes: ``GET /items/<id>`` answers 200 with a small JSON body; ``POST /items`` with a body
 ``id=<id>`` answers 201. Each takes a few milliseconds (:data:`WORK`), so that requests are in
@@ -23,8 +23,8 @@ import time
 from collections.abc import Iterable
 from urllib.parse import parse_qs
 
-from ._lazy import lazy_middleware
-from ._types import Environ, Receive, Scope, Send, StartResponse
+from .._adapters.lazy import lazy_middleware
+from .._core.types import Environ, Receive, Scope, Send, StartResponse
 
 #: Seconds of "work" per request (a sleep: the work IS the behaviour being drained).
 WORK = 0.005

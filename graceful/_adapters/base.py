@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import _shared
-from ._checks import ReadinessChecker
-from ._drainfile import DrainFileWatcher
-from ._events import MIN_WAIT, PROCESS, Refusal, Subscriber
-from ._http import EVENTS_FULL, EVENTS_OFF, Response, Surface
-from .config import Config
-from .lifecycle import Lifecycle, get_lifecycle
+from .._core.config import Config
+from .._core.stream import MIN_WAIT, PROCESS, Refusal, Subscriber
+from .._core.surface import EVENTS_FULL, EVENTS_OFF, Response, Surface
+from .._runtime.checks import ReadinessChecker
+from .._runtime.drainfile import DrainFileWatcher
+from .._runtime.lifecycle import Lifecycle, get_lifecycle
+from .._servers import node_shm as _shared
 
 __all__ = ["AdapterBase"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from .config import MAX_SECONDS, parse_count, parse_seconds
+from .._core.config import MAX_SECONDS, parse_count, parse_seconds
 
 __all__ = ["count_type", "seconds_type"]
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ._types import Check
+from .._core.types import Check
 
 __all__ = ["CheckOutcome", "ReadinessChecker"]
 

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ._checks import CheckOutcome
+from .._runtime.checks import CheckOutcome
+from .._runtime.lifecycle import Lifecycle, LifecycleError, Phase
 from .config import parse_seconds
-from .lifecycle import Lifecycle, LifecycleError, Phase
 
 __all__ = [
     "EVENTS_FULL",
@@ -86,7 +86,7 @@ class WaitDrained:
 
 @dataclass(frozen=True)
 class OpenEvents:
-    """Open a server-sent-event stream (see :mod:`graceful._events`)."""
+    """Open a server-sent-event stream (see :mod:`graceful._core.stream`)."""
 
 
 Outcome = Response | RunChecks | WaitDrained | OpenEvents

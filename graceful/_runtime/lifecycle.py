@@ -22,10 +22,10 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from . import signals
-from ._events import EventHub, Refusal, Subscriber
-from ._inflight import InflightTracker
-from .config import Config
+from .. import signals
+from .._core.config import Config
+from .._core.inflight import InflightTracker
+from .._core.stream import EventHub, Refusal, Subscriber
 
 __all__ = [
     "ANNOUNCING",
@@ -138,9 +138,9 @@ _SHARED_EVENTS = {
 class Node(Protocol):
     """The other processes of this node (gunicorn's workers and master), when there are any.
 
-    Implemented over shared memory by :mod:`graceful._shared`; the lifecycle asks how much is in
-    flight elsewhere and how the node drains, and tells of the drains, resumes and stops that
-    start here.
+    Implemented over shared memory by :mod:`graceful._servers.node_shm`; the lifecycle asks
+    how much is in flight elsewhere and how the node drains, and tells of the drains, resumes
+    and stops that start here.
     """
 
     #: How often the others' counts are looked at while waiting (they cannot wake us).
@@ -287,7 +287,7 @@ class Lifecycle:
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """Everything the status route reports."""
-        from ._version import __version__
+        from .._version import __version__
 
         at = self._now(now)
         self.tick(at)
@@ -627,7 +627,7 @@ class Lifecycle:
     def subscribe(self, share: int | None = None) -> Subscriber | Refusal:
         """An events-stream subscriber that starts with the current phase, or why there is
         none: this process holds no streams (``share`` 0), or its ``share`` or the node's
-        ``events_max_subscribers`` is taken (see :class:`graceful._events.Refusal`)."""
+        ``events_max_subscribers`` is taken (see :class:`graceful._core.stream.Refusal`)."""
         with self._cond:
             return self.events.subscribe(self.notice(), share)
 

@@ -1,6 +1,6 @@
 """``graceful demo``: watch a naive restart fail requests and a graceful one fail none.
 
-Starts ``--nodes`` local nodes of a small app (:mod:`graceful._demo_app`) on 127.0.0.1, drives
+Starts ``--nodes`` local nodes of a small app (:mod:`graceful._tools.demo_app`) on 127.0.0.1, drives
 steady load (a few threads, GETs and POSTs with ids), and restarts every node twice:
 
 1. naively: nodes without the library, each sent SIGTERM and started again;
@@ -44,7 +44,7 @@ from typing import Any, TextIO
 
 import requests
 
-from .config import parse_count, parse_seconds
+from .._core.config import parse_count, parse_seconds
 
 __all__ = ["add_verb", "main", "run"]
 
@@ -64,7 +64,7 @@ GRACEFUL_ENV = {
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 REQUEST_TIMEOUT = (2.0, 10.0)
-SNIPPET = Path(__file__).resolve().parents[1] / "integrations" / "nginx" / "graceful-proxy.conf"
+SNIPPET = Path(__file__).resolve().parents[2] / "integrations" / "nginx" / "graceful-proxy.conf"
 #: The directives of ``integrations/nginx/graceful-proxy.conf``, for an installed package that
 #: does not ship the repository's ``integrations`` directory.
 SNIPPET_DIRECTIVES = """\
@@ -176,13 +176,17 @@ def add_verb(
 
 def node_argv(server: str, graceful: bool, port: int) -> list[str]:
     if server == "uvicorn":
-        app = "graceful._demo_app:asgi_app" if graceful else "graceful._demo_app:asgi_plain"
+        app = (
+            "graceful._tools.demo_app:asgi_app"
+            if graceful
+            else "graceful._tools.demo_app:asgi_plain"
+        )
         return [
             *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
             *("--log-level", "warning", "--timeout-keep-alive", "10"),
         ]
     hooks = ["-c", "python:graceful.gunicorn"] if graceful else []
-    app = "graceful._demo_app:wsgi_app" if graceful else "graceful._demo_app:wsgi_plain"
+    app = "graceful._tools.demo_app:wsgi_app" if graceful else "graceful._tools.demo_app:wsgi_plain"
     return [
         *(sys.executable, "-m", "gunicorn", *hooks, "--bind", f"127.0.0.1:{port}"),
         *("--workers", "1", "-k", "gthread", "--threads", "16", "--keep-alive", "10"),
@@ -421,7 +425,7 @@ class Outcome:
 
 
 def failure_kind(exc: BaseException) -> str:
-    from .client import NoNodeAvailable
+    from .._client.pool import NoNodeAvailable
 
     if isinstance(exc, NoNodeAvailable):
         return "no node available"
@@ -640,7 +644,7 @@ def run_round(
             return session.request(method, base + path, timeout=REQUEST_TIMEOUT, **kwargs)
 
     elif graceful:
-        from .client import Pool
+        from .._client.pool import Pool
 
         pool = Pool(
             [node.url for node in cluster.nodes],
@@ -697,7 +701,7 @@ def run_round(
 
 
 def wait_in_service(pool: Any, url: str, interrupted: threading.Event) -> None:
-    from .client import NodeState
+    from .._client.pool import NodeState
 
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -850,7 +854,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m graceful.demo``: the same as ``graceful demo``."""
+    """``python -m graceful._tools.demo``: the same as ``graceful demo``."""
     parser = argparse.ArgumentParser(prog="graceful demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

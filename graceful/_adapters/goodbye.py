@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import signals
-from ._types import Message, Receive, Send
-from .lifecycle import Lifecycle, Phase
+from .. import signals
+from .._core.types import Message, Receive, Send
+from .._runtime.lifecycle import Lifecycle, Phase
 
 __all__ = ["GOODBYE_CODE", "Goodbye", "Socket"]
 
@@ -71,7 +71,7 @@ class Goodbye:
         self.said = False
         lifecycle = self.lifecycle
         if "uvicorn.server" in sys.modules:  # only then can uvicorn be the server
-            from . import uvicorn
+            from .._servers import uvicorn
 
             self._server = uvicorn.attach(lifecycle)
         if lifecycle.announcing:

@@ -10,7 +10,7 @@ within its *share* (:data:`PROCESS`): none where a stream would hold the only th
 adapter answers 204 ``Graceful-Events: off``), a quarter of a gunicorn gthread worker's
 threads, no limit of its own where streams are cheap (asyncio, gevent). The node-wide cap
 (``events_max_subscribers``) is checked over every worker of the node through the shared
-memory of :mod:`graceful._shared` (:class:`NodeStreams`).
+memory of :mod:`graceful._servers.node_shm` (:class:`NodeStreams`).
 """
 
 from __future__ import annotations

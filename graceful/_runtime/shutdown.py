@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator
 from types import FrameType
 from typing import Any, NamedTuple
 
-from ._logsafe import escape
+from .._core.logsafe import escape
 from .lifecycle import Lifecycle, LifecycleError, Phase
 
 __all__ = [

@@ -33,7 +33,7 @@ import time
 import weakref
 from collections.abc import Callable
 
-from .lifecycle import Lifecycle, Phase, get_lifecycle
+from .._runtime.lifecycle import Lifecycle, Phase, get_lifecycle
 
 __all__ = [
     "NodeStreams",
@@ -58,7 +58,7 @@ _GENERATION, _PHASE, _REASON, _RELEASES, _RETIRED, _FINAL, _SINCE, _HEADER_WORDS
 _REASON_BYTES = 64
 # slot words: pid, in flight, websockets, oldest start (a float), served while draining,
 # method (2 words), path (12 words), open events streams (written by the worker's
-# graceful._events.PROCESS, not by its follower)
+# graceful._core.stream.PROCESS, not by its follower)
 _PID, _INFLIGHT, _WEBSOCKETS, _OLDEST, _SERVED, _METHOD, _PATH, _STREAMS, _SLOT_WORDS = (
     0, 1, 2, 3, 4, 5, 7, 19, 20
 )  # fmt: skip
@@ -271,7 +271,9 @@ class SharedNode:
 
 
 class NodeStreams:
-    """A worker's view of the node's events streams (a :class:`graceful._events.NodeStreams`)."""
+    """A worker's view of the node's events streams.
+
+    A :class:`graceful._core.stream.NodeStreams`."""
 
     def __init__(self, shared: SharedNode, index: int) -> None:
         self.shared = shared
@@ -285,7 +287,9 @@ class NodeStreams:
 
 
 class SlotView:
-    """What one process's lifecycle sees of the node (the :class:`~graceful.lifecycle.Node`).
+    """What one process's lifecycle sees of the node.
+
+    The :class:`~graceful._runtime.lifecycle.Node` of a gunicorn process.
 
     ``index`` is the worker's own slot, or None for the master, which serves nothing itself.
     """
@@ -394,7 +398,7 @@ _adapted: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
 
 
 def _log_stuck(lifecycle: Lifecycle) -> None:
-    from .shutdown import log_stuck
+    from .._runtime.shutdown import log_stuck
 
     log_stuck(lifecycle, f"drain timeout ({lifecycle.config.drain_timeout:g}s) passed")
 

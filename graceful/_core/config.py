@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 
-from ._types import Check
+from .types import Check
 
 __all__ = [
     "ENV_PREFIX",

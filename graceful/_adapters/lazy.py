@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._types import ASGIApp, WSGIApp
+from .._core.types import ASGIApp, WSGIApp
 
 __all__ = ["lazy_middleware"]
 
@@ -29,7 +29,7 @@ def lazy_middleware(
 
     def __getattr__(name: str) -> Any:
         if name not in built:
-            from . import ASGIMiddleware, WSGIMiddleware
+            from .. import ASGIMiddleware, WSGIMiddleware
 
             if name in wsgi:
                 built[name] = WSGIMiddleware(wsgi[name])

@@ -35,9 +35,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import budget
-from ._options import seconds_type
-from .config import ENV_PREFIX, Config, ConfigError
+from .._core import budget
+from .._core.config import ENV_PREFIX, Config, ConfigError
+from .options import seconds_type
 
 __all__ = ["SERVER_KEEPALIVE", "Finding", "add_verb", "check", "run"]
 

@@ -1,0 +1,381 @@
+"""uvicorn: SIGTERM drains instead of stopping at once.
+
+Three ways in, all with ``graceful.ASGIMiddleware`` in the app (it counts what is in flight):
+
+- plain ``uvicorn module:app`` (also ``--workers N``): the middleware finds uvicorn's signal
+  handler at lifespan start-up (or at the first request when lifespan is off) and puts
+  :meth:`ServerLink.handle` in its place;
+- ``graceful.uvicorn.run(app, **uvicorn_options)``, like ``uvicorn.run``;
+- ``graceful.uvicorn.Server(config)``, a ``uvicorn.Server`` for your own loop.
+
+Either way a signal is only recorded; the stop runs on the server's event loop through
+:class:`graceful._runtime.shutdown.StopSequence` and ends by setting ``server.should_exit``,
+so uvicorn then shuts down as usual: SIGTERM drains (readiness fails, requests are served
+through the delay, in-flight work is awaited up to the drain timeout, then uvicorn stops); SIGINT
+stops without the delay; a second SIGINT, or SIGQUIT, stops at once (``force_exit``). The signal is
+not handed back to uvicorn, which would re-raise it after shutting down: the exit status is 0.
+
+Under gunicorn's uvicorn workers linked by ``graceful.gunicorn`` (``lifecycle.node`` set) the
+master drives the drain, so uvicorn's handler is left in place: no second delay.
+
+At the end of the delay the middleware ends open-ended HTTP responses (server-sent events and
+other chunked streams) through uvicorn's connection state, see :meth:`ServerLink.end_streams`.
+Relies on uvicorn's ``Server.handle_exit``, ``should_exit``, ``force_exit``,
+``config.timeout_graceful_shutdown`` and, for streams, ``server_state.connections`` and each
+HTTP/1.1 connection's ``cycle``. Needs uvicorn 0.30 or later; what differs between the
+versions it supports is kept in one place below ("uvicorn versions"), with the versions checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+try:
+    import uvicorn
+except ImportError as exc:  # pragma: no cover - exercised by hiding uvicorn in a test
+    raise ImportError(
+        "graceful.uvicorn needs uvicorn; install it with: pip install 'graceful-drain[uvicorn]'"
+    ) from exc
+
+from .._core.logsafe import escape
+from .._runtime.lifecycle import Lifecycle, get_lifecycle
+from .._runtime.shutdown import StopSequence, log_through
+
+__all__ = ["Server", "ServerLink", "attach", "run"]
+
+logger = logging.getLogger("graceful")
+
+#: Where graceful's lines go under uvicorn (unless the ``graceful`` logger is handled already).
+SERVER_LOGGER = "uvicorn.error"
+
+#: The signals a link handles; uvicorn itself handles SIGINT and SIGTERM only.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+#: How long uvicorn may still wait for connections once a drain hands over to it (unless the
+#: server's ``timeout_graceful_shutdown`` was set): by then nothing is in flight. When the
+#: drain gave up, what is left was logged as stuck and uvicorn does not wait at all.
+HANDOVER_GRACE = 0.5
+
+#: Bound on ending one HTTP stream (a client that reads nothing holds uvicorn's send).
+_END_TIMEOUT = 1.0
+_LAST_CHUNK = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+# -- uvicorn versions ---------------------------------------------------------------------------
+# What differs between the uvicorn versions this module supports is handled here, and only here.
+# Checked on uvicorn 0.30.0 (the floor, run by tests/floors/), 0.35.0, 0.40.0, 0.45.0, 0.50.0,
+# 0.51.0 and 0.55.0.
+
+#: The oldest uvicorn that can drain. Before 0.29 uvicorn installs its signal handlers with
+#: ``loop.add_signal_handler``, where there is no handler to find and take over (SIGTERM then
+#: stops it at once: probes and requests refused); before 0.30 its supervisor (``--workers``)
+#: stops one worker after the other, each after its whole drain, so the others stay ready.
+MIN_UVICORN = (0, 30)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+if _version(uvicorn.__version__) < MIN_UVICORN:
+    raise ImportError(
+        f"graceful.uvicorn needs uvicorn >= 0.30, and {uvicorn.__version__} is installed: "
+        "upgrade it with: pip install -U 'graceful-drain[uvicorn]'"
+    )
+
+
+#: uvicorn's exit status when the server did not start (in ``uvicorn.config`` only from 0.50).
+STARTUP_FAILURE = 3
+
+
+def _new_supervisor(config: uvicorn.Config, sockets: list[Any]) -> Any:
+    """uvicorn's ``Multiprocess`` supervisor (before 0.51 it takes the workers' entry point)."""
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor: Any = Multiprocess  # typed after the installed uvicorn; both forms are used
+    if "target" in inspect.signature(Multiprocess).parameters:
+        return supervisor(config, target=uvicorn.Server(config).run, sockets=sockets)
+    return supervisor(config, sockets=sockets)
+
+
+def _live_pid(worker: Any) -> int | None:
+    """The pid of a supervisor's worker that has not exited (``Process.exitcode``: 0.50 on)."""
+    process = worker.process  # multiprocessing's SpawnProcess, in every version
+    pid: int | None = process.pid
+    return pid if process.exitcode is None else None
+
+
+class ServerLink:
+    """A uvicorn server whose stop signals are run by a stop sequence.
+
+    (A :class:`~graceful._runtime.shutdown.StopSequence`.)
+
+    :meth:`handle` is the signal handler: it only schedules the signal on the server's event
+    loop, where the sequence runs (a drain on SIGTERM). The stop ends with ``should_exit``.
+    """
+
+    def __init__(
+        self,
+        server: uvicorn.Server,
+        lifecycle: Lifecycle,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        grace: float | None = None,
+    ) -> None:
+        self.server = server
+        self.lifecycle = lifecycle
+        self.loop = loop
+        self.sequence = StopSequence(lifecycle, self._stop, self._force)
+        #: uvicorn's wait after the hand-over (None: keep the server's own setting).
+        self.grace = grace
+        self._previous: dict[int, Any] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- signals ---------------------------------------------------------------------------
+
+    def install(self, signums: tuple[int, ...] = SIGNALS) -> ServerLink:
+        """Handle ``signums`` from now on (main thread only)."""
+        for signum in signums:
+            self._previous.setdefault(signum, signal.signal(signum, self.handle))
+        return self
+
+    def uninstall(self) -> None:
+        """Put back the handlers :meth:`install` replaced, where ours are still in place."""
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self.handle:
+                signal.signal(signum, previous)
+        self._previous.clear()
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler: record the signal, the loop does the work."""
+        try:
+            self.loop.call_soon_threadsafe(self.dispatch, signum)
+        except RuntimeError:  # the loop is closed: the server is gone, act as if we were not
+            self._pass_on(signum, frame)
+
+    def dispatch(self, signum: int) -> None:
+        """Act on one signal (on the loop): start, speed up or force the stop."""
+        name = self.sequence.signal(signum)
+        if name is not None:
+            task = self.loop.create_task(self.sequence.run_async(name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _pass_on(self, signum: int, frame: FrameType | None) -> None:
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signum, previous)
+        if previous == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    # -- the hand-over to uvicorn ----------------------------------------------------------
+
+    def _stop(self) -> None:
+        if self.grace is not None:
+            # Past the bound, what is still in flight was logged and is stopped at once.
+            _set_timeout(self.server.config, 0 if self.sequence.gave_up else self.grace)
+        self.server.should_exit = True
+
+    def _force(self) -> None:
+        _set_timeout(self.server.config, 0)
+        self.server.force_exit = True
+        self.server.should_exit = True
+
+    # -- streams ---------------------------------------------------------------------------
+
+    async def end_streams(self) -> int:
+        """End every open-ended HTTP/1.x response still streaming; how many were ended.
+
+        Open-ended: started, not complete, chunked (or HTTP/1.0, ended by closing). The last
+        chunk is sent through uvicorn's own ``send``, so the client sees a complete response;
+        then the request is marked disconnected, as uvicorn does when a client goes away: the
+        app's ``receive()`` answers ``http.disconnect`` and its further sends are dropped, so
+        server-sent-event handlers end. Responses with a Content-Length are left to finish.
+        """
+        cycles = [
+            cycle
+            for connection in list(self.server.server_state.connections)
+            if (cycle := getattr(connection, "cycle", None)) is not None and _open_ended(cycle)
+        ]
+        if not cycles:
+            return 0
+        ends = [asyncio.wait_for(_end(cycle), _END_TIMEOUT) for cycle in cycles]
+        results = await asyncio.gather(*ends, return_exceptions=True)
+        for cycle, result in zip(cycles, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.debug("could not end the stream %s: %r", _describe(cycle), result)
+        ended = sum(1 for result in results if not isinstance(result, BaseException))
+        logger.info("ended %d open HTTP stream(s) at the end of the delay", ended)
+        return ended
+
+
+def _set_timeout(config: uvicorn.Config, seconds: float) -> None:
+    # Typed as int by uvicorn, used as any number (asyncio.wait_for's timeout).
+    config.timeout_graceful_shutdown = seconds  # type: ignore[assignment]
+
+
+def _open_ended(cycle: Any) -> bool:
+    if not getattr(cycle, "response_started", False):
+        return False
+    if getattr(cycle, "response_complete", True) or getattr(cycle, "disconnected", False):
+        return False
+    chunked = getattr(cycle, "chunked_encoding", None)  # httptools
+    if chunked is not None:
+        return bool(chunked)
+    writer = getattr(getattr(cycle, "conn", None), "_writer", None)  # h11
+    return type(writer).__name__ in ("ChunkedWriter", "Http10Writer")
+
+
+async def _end(cycle: Any) -> None:
+    await cycle.send(dict(_LAST_CHUNK))
+    # Then, as after a client disconnect: receive() answers http.disconnect, sends are dropped
+    # (an app sending its next event before it saw the disconnect does not fail).
+    cycle.disconnected = True
+
+
+def _describe(cycle: Any) -> str:
+    scope = getattr(cycle, "scope", {})
+    return f"{escape(str(scope.get('method', '?')), 20)} {escape(str(scope.get('path', '?')))}"
+
+
+# -- the middleware's way in (plain ``uvicorn module:app``) -------------------------------------
+
+
+def attach(lifecycle: Lifecycle) -> ServerLink | None:
+    """The link to the uvicorn server running this process's event loop, made on first use.
+
+    Called by the middleware from the loop (lifespan start-up or first request). When SIGTERM's
+    handler is a ``uvicorn.Server``'s, the server is linked; the link takes over SIGTERM, SIGINT
+    and SIGQUIT unless gunicorn drives the drain (``lifecycle.node`` set) or this is not the
+    main thread. None when no uvicorn server is found (another server, or uvicorn run outside
+    the main thread).
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    owner = getattr(handler, "__self__", None)
+    if isinstance(owner, ServerLink):
+        return owner
+    if not isinstance(owner, uvicorn.Server) or getattr(handler, "__name__", "") != "handle_exit":
+        return None
+    if isinstance(owner, Server) and owner.link is not None:
+        return owner.link
+    log_through(SERVER_LOGGER)
+    loop = asyncio.get_running_loop()
+    grace = HANDOVER_GRACE if owner.config.timeout_graceful_shutdown is None else None
+    link = ServerLink(owner, lifecycle, loop, grace=grace)
+    if getattr(lifecycle, "node", None) is not None:
+        logger.debug("gunicorn drives the drain: uvicorn's signal handlers stay in place")
+        return link
+    if threading.current_thread() is not threading.main_thread():
+        return link
+    logger.info("graceful: SIGTERM drains this uvicorn server (pid %d)", os.getpid())
+    return link.install()
+
+
+# -- explicit use -------------------------------------------------------------------------------
+
+
+class Server(uvicorn.Server):
+    """A ``uvicorn.Server`` that drains on SIGTERM (see the module's documentation).
+
+    ``timeout_graceful_shutdown`` (uvicorn's own wait after ``should_exit``) is set from the
+    drain budget when left unset: ``drain_timeout`` for stops uvicorn starts itself (such as
+    ``limit_max_requests``); after a drain, nothing is in flight, so uvicorn waits at most
+    :data:`HANDOVER_GRACE` more.
+    """
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle | None = None) -> None:
+        super().__init__(config)  # uvicorn's Config has set up its logging by now
+        log_through(SERVER_LOGGER)
+        self.lifecycle = lifecycle if lifecycle is not None else get_lifecycle()
+        self.link: ServerLink | None = None
+        self._grace: float | None = None
+        if config.timeout_graceful_shutdown is None:
+            _set_timeout(config, self.lifecycle.config.drain_timeout)
+            self._grace = HANDOVER_GRACE
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # Python delivers signals only to the main thread
+            return
+        loop = asyncio.get_running_loop()
+        self.link = ServerLink(self, self.lifecycle, loop, grace=self._grace).install()
+        try:
+            yield
+        finally:
+            self.link.uninstall()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.link is None:
+            super().handle_exit(sig, frame)
+        else:
+            self.link.handle(sig, frame)
+
+
+def run(app: Any, *, lifecycle: Lifecycle | None = None, **options: Any) -> None:
+    """``uvicorn.run(app, **options)`` with :class:`Server`: SIGTERM drains.
+
+    ``app`` should include ``graceful.ASGIMiddleware``. With ``workers`` > 1 (``app`` an import
+    string) uvicorn's supervisor runs the workers, each one draining through the middleware;
+    signals reach the workers at once and as they are (see :func:`_supervise`).
+    """
+    config = uvicorn.Config(app, **options)
+    if (config.reload or config.workers > 1) and not isinstance(app, str):
+        logging.getLogger("uvicorn.error").warning(
+            "You must pass the application as an import string to enable 'reload' or 'workers'."
+        )
+        sys.exit(STARTUP_FAILURE)
+    if config.should_reload:
+        uvicorn.run(app, **options)
+        return
+    server = None if config.workers > 1 else Server(config, lifecycle)
+    try:
+        if server is None:
+            _supervise(config)  # each worker's middleware links its own server
+        else:
+            server.run()
+    finally:
+        if config.uds and os.path.exists(config.uds):
+            os.remove(config.uds)
+    if server is not None and not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def _supervise(config: uvicorn.Config) -> None:
+    """uvicorn's supervisor, passing SIGTERM, SIGINT and SIGQUIT on to the workers at once.
+
+    On its own the supervisor looks at signals twice a second and sends every worker SIGTERM
+    whatever it received: readiness would fail up to 0.5 s late and Ctrl-C would wait for the
+    delay. Here each signal goes on to the workers as it is, the moment it arrives; the
+    supervisor then stops as usual (its own SIGTERM to the workers is ignored by then).
+    """
+    supervisor = _new_supervisor(config, [config.bind_socket()])
+    if not hasattr(supervisor, "processes") or not hasattr(supervisor, "signal_queue"):
+        supervisor.run()  # a uvicorn whose supervisor we do not know: as it is
+        return
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        # SIGQUIT is not one of the supervisor's own: it stops as on SIGINT.
+        supervisor.signal_queue.append(signal.SIGINT if signum == signal.SIGQUIT else signum)
+        for worker in list(supervisor.processes):
+            pid = _live_pid(worker)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+    for signum in SIGNALS:
+        signal.signal(signum, forward)
+    supervisor.run()
