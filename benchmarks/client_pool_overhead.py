@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.server
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +29,7 @@ from typing import Any
 import requests
 
 from graceful._client.pool import DEFAULT_TIMEOUT, Pool
+from graceful.testing import Process, free_port, wait_answering
 
 GOAL = 1.05
 NOTICE = b'data: {"id":1,"phase":"serving","reason":"ready","retry_after":0}\n\n'
@@ -72,26 +71,10 @@ def serve(port: int) -> None:
 
 @contextlib.contextmanager
 def node() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = [sys.executable, __file__, "--serve", str(port)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                requests.get(url + "/ping", timeout=1)
-                break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.02)  # poll interval while the node starts
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(5)
+    port = free_port()
+    with Process([sys.executable, __file__, "--serve", str(port)]) as proc:
+        wait_answering(port, "/ping", timeout=10, process=proc)
+        yield f"http://127.0.0.1:{port}"
 
 
 # -- the ways to call it ---------------------------------------------------------------------

@@ -46,50 +46,27 @@ for _folder in (ROOT / "tests", ROOT / "tests" / "e2e"):
 import requests  # noqa: E402
 
 from graceful.client import Pool  # noqa: E402
+from graceful.testing import Process, Processes, child_env, free_port, poll_until, wait_answering  # noqa: E402
 
 # The tests' harness, found through sys.path above (mypy does not look there: Any).
 rh: Any = importlib.import_module("rollout_harness")
-_conftest: Any = importlib.import_module("conftest")
-Proc: Any = _conftest.Proc
-unused_port: Callable[[], int] = _conftest.unused_port
-wait_until: Any = _conftest.wait_until
+wait_until = poll_until
 
 TOKEN = "rollout-bench-Token-51c"
 NODE_ENV = {"GRACEFUL_DELAY": "1", "GRACEFUL_DRAIN_TIMEOUT": "15", "GRACEFUL_TOKEN": TOKEN}
 APPS = ROOT / "tests" / "e2e" / "apps"
 
 
-class Spawner:
-    """The ``spawn`` fixture of the tests, outside pytest: every process killed in ``close``."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.procs: list[Proc] = []
-
-    def __call__(
-        self,
-        argv: Sequence[str],
-        *,
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-        name: str = "proc",
-    ) -> Proc:
-        proc = Proc(argv, self.folder / f"{name}-{len(self.procs)}.log", env=env, cwd=cwd)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.stop()
-
-
 @contextlib.contextmanager
-def spawner(folder: Path) -> Iterator[Spawner]:
-    spawn = Spawner(folder)
-    try:
+def spawner(folder: Path) -> Iterator[Callable[..., Process]]:
+    """The tests' ``spawn`` fixture outside pytest (the environment is :func:`child_env` plus
+    ``env``); every process stopped on the way out."""
+    with Processes(folder) as procs:
+
+        def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None, **how: Any) -> Process:
+            return procs.start(argv, env=child_env(env), **how)
+
         yield spawn
-    finally:
-        spawn.close()
 
 
 def wait_acked(load: rh.Load, count: int) -> None:
@@ -230,7 +207,7 @@ def through_pool(pool: Pool) -> Callable[[str, str, str], requests.Response]:
 
 def pool_part(tmp: Path, calls_between: int) -> tuple[Callers, Callers]:
     tmp.mkdir(parents=True, exist_ok=True)
-    ports = [unused_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
 
     def argv(port: int) -> list[str]:
@@ -240,18 +217,10 @@ def pool_part(tmp: Path, calls_between: int) -> tuple[Callers, Callers]:
             *("--timeout-keep-alive", "120"),
         ]
 
-    def ready(proc: Proc, url: str) -> None:
-        def answers() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"node exited:\n{proc.output()[-800:]}")
-            return requests.get(url + "/readyz", timeout=2).status_code == 200
-
-        wait_until(answers, timeout=30)
-
     with spawner(tmp) as spawn:
-        lives: list[Proc] = []
+        lives: list[Process] = []
 
-        def start(index: int) -> Proc:
+        def start(index: int) -> Process:
             record = tmp / f"pool-node{index}-{len(lives)}"
             record.mkdir()
             env = {**NODE_ENV, "GRACEFUL_DRAIN_TIMEOUT": "10", "POOL_RECORD_DIR": str(record)}
@@ -260,20 +229,20 @@ def pool_part(tmp: Path, calls_between: int) -> tuple[Callers, Callers]:
             return proc
 
         current = [start(index) for index in range(3)]
-        for proc, url in zip(current, urls, strict=True):
-            ready(proc, url)
+        for proc, port in zip(current, ports, strict=True):
+            wait_answering(port, "/readyz", timeout=30, process=proc)
         pool = Pool(urls, probe_interval=1.0)
         naive = Callers("rr", round_robin(urls)).start()
         graceful = Callers("pool", through_pool(pool)).start()
         try:
-            for index, url in enumerate(urls):
+            for index, port in enumerate(ports):
                 target = naive.sent + graceful.sent + calls_between
                 wait_until(lambda: naive.sent + graceful.sent >= target, timeout=60)  # noqa: B023
                 old = current[index]
                 old.send_signal(signal.SIGTERM)
                 old.wait(30)
                 current[index] = start(index)
-                ready(current[index], url)
+                wait_answering(port, "/readyz", timeout=30, process=current[index])
             target = naive.sent + graceful.sent + calls_between
             wait_until(lambda: naive.sent + graceful.sent >= target, timeout=60)
         finally:

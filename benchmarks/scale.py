@@ -27,24 +27,27 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import http.client
-import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
-from shutdown_overhead import ExitWatch  # the same pidfd watch
+from shutdown_overhead import begin_slow  # the same app, but held until released
 
 from graceful._adapters.lazy import lazy_middleware
 from graceful._core.types import Receive, Scope, Send
+from graceful.testing import (
+    Process,
+    child_env,
+    free_port,
+    http_status,
+    wait_answering,
+)
 
 GOAL_BYTES = 300
 HERE = Path(__file__).resolve().parent
@@ -67,61 +70,17 @@ def _released() -> asyncio.Event:
 
 async def plain_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                _released()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "http":
-        return
-    headers = [(b"content-type", b"text/plain")]
-    if scope["path"] != "/slow":
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"pong"})
-        return
-    headers.append((b"content-length", str(len(FIRST) + len(LAST)).encode()))
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": FIRST, "more_body": True})
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(_released().wait(), HOLD_LIMIT)  # held: the behaviour measured
-    await send({"type": "http.response.body", "body": LAST})
+        _released()  # the handler for SIGUSR1, on the server's loop
+    if await begin_slow(scope, receive, send, FIRST, LAST):
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_released().wait(), HOLD_LIMIT)  # held: the behaviour measured
+        await send({"type": "http.response.body", "body": LAST})
 
 
 __getattr__ = lazy_middleware(__name__, asgi={"app": plain_app})  # the app behind graceful
 
 
 # -- the node --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def get(port: int, path: str) -> int | None:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        connection.close()
-
-
-def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)  # the poll interval, bounded by the deadline
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -195,7 +154,7 @@ async def _drive(port: int, proc: subprocess.Popen[bytes], result: Result) -> fl
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + 20
     # The drain has begun when /readyz answers 503 (polled from a thread: it blocks).
-    while await loop.run_in_executor(None, get, port, "/readyz") == 200:
+    while await loop.run_in_executor(None, http_status, port, "/readyz") == 200:
         if time.monotonic() > deadline:
             result.errors.append("/readyz still 200 20 s after SIGTERM")
             break
@@ -214,30 +173,19 @@ def measure(count: int, log_dir: Path) -> Result:
     result = Result(count)
     port = free_port()
     log_path = log_dir / f"uvicorn-{count}-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRACEFUL_")}
-    env.update(PYTHONUNBUFFERED="1", GRACEFUL_DELAY="0", GRACEFUL_DRAIN_TIMEOUT="60")
+    env = child_env({"GRACEFUL_DELAY": "0", "GRACEFUL_DRAIN_TIMEOUT": "60"})
     argv = [
         *(sys.executable, "-m", "uvicorn", "scale:app", "--app-dir", str(HERE)),
         *("--host", "127.0.0.1", "--port", str(port), "--backlog", "4096"),
         *("--lifespan", "on", "--log-level", "warning", "--no-access-log"),
         *("--timeout-keep-alive", "120"),
     ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    watch = ExitWatch(proc.pid)
+    proc = Process(argv, log_path, env=env)
+    watch = proc.exit_watch()
     try:
-        poll(lambda: proc.poll() is not None or get(port, "/readyz") == 200, 30.0, "uvicorn")
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}: {log_path.read_text()[-600:]}")
-        last = asyncio.run(_drive(port, proc, result))
-        exited_at = watch.join(120.0)
+        wait_answering(port, "/readyz", timeout=30.0, process=proc)
+        last = asyncio.run(_drive(port, proc.popen, result))
+        exited_at = watch.wait(120.0)
         if exited_at is None:
             result.errors.append("still running 120 s after the release")
         else:
@@ -247,11 +195,7 @@ def measure(count: int, log_dir: Path) -> Result:
     except (OSError, RuntimeError, TimeoutError, asyncio.TimeoutError) as exc:
         result.errors.append(f"{type(exc).__name__}: {exc}")
     finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        watch.join(1.0)
-        watch.close()
+        proc.stop(grace=0)  # the group: whatever is left of it
     if result.errors:
         tail = log_path.read_text(errors="replace")[-600:]
         print(f"  {count} in flight: {len(result.errors)} errors, e.g. {result.errors[:3]}\n{tail}")

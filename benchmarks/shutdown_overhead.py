@@ -26,26 +26,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import http.client
 import importlib.util
-import os
-import select
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qs
 
 from graceful._adapters.lazy import lazy_middleware
 from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
+from graceful.testing import (
+    Call,
+    Load,
+    Process,
+    child_env,
+    drain_under_load,
+    free_port,
+    serve_lifespan,
+    wait_answering,
+)
 
 GOAL_MS = 300.0
 HERE = Path(__file__).resolve().parent
@@ -77,28 +83,30 @@ def _slow_body(seconds: float) -> Iterator[bytes]:
     yield LAST
 
 
-async def plain_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+async def begin_slow(scope: Scope, receive: Receive, send: Send, first: bytes, last: bytes) -> bool:
+    """What this file's ASGI app and ``scale.py``'s share: the lifespan answered, any path but
+    ``/slow`` answered ``pong``; for ``/slow``, the head and ``first`` sent and True: the
+    caller ends the answer with ``last``."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send)
+        return False
     if scope["type"] != "http":
-        return
+        return False
     headers = [(b"content-type", b"text/plain")]
     if scope["path"] != "/slow":
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"pong"})
-        return
-    seconds = slow_seconds(scope["query_string"].decode("latin-1"))
-    headers.append((b"content-length", str(len(FIRST) + len(LAST)).encode()))
+        return False
+    headers.append((b"content-length", str(len(first) + len(last)).encode()))
     await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": FIRST, "more_body": True})
-    await asyncio.sleep(seconds)  # the slow request IS the behaviour
-    await send({"type": "http.response.body", "body": LAST})
+    await send({"type": "http.response.body", "body": first, "more_body": True})
+    return True
+
+
+async def plain_asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    if await begin_slow(scope, receive, send, FIRST, LAST):
+        await asyncio.sleep(slow_seconds(scope["query_string"].decode("latin-1")))  # the point
+        await send({"type": "http.response.body", "body": LAST})
 
 
 __getattr__ = lazy_middleware(
@@ -127,13 +135,6 @@ def shim_missing(server: str) -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def argv_for(server: str, variant: str, port: int) -> list[str]:
     kind = "wsgi" if server.startswith("gunicorn") else "asgi"
     app = f"shutdown_overhead:{'graceful' if variant == 'shims' else 'plain'}_{kind}"
@@ -155,32 +156,11 @@ def argv_for(server: str, variant: str, port: int) -> list[str]:
     ]
 
 
-def child_env(variant: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRACEFUL_")}
-    env["PYTHONUNBUFFERED"] = "1"
+def env_for(variant: str) -> dict[str, str]:
     if variant == "shims":
-        env["GRACEFUL_DELAY"] = "0"  # the delay is a deliberate wait, not overhead
-        env["GRACEFUL_DRAIN_TIMEOUT"] = "10"
-    return env
-
-
-def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)  # the poll interval, bounded by the deadline
-
-
-def answers(port: int) -> bool:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-    try:
-        connection.request("GET", "/ping")
-        return connection.getresponse().status == 200
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        connection.close()
+        # the delay is a deliberate wait, not overhead
+        return child_env({"GRACEFUL_DELAY": "0", "GRACEFUL_DRAIN_TIMEOUT": "10"})
+    return child_env()
 
 
 def readyz_after_signal(port: int, run: Run, until: float) -> None:
@@ -201,45 +181,17 @@ def readyz_after_signal(port: int, run: Run, until: float) -> None:
         time.sleep(0.02)  # the poll interval, bounded by ``until``
 
 
-class ExitWatch:
-    """Notes the moment a process exits: a thread waits on its pidfd."""
-
-    def __init__(self, pid: int) -> None:
-        self.fd = os.pidfd_open(pid)
-        self.exited_at: float | None = None
-        self.thread = threading.Thread(target=self._wait, daemon=True)
-        self.thread.start()
-
-    def _wait(self) -> None:
-        readable, _, _ = select.select([self.fd], [], [], 300.0)
-        if readable:
-            self.exited_at = time.monotonic()
-
-    def join(self, timeout: float) -> float | None:
-        self.thread.join(timeout)
-        return self.exited_at
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 def measure(server: str, variant: str, slow: float, log_dir: Path) -> Run:
     run = Run(server, variant)
     port = free_port()
-    log = (log_dir / f"{server}-{variant}-{port}.log").open("wb")
-    proc = subprocess.Popen(
+    proc = Process(
         argv_for(server, variant, port),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=child_env(variant),
-        start_new_session=True,
+        log_dir / f"{server}-{variant}-{port}.log",
+        env=env_for(variant),
     )
-    watch = ExitWatch(proc.pid)
+    watch = proc.exit_watch()
     try:
-        poll(lambda: proc.poll() is not None or answers(port), 30.0, f"{server} to answer")
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before answering")
+        wait_answering(port, "/ping", timeout=30.0, process=proc)
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=slow + 15)
         connection.request("GET", f"/slow?seconds={slow:g}")
         response = connection.getresponse()
@@ -256,7 +208,7 @@ def measure(server: str, variant: str, slow: float, log_dir: Path) -> Run:
         connection.close()
         if rest != LAST:
             raise RuntimeError(f"the slow request was cut: {rest!r}")
-        exited_at = watch.join(30.0)
+        exited_at = watch.wait(30.0)
         if exited_at is None:
             raise RuntimeError("still running 30 s after the signal")
         run.exit_code = proc.wait(5)
@@ -266,12 +218,7 @@ def measure(server: str, variant: str, slow: float, log_dir: Path) -> Run:
     except (OSError, http.client.HTTPException, RuntimeError, TimeoutError) as exc:
         run.error = f"{type(exc).__name__}: {exc}"
     finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the group: workers too, should any be left
-        proc.wait(10)
-        watch.join(1.0)
-        watch.close()
-        log.close()
+        proc.stop(grace=0)  # the group: workers too, should any be left
     return run
 
 
@@ -292,64 +239,6 @@ class LoadRun:
     error: str | None = None
 
 
-class Load:
-    """``callers`` threads, each with one keep-alive connection, sending ``GET /slow`` back to
-    back until told to stop (the first failed ``/readyz`` after the signal, as a load balancer
-    would); the moment of the last answer read."""
-
-    def __init__(self, port: int, callers: int, seconds: float) -> None:
-        self.port, self.seconds = port, seconds
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.last_answer: float | None = None
-        self.answered = self.failed = 0
-        self.threads = [threading.Thread(target=self.call, daemon=True) for _ in range(callers)]
-        for thread in self.threads:
-            thread.start()
-
-    def call(self) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            while not self.stop.is_set():
-                try:
-                    connection.request("GET", f"/slow?seconds={self.seconds:g}")
-                    response = connection.getresponse()
-                    ok = response.read() == FIRST + LAST and response.status == 200
-                    if response.will_close:
-                        connection.close()
-                except (OSError, http.client.HTTPException):
-                    ok = False
-                    connection.close()
-                with self.lock:
-                    self.answered += ok
-                    self.failed += not ok
-                    self.last_answer = time.monotonic()
-        finally:
-            connection.close()
-
-    def join(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def stop_at_failed_readyz(port: int, load: Load, until: float) -> None:
-    """Probe /readyz every 100 ms; at the first failure (a status, or no answer), stop the load."""
-    while time.monotonic() < until and not load.stop.is_set():
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        try:
-            connection.request("GET", "/readyz")
-            failed = connection.getresponse().status != 200
-        except (OSError, http.client.HTTPException):
-            failed = True
-        finally:
-            connection.close()
-        if failed:
-            break
-        time.sleep(0.1)  # the probe interval IS the behaviour (a load balancer's)
-    load.stop.set()
-
-
 def load_argv(server: str, port: int) -> list[str]:
     argv = argv_for(server, "shims", port)
     if server.startswith("gunicorn"):
@@ -358,84 +247,96 @@ def load_argv(server: str, port: int) -> list[str]:
 
 
 def measure_load(server: str, slow: float, log_dir: Path) -> LoadRun:
-    """SIGTERM under load: ``LOAD_CALLERS`` callers, requests of ``2 * slow`` seconds, a delay
-    of ``1.5 * slow``; from the last answer read to the process's exit."""
+    """SIGTERM under load: ``LOAD_CALLERS`` callers on keep-alive connections sending
+    ``GET /slow`` (``2 * slow`` seconds) back to back, a delay of ``1.5 * slow``, the signal
+    after one request's time, the callers stopped at the first failed ``/readyz`` probe (every
+    100 ms); from the last answer read to the process's exit (graceful.testing's harness)."""
     run = LoadRun(server)
     port = free_port()
-    log = (log_dir / f"{server}-load-{port}.log").open("wb")
-    env = child_env("shims")
+    env = env_for("shims")
     env["GRACEFUL_DELAY"] = f"{1.5 * slow:g}"
-    proc = subprocess.Popen(
-        load_argv(server, port),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
+    load = Load(
+        call=Call(path=f"/slow?seconds={2 * slow:g}", expect=200),
+        callers=LOAD_CALLERS,
+        seconds=2 * slow,
+        max_seconds=2 * slow + 60.0,
+        request_timeout=30.0,
     )
-    watch = ExitWatch(proc.pid)
-    load: Load | None = None
+    log = log_dir / f"{server}-load-{port}.log"
     try:
-        poll(lambda: proc.poll() is not None or answers(port), 30.0, f"{server} to answer")
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before answering")
-        load = Load(port, LOAD_CALLERS, 2 * slow)
-        load.stop.wait(2 * slow)  # under load for one request's time before the signal
-        signal_at = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        stop_at_failed_readyz(port, load, signal_at + 30.0)
-        load.join(60.0)
-        exited_at = watch.join(60.0)
-        if exited_at is None:
-            raise RuntimeError("still running 60 s after the signal")
-        run.exit_code = proc.wait(5)
-        if load.last_answer is not None:
-            run.overhead = exited_at - load.last_answer
-        run.after_signal = exited_at - signal_at
-    except (OSError, http.client.HTTPException, RuntimeError, TimeoutError) as exc:
+        result = drain_under_load(load_argv(server, port), port, load, env=env, log=log)
+    except (OSError, RuntimeError, TimeoutError) as exc:
         run.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        if load is not None:
-            load.stop.set()
-            run.answered, run.failed = load.answered, load.failed
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        watch.join(1.0)
-        watch.close()
-        log.close()
+        return run
+    run.answered, run.failed = result.answered, result.lost
+    run.exit_code, run.after_signal = result.exit_code, result.exit_after_signal
+    run.overhead = result.drain_time
+    if result.exited_at is None:
+        run.error = "RuntimeError: still running 60 s after the signal"
     return run
 
 
-def load_table(servers: list[str], runs: list[LoadRun], slow: float) -> dict[str, str]:
-    print(
-        f"\nunder load: {LOAD_CALLERS} callers, {2 * slow:g} s requests, delay {1.5 * slow:g} s, "
-        f"gunicorn with {LOAD_WORKERS} workers; medians\n"
-    )
-    print(
-        "| server | last answer -> exit (ms) | min-max (ms) | signal -> exit (ms) | answered "
-        "| failed | exit codes |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    figures: dict[str, str] = {}
-    for server in servers:
-        done = [r for r in runs if r.server == server]
+class Timed(Protocol):
+    overhead: float | None
+    after_signal: float | None
+    exit_code: int | None
+    error: str | None
+
+
+@dataclasses.dataclass
+class Summary:
+    """The medians of some runs, in milliseconds, and how they ended."""
+
+    overhead: str
+    spread: str
+    after_signal: str
+    codes: str
+    errors: int
+    measured: bool
+
+    @classmethod
+    def of(cls, done: Sequence[Timed]) -> Summary:
         overheads = [r.overhead for r in done if r.overhead is not None]
         totals = [r.after_signal for r in done if r.after_signal is not None]
         spread = f"{min(overheads) * 1000:.0f}-{max(overheads) * 1000:.0f}" if overheads else ""
         codes = ",".join(sorted({str(r.exit_code) for r in done if r.exit_code is not None}))
         errors = sum(r.error is not None for r in done)
+        return cls(ms(overheads), spread, ms(totals), codes, errors, bool(overheads))
+
+
+def table_head(title: str, *columns: str) -> None:
+    print(f"\n{title}; medians\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
+
+
+def load_table(servers: list[str], runs: list[LoadRun], slow: float) -> dict[str, str]:
+    table_head(
+        f"under load: {LOAD_CALLERS} callers, {2 * slow:g} s requests, delay {1.5 * slow:g} s, "
+        f"gunicorn with {LOAD_WORKERS} workers",
+        *("server", "last answer -> exit (ms)", "min-max (ms)", "signal -> exit (ms)"),
+        *("answered", "failed", "exit codes"),
+    )
+    figures: dict[str, str] = {}
+    for server in servers:
+        done = [r for r in runs if r.server == server]
+        got = Summary.of(done)
         print(
-            f"| {server} | {ms(overheads)} | {spread} | {ms(totals)} "
+            f"| {server} | {got.overhead} | {got.spread} | {got.after_signal} "
             f"| {sum(r.answered for r in done)} | {sum(r.failed for r in done)} "
-            f"| {codes}{f' ({errors} runs failed)' if errors else ''} |"
+            f"| {got.codes}{f' ({got.errors} runs failed)' if got.errors else ''} |"
         )
-        figures[server] = f"{ms(overheads)} ms" if overheads else "n/a (every run failed)"
+        figures[server] = f"{got.overhead} ms" if got.measured else "n/a (every run failed)"
     return figures
 
 
 def ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.0f}" if values else "-"
+
+
+def log_tail(folder: Path, pattern: str) -> str:
+    log = next(folder.glob(pattern), None)
+    return log.read_text(errors="replace")[-600:] if log else ""
 
 
 def main() -> int:
@@ -466,47 +367,40 @@ def main() -> int:
                     run = measure(server, variant, args.slow, Path(tmp))
                     runs.append(run)
                     if run.error:
-                        log = next(Path(tmp).glob(f"{server}-{variant}-*.log"), None)
-                        tail = log.read_text(errors="replace")[-600:] if log else ""
+                        tail = log_tail(Path(tmp), f"{server}-{variant}-*.log")
                         print(f"round {round_number + 1} {server} {variant}: {run.error}\n{tail}")
         for round_number in range(load_rounds):
             for server in loaded:
                 load_run = measure_load(server, args.slow, Path(tmp))
                 load_runs.append(load_run)
                 if load_run.error:
-                    log = next(Path(tmp).glob(f"{server}-load-*.log"), None)
-                    tail = log.read_text(errors="replace")[-600:] if log else ""
+                    tail = log_tail(Path(tmp), f"{server}-load-*.log")
                     print(f"load round {round_number + 1} {server}: {load_run.error}\n{tail}")
 
-    print(f"\n{args.rounds} rounds, one {args.slow:g} s request in flight at SIGTERM; medians\n")
-    print(
-        "| server | variant | answer -> exit (ms) | min-max (ms) | signal -> exit (ms) "
-        "| exit codes | /readyz after SIGTERM |"
+    table_head(
+        f"{args.rounds} rounds, one {args.slow:g} s request in flight at SIGTERM",
+        *("server", "variant", "answer -> exit (ms)", "min-max (ms)", "signal -> exit (ms)"),
+        *("exit codes", "/readyz after SIGTERM"),
     )
-    print("|---|---|---|---|---|---|---|")
     figures: dict[str, str] = {}
     for server in servers:
         for variant in VARIANTS:
             done = [r for r in runs if (r.server, r.variant) == (server, variant)]
-            overheads = [r.overhead for r in done if r.overhead is not None]
-            totals = [r.after_signal for r in done if r.after_signal is not None]
             if variant == "shims" and missing[server]:
                 figures[server] = f"n/a ({missing[server]})"
                 print(f"| {server} | {variant} | n/a ({missing[server]}) | | | | |")
                 continue
-            spread = f"{min(overheads) * 1000:.0f}-{max(overheads) * 1000:.0f}" if overheads else ""
-            codes = ",".join(sorted({str(r.exit_code) for r in done if r.exit_code is not None}))
-            failed = sum(r.error is not None for r in done)
-            exits = codes + (f" ({failed} failed)" if failed else "")
+            got = Summary.of(done)
+            exits = got.codes + (f" ({got.errors} failed)" if got.errors else "")
             readyz = ",".join(sorted({r.readyz for r in done if r.readyz}))
             print(
-                f"| {server} | {variant} | {ms(overheads)} | {spread} | {ms(totals)} "
+                f"| {server} | {variant} | {got.overhead} | {got.spread} | {got.after_signal} "
                 f"| {exits} | {readyz} |"
             )
             if variant == "shims":
                 figures[server] = (
-                    f"{ms(overheads)} ms"
-                    if overheads
+                    f"{got.overhead} ms"
+                    if got.measured
                     else ("n/a (every run failed)" if done else "n/a (not run)")
                 )
     under_load = load_table(loaded, load_runs, args.slow) if load_rounds else {}

@@ -1,22 +1,31 @@
-"""End-to-end throughput of a trivial app with and without graceful, under uvicorn and gunicorn.
+"""End-to-end throughput and CPU of a trivial app with and without graceful, and the idle CPU of
+a gunicorn node, under uvicorn and gunicorn.
 
-Four servers run side by side on 127.0.0.1 for the whole run: uvicorn serving a plain ASGI app
-and the same app behind ``graceful.ASGIMiddleware`` (which links uvicorn's signal handling),
-gunicorn ``gthread`` (one worker, four threads) serving a plain WSGI app and the same app behind
-``graceful.WSGIMiddleware`` with ``-c python:graceful.gunicorn`` (the shims). The load generator
-is this process: an asyncio client on raw sockets, ``--connections`` keep-alive connections,
-each sending ``GET /ping`` and reading the whole answer before the next, for ``--seconds`` per
-slice. Each round measures each server in four slices, A B B A (which variant is A alternates
-per round), so a neighbour's load that rises or falls during the round hits both variants
-alike; the figure is, per server, the median over rounds of graceful / plain requests per
-second. Goal: >= 0.97x. Also shown, less sensitive to neighbours: the server's own CPU time
-(user + system, its processes' ``/proc/<pid>/stat``) per answered request, summed over the run,
-as the ratio plain / graceful (the throughput a CPU-bound server would reach).
+Servers run side by side on 127.0.0.1 for the whole run: uvicorn serving a plain ASGI app and
+the same app behind ``graceful.ASGIMiddleware`` (which links uvicorn's signal handling);
+gunicorn ``gthread`` (one worker, four threads) serving a plain WSGI app, the same app behind
+``graceful.WSGIMiddleware`` with ``-c python:graceful.gunicorn`` (the shims), and a second
+plain one: the A/A control, measured against the first exactly as graceful is, so the run
+shows how far this machine's noise alone moves the figures. The load generator is this
+process: an asyncio client on raw sockets, ``--connections`` keep-alive connections, each
+sending ``GET /ping`` and reading the whole answer before the next, for ``--seconds`` per
+slice. Each round measures each pair in four slices, A B B A (which one is A alternates per
+round), so a neighbour's load that rises or falls during the round hits both alike. Per pair
+and round: B / A requests per second, and A / B server CPU time per answered request (user +
+system of every thread of the server's processes, from ``/proc``: the throughput a CPU-bound
+server would reach); the figures are the medians over rounds.
 
-    python benchmarks/throughput.py [--rounds 15] [--seconds 0.5] [--connections 8] [--control]
+Then the idle cost: a gunicorn gthread node with ``--idle-workers`` workers (4) and graceful's
+shims and middleware, a plain one and a second plain one (the control), started at the
+beginning of the run and left alone; once the load is over (its servers stopped), the CPU
+time of each node's whole process tree over the same ``--idle-seconds`` (30).
 
-``--control`` is an A/A run: the "graceful" servers serve the plain app too, so the ratios show
-how far this machine's noise alone moves them.
+    python benchmarks/throughput.py [--rounds 15] [--seconds 0.5] [--connections 8]
+                                    [--idle-seconds 30] [--idle-workers 4] [--control]
+
+``--control`` is an A/A run throughout: the "graceful" servers serve the plain app too.
+Goals: >= 0.99x in requests per second and CPU per request for each server; the graceful
+node's idle CPU within 1 % of the plain one's.
 
 This file is also the app module the servers load (``throughput:plain_asgi`` and so on).
 """
@@ -27,26 +36,22 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import http.client
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO
 
 from graceful._adapters.lazy import lazy_middleware
 from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
+from graceful.testing import Process, child_env, free_port, http_status, poll_until, serve_lifespan
 
-GOAL = 0.97
+GOAL = 0.99
+IDLE_GOAL = 0.01  # the graceful node's idle CPU at most 1 % above the plain one's
 HERE = Path(__file__).resolve().parent
 SERVERS = ("uvicorn", "gunicorn-gthread")
-VARIANTS = ("plain", "graceful")
 REQUEST = b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 # -- the apps the servers load ---------------------------------------------------------------
@@ -59,13 +64,7 @@ def plain_wsgi(environ: Environ, start_response: StartResponse) -> Iterable[byte
 
 async def plain_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await serve_lifespan(receive, send)
     if scope["type"] != "http":
         return
     headers = [(b"content-type", b"text/plain"), (b"content-length", b"4")]
@@ -81,17 +80,29 @@ __getattr__ = lazy_middleware(
 # -- the servers -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Two servers measured against each other: ``b`` (graceful, or the control) over ``a``."""
+
+    label: str
+    server: str
+    a: str
+    b: str
 
 
-def argv_for(server: str, variant: str, port: int) -> list[str]:
+def pairs_for(servers: Sequence[str]) -> list[Pair]:
+    pairs = [Pair(server, server, "plain", "graceful") for server in servers]
+    if "gunicorn-gthread" in servers:
+        pairs.append(Pair("A/A gunicorn-gthread", "gunicorn-gthread", "plain", "control"))
+    return pairs
+
+
+def argv_for(server: str, variant: str, port: int, *, workers: int = 1) -> list[str]:
+    """``variant``: "graceful" (middleware and shims), "plain" or "control" (plain again)."""
+    app = "graceful" if variant == "graceful" else "plain"
     if server == "uvicorn":
         return [
-            *(sys.executable, "-m", "uvicorn", f"throughput:{variant}_asgi"),
+            *(sys.executable, "-m", "uvicorn", f"throughput:{app}_asgi"),
             *("--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port)),
             *("--lifespan", "on", "--log-level", "warning", "--no-access-log"),
             *("--timeout-keep-alive", "60"),
@@ -99,16 +110,10 @@ def argv_for(server: str, variant: str, port: int) -> list[str]:
     shims = ["-c", "python:graceful.gunicorn"] if variant == "graceful" else []
     return [
         *(sys.executable, "-m", "gunicorn", *shims, "--chdir", str(HERE)),
-        *(f"throughput:{variant}_wsgi", "--bind", f"127.0.0.1:{port}"),
-        *("--workers", "1", "--worker-class", "gthread", "--threads", "4"),
+        *(f"throughput:{app}_wsgi", "--bind", f"127.0.0.1:{port}"),
+        *("--workers", str(workers), "--worker-class", "gthread", "--threads", "4"),
         *("--keep-alive", "60", "--log-level", "warning"),
     ]
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRACEFUL_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 @dataclasses.dataclass
@@ -116,49 +121,24 @@ class Server:
     name: str
     variant: str
     port: int
-    proc: subprocess.Popen[bytes]
-    log: IO[bytes]
-    log_path: Path
-
-    def answers(self) -> bool:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-        try:
-            connection.request("GET", "/ping")
-            return connection.getresponse().read() == b"pong"
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            connection.close()
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group: gunicorn's worker too
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        self.log.close()
+    proc: Process
 
 
-def start(server: str, variant: str, log_dir: Path, *, control: bool = False) -> Server:
+def start(name: str, variant: str, log_dir: Path, *, control: bool, workers: int = 1) -> Server:
     port = free_port()
-    log_path = log_dir / f"{server}-{variant}.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        argv_for(server, "plain" if control else variant, port),
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=child_env(),
-        start_new_session=True,  # its own process group, killed as one
-    )
-    return Server(server, variant, port, proc, log, log_path)
+    served = "plain" if control and variant == "graceful" else variant
+    log = log_dir / f"{name}-{variant}-{port}.log"
+    proc = Process(argv_for(name, served, port, workers=workers), log, env=child_env())
+    return Server(name, variant, port, proc)
 
 
-def poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)  # the poll interval, bounded by the deadline
+def wait_ready(server: Server, workers: int = 1) -> None:
+    def ready() -> bool:
+        server.proc.check_running()
+        processes = 1 + (workers if server.name.startswith("gunicorn") else 0)
+        return http_status(server.port, "/ping") == 200 and len(_tree(server.proc.pid)) >= processes
+
+    poll_until(ready, 60.0, message=f"{server.name} {server.variant} to answer")
 
 
 # -- the load --------------------------------------------------------------------------------
@@ -205,27 +185,89 @@ def load(port: int, connections: int, seconds: float) -> tuple[int, float, list[
     return asyncio.run(_load(port, connections, seconds))
 
 
+# -- CPU time from /proc -----------------------------------------------------------------------
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and its descendants (gunicorn's worker), from /proc."""
-    total = 0.0
-    pending = [pid]
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (every thread's children: gunicorn's workers)."""
+    found, pending = [], [pid]
     while pending:
         current = pending.pop()
-        try:
-            stat = Path(f"/proc/{current}/stat").read_text()
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    pending += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _thread_seconds(pid: int, tid: str) -> float:
+    """CPU time of one thread: ``schedstat`` counts nanoseconds; ``stat`` clock ticks (10 ms)."""
+    task = Path(f"/proc/{pid}/task/{tid}")
+    try:
+        return int((task / "schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        stat = (task / "stat").read_text()
         fields = stat[stat.rindex(")") + 2 :].split()
-        total += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
-        pending += [int(child) for child in children]
+        return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of every thread of ``pid`` and its descendants so far."""
+    total = 0.0
+    for process in _tree(pid):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{process}/task"):
+                with contextlib.suppress(OSError):
+                    total += _thread_seconds(process, task)
     return total
 
 
 # -- the run ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Figures:
+    """Per pair: per round, B / A req/s and A / B CPU per request."""
+
+    rates: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)
+    per_second: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    cpu_per_request: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+
+def measure_round(
+    pair: Pair, by_key: dict[tuple[str, str], Server], swap: bool, args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    """One A B B A round of ``pair``: req/s and CPU seconds per request of each side."""
+    first, second = (pair.b, pair.a) if swap else (pair.a, pair.b)
+    count = {first: 0, second: 0}
+    took = {first: 0.0, second: 0.0}
+    cpu = {first: 0.0, second: 0.0}
+    problems = []
+    for variant in (first, second, second, first):
+        server = by_key[pair.server, variant]
+        before = cpu_seconds(server.proc.pid)
+        done, seconds, errors = load(server.port, args.connections, args.seconds)
+        cpu[variant] += cpu_seconds(server.proc.pid) - before
+        count[variant] += done
+        took[variant] += seconds
+        problems += [f"{pair.label} {variant}: {error}" for error in errors[:3]]
+    rate = {v: count[v] / took[v] for v in count}
+    per_request = {v: cpu[v] / max(count[v], 1) for v in count}
+    return rate, per_request, problems
+
+
+def idle_cpu(nodes: Sequence[Server], seconds: float) -> dict[str, float]:
+    """CPU seconds per second of each node over the same ``seconds``, left alone."""
+    before = {node.variant: cpu_seconds(node.proc.pid) for node in nodes}
+    for node in nodes:
+        node.proc.check_running()
+    time.sleep(seconds)  # the measurement window: the idle nodes are left alone meanwhile
+    spent = {node.variant: cpu_seconds(node.proc.pid) - before[node.variant] for node in nodes}
+    return {variant: value / seconds for variant, value in spent.items()}
 
 
 def main() -> int:
@@ -234,6 +276,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0.5, help="per slice")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--idle-seconds", type=float, default=30.0, help="0: no idle figure")
+    parser.add_argument("--idle-workers", type=int, default=4)
     parser.add_argument(
         "--control",
         action="store_true",
@@ -244,101 +288,125 @@ def main() -> int:
     unknown = set(servers) - set(SERVERS)
     if unknown:
         parser.error(f"unknown servers: {sorted(unknown)}; known: {', '.join(SERVERS)}")
-
-    rates: dict[tuple[str, str], list[float]] = {}
-    ratios: dict[str, list[float]] = {server: [] for server in servers}
-    answered: dict[tuple[str, str], int] = {}
-    spent: dict[tuple[str, str], float] = {}  # server CPU seconds
-    running: list[Server] = []
+    pairs = pairs_for(servers)
+    figures = {pair.label: Figures() for pair in pairs}
+    idle: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        log_dir = Path(tmp)
+        running: list[Server] = []
+        idle_nodes: list[Server] = []
         try:
-            for server in servers:
-                for variant in VARIANTS:
-                    running.append(start(server, variant, Path(tmp), control=args.control))
+            keys = sorted({(p.server, v) for p in pairs for v in (p.a, p.b)})
+            running = [start(s, v, log_dir, control=args.control) for s, v in keys]
+            if args.idle_seconds > 0:
+                idle_nodes = [
+                    start(
+                        "gunicorn-gthread",
+                        variant,
+                        log_dir,
+                        control=args.control,
+                        workers=args.idle_workers,
+                    )
+                    for variant in ("plain", "graceful", "control")
+                ]
             for each in running:
-                poll(
-                    lambda: each.proc.poll() is not None or each.answers(),  # noqa: B023
-                    30.0,
-                    f"{each.name} {each.variant} to answer",
-                )
-                if each.proc.poll() is not None:
-                    tail = each.log_path.read_text(errors="replace")[-800:]
-                    raise RuntimeError(f"{each.name} {each.variant} exited:\n{tail}")
+                wait_ready(each)
                 load(each.port, args.connections, min(args.seconds, 1.0))  # warm-up
+            for node in idle_nodes:
+                wait_ready(node, args.idle_workers)
+                load(node.port, 2 * args.idle_workers, 0.2)  # every worker warm
             by_key = {(each.name, each.variant): each for each in running}
-            for round_number in range(args.rounds):
-                first, second = VARIANTS if round_number % 2 == 0 else VARIANTS[::-1]
-                got: dict[tuple[str, str], float] = {}
-                for server in servers:
-                    count = {variant: 0 for variant in VARIANTS}
-                    took = {variant: 0.0 for variant in VARIANTS}
-                    cpu = {variant: 0.0 for variant in VARIANTS}
-                    # A B B A: a neighbour's load that rises or falls during the round hits
-                    # both variants alike.
-                    for variant in (first, second, second, first):
-                        each = by_key[server, variant]
-                        cpu_before = cpu_seconds(each.proc.pid)
-                        done, seconds, errors = load(each.port, args.connections, args.seconds)
-                        cpu[variant] += cpu_seconds(each.proc.pid) - cpu_before
-                        count[variant] += done
-                        took[variant] += seconds
-                        if errors:
-                            print(f"round {round_number + 1} {server} {variant}: {errors[:3]}")
-                    for variant in VARIANTS:
-                        got[server, variant] = count[variant] / took[variant]
-                        rates.setdefault((server, variant), []).append(got[server, variant])
-                        answered[server, variant] = (
-                            answered.get((server, variant), 0) + count[variant]
-                        )
-                        spent[server, variant] = spent.get((server, variant), 0.0) + cpu[variant]
-                    ratios[server].append(got[server, "graceful"] / got[server, "plain"])
-                print(
-                    f"round {round_number + 1}: "
-                    + ", ".join(
-                        f"{server} {got[server, 'plain']:.0f} / {got[server, 'graceful']:.0f} req/s"
-                        for server in servers
-                    ),
-                    flush=True,
-                )
+            for number in range(args.rounds):
+                line = []
+                for pair in pairs:
+                    rate, per_request, problems = measure_round(pair, by_key, number % 2 == 1, args)
+                    for problem in problems:
+                        print(f"round {number + 1}: {problem}")
+                    got = figures[pair.label]
+                    got.rates.append(rate[pair.b] / rate[pair.a])
+                    cpu_b = per_request[pair.b]
+                    got.cpu.append(per_request[pair.a] / cpu_b if cpu_b else float("nan"))
+                    for variant in (pair.a, pair.b):
+                        got.per_second.setdefault(variant, []).append(rate[variant])
+                        got.cpu_per_request.setdefault(variant, []).append(per_request[variant])
+                    line.append(f"{pair.label} {rate[pair.a]:.0f} / {rate[pair.b]:.0f} req/s")
+                print(f"round {number + 1}: " + ", ".join(line), flush=True)
+            for each in running:  # quiet for the idle nodes
+                each.proc.stop()
+            if idle_nodes:
+                print(f"\nidle: {len(idle_nodes)} nodes left alone for {args.idle_seconds:g} s")
+                idle = idle_cpu(idle_nodes, args.idle_seconds)
         finally:
-            for each in running:
-                each.stop()
+            for each in [*running, *idle_nodes]:
+                each.proc.stop()
+    return report(args, pairs, figures, idle)
 
+
+def report(
+    args: argparse.Namespace,
+    pairs: Sequence[Pair],
+    figures: dict[str, Figures],
+    idle: dict[str, float],
+) -> int:
     print(
-        f"\n{args.rounds} rounds of 4 x {args.seconds:g} s (A B B A) per server, "
-        f"{args.connections} keep-alive "
-        "connections, GET /ping; medians (min-max)\n"
+        f"\n{args.rounds} rounds of 4 x {args.seconds:g} s (A B B A) per pair, "
+        f"{args.connections} keep-alive connections, GET /ping; medians over rounds (min-max)\n"
     )
     print(
-        "| server | plain req/s | graceful req/s | ratio graceful/plain | server CPU per request "
-        "plain / graceful | CPU ratio plain/graceful |"
+        "| pair (A vs B) | A req/s | B req/s | B/A req/s | server CPU per request A / B "
+        "| A/B CPU per request |"
     )
     print("|---|---|---|---|---|---|")
-    cpu_ratio: dict[str, float] = {}
-    for server in servers:
+    summary = {}
+    for pair in pairs:
+        got = figures[pair.label]
         cells = []
-        for variant in VARIANTS:
-            values = rates[server, variant]
+        for variant in (pair.a, pair.b):
+            values = got.per_second[variant]
             cells.append(f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})")
-        spread = f"{min(ratios[server]):.3f}-{max(ratios[server]):.3f}"
-        per = {v: spent[server, v] / max(answered[server, v], 1) * 1e6 for v in VARIANTS}
-        cpu_ratio[server] = per["plain"] / per["graceful"] if per["graceful"] else float("nan")
+        rate, cpu = statistics.median(got.rates), statistics.median(got.cpu)
+        summary[pair.label] = (rate, cpu)
+        us = {v: statistics.median(got.cpu_per_request[v]) * 1e6 for v in (pair.a, pair.b)}
         print(
-            f"| {server} | {cells[0]} | {cells[1]} | {statistics.median(ratios[server]):.3f}x "
-            f"({spread}) | {per['plain']:.0f} us / {per['graceful']:.0f} us "
-            f"| {cpu_ratio[server]:.3f}x |"
+            f"| {pair.label} ({pair.a} vs {pair.b}) | {cells[0]} | {cells[1]} | {rate:.3f}x "
+            f"({min(got.rates):.3f}-{max(got.rates):.3f}) | {us[pair.a]:.1f} us / "
+            f"{us[pair.b]:.1f} us | {cpu:.3f}x ({min(got.cpu):.3f}-{max(got.cpu):.3f}) |"
         )
-    print()
+    graceful_pairs = [pair for pair in pairs if pair.b == "graceful"]
+    met = all(min(summary[pair.label]) >= GOAL for pair in graceful_pairs)
+    parts = [
+        f"{pair.label} {summary[pair.label][0]:.3f}x; {summary[pair.label][1]:.3f}x"
+        for pair in graceful_pairs
+    ]
+    control = [pair for pair in pairs if pair.b == "control"]
+    if control:
+        rate, cpu = summary[control[0].label]
+        parts[-1] += f" (A/A control {rate:.3f}x; {cpu:.3f}x)"
+    idle_text = ""
+    if idle:
+        plain = idle["plain"]
+        print(
+            f"\nidle CPU over {args.idle_seconds:g} s, gunicorn gthread with {args.idle_workers} "
+            "workers, whole process tree: "
+            + ", ".join(f"{variant} {value * 1000:.2f} ms/s" for variant, value in idle.items())
+        )
+        ratio = idle["graceful"] / plain if plain else float("nan")
+        control_ratio = idle["control"] / plain if plain else float("nan")
+        met = met and ratio <= 1 + IDLE_GOAL
+        idle_text = (
+            f"; idle CPU of a {args.idle_workers}-worker gthread node "
+            f"{ratio:.3f}x plain's (A/A control {control_ratio:.3f}x)"
+        )
     if args.control:
-        print("(control run: both variants are the plain app)")
-    met = all(statistics.median(ratios[server]) >= GOAL for server in servers)
+        print("(control run: the graceful servers serve the plain app)")
     print(
-        "throughput with graceful vs plain (req/s; by server CPU per request): "
-        + ", ".join(
-            f"{server} {statistics.median(ratios[server]):.3f}x; {cpu_ratio[server]:.3f}x"
-            for server in servers
-        )
-        + f" (goal >= {GOAL}x: {'met' if met else 'not met'})"
+        "throughput with graceful vs plain (req/s; server CPU per request, medians of "
+        f"{args.rounds} rounds): "
+        + ", ".join(parts)
+        + idle_text
+        + f" (goal >= {GOAL}x req/s and CPU per request"
+        + (f", idle CPU within {IDLE_GOAL:.0%}" if idle else "")
+        + f": {'met' if met else 'not met'})"
     )
     return 0
 

@@ -6,10 +6,12 @@ control routes, and the lifecycle they share. See the README for a quick start p
 
 from __future__ import annotations
 
+from . import _servers as _servers  # plugs the server shims into the adapters
 from . import signals
 from ._adapters.asgi import ASGIMiddleware
 from ._adapters.wsgi import WSGIMiddleware
 from ._core.config import Config, ConfigError
+from ._core.errors import GracefulError
 from ._runtime.lifecycle import (
     Hold,
     Lifecycle,
@@ -27,6 +29,7 @@ __all__ = [
     "ASGIMiddleware",
     "Config",
     "ConfigError",
+    "GracefulError",
     "Hold",
     "Lifecycle",
     "LifecycleError",

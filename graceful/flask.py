@@ -43,17 +43,24 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding flask in a 
 
 from ._adapters.wsgi import WSGIMiddleware
 from ._core.config import ENV_PREFIX, Config, ConfigError, _parse_env, _validate
+from ._core.errors import GracefulError
 from ._runtime.lifecycle import Hold, Lifecycle, get_lifecycle
 
 __all__ = [
     "EXTENSION_KEY",
     "Graceful",
     "GracefulState",
+    "SetupError",
     "get_state",
     "hold",
     "is_draining",
     "settings_from",
 ]
+
+
+class SetupError(GracefulError, RuntimeError):
+    """The extension is used on an app it is not set up on, or set up twice."""
+
 
 #: The key of this extension's state in ``app.extensions``.
 EXTENSION_KEY = "graceful"
@@ -93,7 +100,7 @@ class Graceful:
     def init_app(self, app: Flask) -> GracefulState:
         """Read ``GRACEFUL_*`` from ``app.config``, wrap ``app.wsgi_app``, record the state."""
         if EXTENSION_KEY in app.extensions or isinstance(app.wsgi_app, WSGIMiddleware):
-            raise RuntimeError(
+            raise SetupError(
                 f"graceful is already set up on the Flask app {app.name!r}; "
                 "call init_app once per app (and do not also wrap app.wsgi_app yourself)"
             )
@@ -126,7 +133,7 @@ class Graceful:
             if isinstance(state, GracefulState):
                 return state.lifecycle
         if self._last is None:
-            raise RuntimeError("Graceful is not set up on any app yet: call init_app(app) first")
+            raise SetupError("Graceful is not set up on any app yet: call init_app(app) first")
         return self._last
 
     def is_draining(self) -> bool:
@@ -190,7 +197,7 @@ def get_state(app: Flask | None = None) -> GracefulState:
     target = current_app if app is None else app
     state = target.extensions.get(EXTENSION_KEY)
     if not isinstance(state, GracefulState):
-        raise RuntimeError(
+        raise SetupError(
             "graceful is not set up on this Flask app: call Graceful(app) or ext.init_app(app)"
         )
     return state

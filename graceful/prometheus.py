@@ -39,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised by the import-hint te
         "pip install 'graceful-drain[prometheus]' (or pip install prometheus_client)"
     ) from exc
 
+from ._core.protocol import Status
 from ._runtime.lifecycle import Lifecycle, Phase, get_lifecycle
 from ._servers.node_shm import SlotView
 
@@ -57,34 +58,32 @@ class GracefulCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         lifecycle = self.lifecycle
-        snapshot = lifecycle.snapshot()
+        status = Status.from_json(lifecycle.snapshot())
         phase = GaugeMetricFamily(
             "graceful_phase",
             "The node's lifecycle phase (1 for the current one).",
             labels=["phase"],
         )
         for candidate in Phase:
-            phase.add_metric(
-                [candidate.value], 1.0 if candidate.value == snapshot["phase"] else 0.0
-            )
+            phase.add_metric([candidate.value], 1.0 if candidate.value == status.phase else 0.0)
         yield phase
         yield GaugeMetricFamily(
             "graceful_inflight",
             "Requests and held work in flight on the node (every worker).",
-            value=snapshot["inflight"],
+            value=status.inflight,
         )
         by_worker = GaugeMetricFamily(
             "graceful_inflight_by_worker",
             "Requests and held work in flight, per worker process.",
             labels=["pid"],
         )
-        for pid, count in sorted(snapshot["inflight_by_worker"].items()):
+        for pid, count in sorted(status.inflight_by_worker.items()):
             by_worker.add_metric([pid], count)
         yield by_worker
         yield GaugeMetricFamily(
             "graceful_websockets",
             "Open websockets in this process.",
-            value=snapshot["websockets"],
+            value=status.websockets,
         )
         yield CounterMetricFamily("graceful_drains", "Drains started.", value=lifecycle.drains)
         served = lifecycle.served_while_draining

@@ -29,26 +29,19 @@ nothing unless a test asks for one:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import inspect
 import io
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import pytest
-import requests
 
 from ._core.config import Config
 from ._runtime.lifecycle import Lifecycle, Phase, get_lifecycle, set_lifecycle
+from .testing import Call, DrainResult, FakeClock, Load, drain_under_load, free_port
 
 __all__ = [
     "FakeClock",
@@ -57,21 +50,6 @@ __all__ = [
     "drain_during_request",
     "live_drain",
 ]
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to: ``clock.advance(2.5)``."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("a monotonic clock does not go back")
-        self.now += seconds
 
 
 # -- in process: a drain that starts while a request is in flight --------------------------
@@ -157,9 +135,8 @@ def drain_during_request(
     asgi = _is_asgi(app) if interface == "auto" else interface == "asgi"
     call = _call_asgi if asgi else _call_wsgi
     try:
-        status, response_headers, response_body = call(
-            app, method, path, query, body, pairs, on_in_flight
-        )
+        request = _Request(method, path, query, body, pairs)
+        status, response_headers, response_body = call(app, request, on_in_flight)
         if "in_flight" not in found:
             raise AssertionError(f"{method} {path}: the app never started a response")
         after = lifecycle.tick(max(lifecycle.clock(), found["past"] + 0.001))
@@ -179,15 +156,17 @@ def drain_during_request(
 _Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
-def _call_wsgi(
-    app: Any,
-    method: str,
-    path: str,
-    query: str,
-    body: bytes,
-    headers: list[tuple[str, str]],
-    on_in_flight: Callable[[], None],
-) -> _Answer:
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str
+    query: str
+    body: bytes
+    headers: list[tuple[str, str]]
+
+
+def _call_wsgi(app: Any, request: _Request, on_in_flight: Callable[[], None]) -> _Answer:
+    method, path, query, body, headers = dataclasses.astuple(request)
     environ: dict[str, Any] = {
         "REQUEST_METHOD": method,
         "SCRIPT_NAME": "",
@@ -234,15 +213,8 @@ def _call_wsgi(
     return answer["status"], answer["headers"], b"".join(chunks)
 
 
-def _call_asgi(
-    app: Any,
-    method: str,
-    path: str,
-    query: str,
-    body: bytes,
-    headers: list[tuple[str, str]],
-    on_in_flight: Callable[[], None],
-) -> _Answer:
+def _call_asgi(app: Any, request: _Request, on_in_flight: Callable[[], None]) -> _Answer:
+    method, path, query, body, headers = dataclasses.astuple(request)
     answer: dict[str, Any] = {"status": 0, "headers": []}
     chunks: list[bytes] = []
 
@@ -315,6 +287,21 @@ class LiveDrainReport:
     """Seconds from SIGTERM to the server's exit."""
     output: str
     """The server's stdout and stderr."""
+    ledger: DrainResult | None = None
+    """Every request of the run (:class:`graceful.testing.DrainResult`)."""
+
+    @classmethod
+    def of(cls, result: DrainResult) -> LiveDrainReport:
+        return cls(
+            sent=result.sent,
+            failures=result.failures,
+            sent_after_signal=result.sent_after_signal,
+            readyz_failed_after=result.ready_failed_after,
+            exit_code=result.exit_code,
+            exited_after=result.exit_after_signal,
+            output=result.output,
+            ledger=result,
+        )
 
     @property
     def lost(self) -> int:
@@ -332,13 +319,6 @@ class LiveDrainReport:
         return "\n".join(lines)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _server_argv(app: str, server: str, port: int, workers: int, args: Sequence[str]) -> list[str]:
     if server == "gunicorn":
         return [
@@ -352,34 +332,6 @@ def _server_argv(app: str, server: str, port: int, workers: int, args: Sequence[
             *("--port", str(port), *many, *args),
         ]
     raise ValueError(f"server must be 'gunicorn' or 'uvicorn', not {server!r}")
-
-
-class _Server:
-    """A server process in its own process group, its output in a temporary file."""
-
-    def __init__(self, argv: list[str], env: Mapping[str, str], cwd: str | None) -> None:
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(  # noqa: S603 - our own argv
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-            cwd=cwd,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")
-
-    def stop(self) -> None:
-        """Kill the whole process group (workers too) and reap it."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(5)
-        self.log.close()
 
 
 def live_drain(
@@ -397,19 +349,18 @@ def live_drain(
     drain_timeout: float = 10.0,
     startup_timeout: float = 30.0,
     max_seconds: float = 60.0,
-    _started: list[_Server] | None = None,
 ) -> LiveDrainReport:
     """Start ``app`` (an import string, ``"module:attribute"``) under ``server`` on 127.0.0.1,
     send ``GET path`` from ``callers`` keep-alive clients, SIGTERM the server after
-    ``load_seconds``, and report.
+    ``load_seconds``, and report; the server's process group is ended on return.
 
     The callers act like a load balancer's: they stop sending at the first failed ``/readyz``
     probe (every 100 ms) and never retry; a request that got no answer or a 5xx is lost. The
     server gets ``GRACEFUL_DELAY`` and ``GRACEFUL_DRAIN_TIMEOUT`` from ``delay`` and
     ``drain_timeout``; ``args`` are added to its command line (e.g. ``("-k", "gthread")``).
+    This is :func:`graceful.testing.drain_under_load` with a server's command line.
     """
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
     settings = {
         **os.environ,
         "GRACEFUL_DELAY": str(delay),
@@ -419,100 +370,14 @@ def live_drain(
         "no_proxy": "127.0.0.1",
         **(env or {}),
     }
-    proc = _Server(_server_argv(app, server, port, workers, args), settings, cwd)
-    if _started is not None:
-        _started.append(proc)
-    try:
-        _wait_ready(proc, url, startup_timeout)
-        return _SigtermUnderLoad(proc, url, path).run(callers, load_seconds, max_seconds)
-    finally:
-        if _started is None:
-            proc.stop()
-
-
-def _wait_ready(proc: _Server, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise AssertionError(
-                f"the server exited with {proc.popen.returncode}:\n{proc.output()}"
-            )
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.05)  # the poll interval, bounded by the deadline
-    raise AssertionError(f"/readyz not 200 within {timeout:g}s:\n{proc.output()}")
-
-
-class _SigtermUnderLoad:
-    def __init__(self, proc: _Server, url: str, path: str) -> None:
-        self.proc, self.url, self.path = proc, url, path
-        self.lock = threading.Lock()
-        self.sent = self.sent_after = 0
-        self.failures: list[str] = []
-        self.signal_at: float | None = None
-        self.readyz_failed_at: float | None = None
-        self.stop_sending = threading.Event()
-        self.done = threading.Event()
-
-    def run(self, callers: int, load_seconds: float, max_seconds: float) -> LiveDrainReport:
-        deadline = time.monotonic() + max_seconds
-        threads = [threading.Thread(target=self.caller, daemon=True) for _ in range(callers)]
-        prober = threading.Thread(target=self.probe, daemon=True)
-        for thread in [*threads, prober]:
-            thread.start()
-        self.stop_sending.wait(load_seconds)  # the load before the signal IS the scenario
-        self.signal_at = time.monotonic()
-        self.proc.popen.send_signal(signal.SIGTERM)
-        exit_code: int | None = None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            exit_code = self.proc.popen.wait(max(0.1, deadline - time.monotonic()))
-        exited_at = time.monotonic()
-        self.stop_sending.set()
-        self.done.set()
-        for thread in [*threads, prober]:
-            thread.join(15)
-        return LiveDrainReport(
-            sent=self.sent,
-            failures=list(self.failures),
-            sent_after_signal=self.sent_after,
-            readyz_failed_after=(
-                None if self.readyz_failed_at is None else self.readyz_failed_at - self.signal_at
-            ),
-            exit_code=exit_code,
-            exited_after=None if exit_code is None else exited_at - self.signal_at,
-            output=self.proc.output(),
-        )
-
-    def caller(self) -> None:
-        with requests.Session() as session:
-            while not self.stop_sending.is_set():
-                with self.lock:
-                    self.sent += 1
-                    self.sent_after += self.signal_at is not None
-                try:
-                    response = session.get(self.url + self.path, timeout=(5, 15))
-                except requests.RequestException as exc:
-                    self.fail(f"{type(exc).__name__}: {exc}")
-                    continue
-                if response.status_code >= 500:
-                    self.fail(f"status {response.status_code}")
-
-    def fail(self, why: str) -> None:
-        with self.lock:
-            self.failures.append(f"GET {self.path}: {why}"[:300])
-
-    def probe(self) -> None:
-        while not self.done.is_set():
-            try:
-                ready = requests.get(self.url + "/readyz", timeout=2).status_code == 200
-            except requests.RequestException:
-                ready = False
-            if not ready and self.signal_at is not None:
-                self.readyz_failed_at = time.monotonic()
-                self.stop_sending.set()
-                return
-            self.done.wait(0.1)  # the probe interval IS the behaviour (a health check period)
+    load = Load(
+        call=Call(path=path), callers=callers, seconds=load_seconds, max_seconds=max_seconds
+    )
+    argv = _server_argv(app, server, port, workers, args)
+    result = drain_under_load(
+        argv, port, load, env=settings, cwd=cwd, startup_timeout=startup_timeout
+    )
+    return LiveDrainReport.of(result)
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -546,15 +411,7 @@ def graceful_drain_during_request() -> Callable[..., RequestDrain]:
 
 
 @pytest.fixture
-def graceful_live_server() -> Iterator[Callable[..., LiveDrainReport]]:
-    """:func:`live_drain`; every server it started is killed at teardown."""
-    started: list[_Server] = []
-
-    def run(app: str, **options: Any) -> LiveDrainReport:
-        return live_drain(app, _started=started, **options)
-
-    try:
-        yield run
-    finally:
-        for proc in started:
-            proc.stop()
+def graceful_live_server() -> Callable[..., LiveDrainReport]:
+    """:func:`live_drain`: each server it starts is ended (its whole process group) before it
+    returns, also when the run failed."""
+    return live_drain

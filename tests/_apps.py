@@ -9,6 +9,7 @@ that checks the order of the messages.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import threading
@@ -17,10 +18,11 @@ import wsgiref.util
 import wsgiref.validate
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import graceful
-from graceful.pytest_plugin import FakeClock as FakeClock  # re-exported: the plugin's clock
+from graceful.testing import FakeClock as FakeClock  # re-exported for the tests
+from graceful.testing import poll_until, poll_until_async
 
 Environ: TypeAlias = dict[str, Any]
 StartResponse: TypeAlias = Callable[..., Callable[[bytes], object]]
@@ -43,22 +45,14 @@ AUTH = (("Authorization", f"Bearer {TOKEN}"),)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(0.001)  # the poll interval, bounded by the deadline above (ok)
+    """Poll ``predicate`` every millisecond until it holds; fail after ``timeout`` seconds."""
+    poll_until(predicate, timeout, interval=0.001, message=what or repr(predicate))
 
 
 async def wait_until_async(
     predicate: Callable[[], bool], timeout: float = 10.0, what: str = ""
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.001)  # the poll interval, bounded by the deadline above (ok)
+    await poll_until_async(predicate, timeout, interval=0.001, message=what or repr(predicate))
 
 
 def new_lifecycle(
@@ -70,8 +64,10 @@ def new_lifecycle(
 
 
 def phase_of(lifecycle: graceful.Lifecycle) -> graceful.Phase:
-    """``lifecycle.phase``, read through a call so the type checker does not narrow it."""
-    return lifecycle.phase
+    """The phase after a tick at the clock's time (reads never transition: a drain that is due
+    completes when something looks, as a waiter does), through a call so the type checker
+    does not narrow it."""
+    return lifecycle.tick()
 
 
 # -- replies -------------------------------------------------------------------------------
@@ -341,55 +337,26 @@ class RecordingASGIApp:
 # -- one client over both adapters ---------------------------------------------------------
 
 
-class Client(Protocol):
-    kind: Kind
-    lifecycle: graceful.Lifecycle
-    calls: list[tuple[str, int]]
+class Client:
+    """A recording app behind graceful's WSGI or ASGI middleware, called in process. An ASGI
+    request runs in its own ``asyncio.run`` (so it also works from any thread)."""
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        query: str = "",
-        headers: Sequence[tuple[str, str]] = (),
-        http_version: str = "1.1",
-    ) -> Reply: ...
-
-
-class WSGIClient:
-    kind: Kind = "wsgi"
-
-    def __init__(self, lifecycle: graceful.Lifecycle, *, auto_ready: bool = True) -> None:
+    def __init__(
+        self, kind: Kind, lifecycle: graceful.Lifecycle, *, auto_ready: bool = True
+    ) -> None:
+        self.kind = kind
         self.lifecycle = lifecycle
-        self.app = RecordingWSGIApp(lifecycle)
-        self.calls = self.app.calls
-        self.middleware = graceful.WSGIMiddleware(
-            self.app, lifecycle=lifecycle, auto_ready=auto_ready
-        )
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        query: str = "",
-        headers: Sequence[tuple[str, str]] = (),
-        http_version: str = "1.1",
-    ) -> Reply:
-        return wsgi_call(self.middleware, method, path, query, headers, http_version)
-
-
-class ASGIClient:
-    """Each request runs in its own ``asyncio.run`` (so it also works from any thread)."""
-
-    kind: Kind = "asgi"
-
-    def __init__(self, lifecycle: graceful.Lifecycle, *, auto_ready: bool = True) -> None:
-        self.lifecycle = lifecycle
-        self.app = RecordingASGIApp(lifecycle)
-        self.calls = self.app.calls
-        self.middleware = graceful.ASGIMiddleware(
-            self.app, lifecycle=lifecycle, auto_ready=auto_ready
-        )
+        self._call: Callable[..., Reply]
+        if kind == "wsgi":
+            wsgi_app = RecordingWSGIApp(lifecycle)
+            wsgi = graceful.WSGIMiddleware(wsgi_app, lifecycle=lifecycle, auto_ready=auto_ready)
+            self.calls = wsgi_app.calls
+            self._call = functools.partial(wsgi_call, wsgi)
+            return
+        asgi_app = RecordingASGIApp(lifecycle)
+        asgi = graceful.ASGIMiddleware(asgi_app, lifecycle=lifecycle, auto_ready=auto_ready)
+        self.calls = asgi_app.calls
+        self._call = lambda *request: asyncio.run(asgi_call(asgi, *request))
         if auto_ready and lifecycle.phase is graceful.Phase.STARTING:
             lifecycle.mark_ready()  # what the lifespan start-up (or a first request) does
 
@@ -401,13 +368,11 @@ class ASGIClient:
         headers: Sequence[tuple[str, str]] = (),
         http_version: str = "1.1",
     ) -> Reply:
-        return asyncio.run(asgi_call(self.middleware, method, path, query, headers, http_version))
+        return self._call(method, path, query, headers, http_version)
 
 
 def make_client(kind: Kind, lifecycle: graceful.Lifecycle, *, auto_ready: bool = True) -> Client:
-    if kind == "wsgi":
-        return WSGIClient(lifecycle, auto_ready=auto_ready)
-    return ASGIClient(lifecycle, auto_ready=auto_ready)
+    return Client(kind, lifecycle, auto_ready=auto_ready)
 
 
 # -- server-sent events --------------------------------------------------------------------

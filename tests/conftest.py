@@ -1,6 +1,7 @@
 """Shared fixtures: a free port, a poll-until helper, and child processes that never outlive a test.
 
-Tests that need the types import them only for the type checker::
+The helpers are :mod:`graceful.testing`'s, under the names the tests have always used. Tests
+that need the types import them only for the type checker::
 
     if TYPE_CHECKING:
         from conftest import Spawn, WaitUntil
@@ -9,88 +10,69 @@ Tests that need the types import them only for the type checker::
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 import pytest
 
+from graceful.testing import Process, Processes, child_env
+from graceful.testing import free_port as unused_port
+from graceful.testing import poll_until as wait_until
+
+__all__ = [
+    "Proc",
+    "Spawn",
+    "WaitUntil",
+    "child_env",
+    "closed_at_end",
+    "unused_port",
+    "wait_until",
+]
+
 T = TypeVar("T")
-
-#: Variables of the test run's own environment that must not leak into a child's settings.
-_SCRUBBED_PREFIXES = ("GRACEFUL_",)
-_SCRUBBED = frozenset({"KUBERNETES_SERVICE_HOST"})
+P = ParamSpec("P")
 
 
-def unused_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
-def wait_until(
-    predicate: Callable[[], T | None],
-    *,
-    timeout: float = 15.0,
-    interval: float = 0.02,
-    message: str | Callable[[], str] = "the condition",
-) -> T:
-    """Call ``predicate`` until it returns something truthy (returned) or ``timeout`` passes.
+C = TypeVar("C", bound=Closable)
 
-    Exceptions from the predicate count as "not yet" (a server that is not listening yet); the
-    last one is named in the failure. ``message`` may be a callable, e.g. one that reads a log.
-    """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-        except Exception as exc:
-            last_error = exc
-        else:
-            if value:
-                return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            detail = f" (last error: {last_error!r})" if last_error is not None else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {text}{detail}")
-        time.sleep(interval)  # the poll interval, bounded by the deadline above
+
+@contextlib.contextmanager
+def closed_at_end(make: Callable[P, C]) -> Iterator[Callable[P, C]]:
+    """``make``, wrapped so that whatever it made is closed when the block ends (for fixtures
+    that hand a test a factory: ``with closed_at_end(Server) as make: yield make``)."""
+    made: list[C] = []
+
+    def tracked(*args: P.args, **kwargs: P.kwargs) -> C:
+        made.append(make(*args, **kwargs))
+        return made[-1]
+
+    try:
+        yield tracked
+    finally:
+        for thing in made:
+            thing.close()
 
 
 class WaitUntil(Protocol):
     def __call__(
         self,
         predicate: Callable[[], T | None],
-        *,
         timeout: float = ...,
+        *,
         interval: float = ...,
         message: str | Callable[[], str] = ...,
     ) -> T: ...
 
 
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This environment without GRACEFUL_* settings, unbuffered, plus ``extra``."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in _SCRUBBED and not key.startswith(_SCRUBBED_PREFIXES)
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env.update(extra or {})
-    return env
-
-
-class Proc:
-    """A child process in its own process group, its stdout and stderr going to one file."""
+class Proc(Process):
+    """A :class:`~graceful.testing.Process` logging to ``log_path`` whose environment is
+    :func:`child_env` plus ``env``."""
 
     def __init__(
         self,
@@ -99,56 +81,8 @@ class Proc:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
-        self.argv = list(argv)
-        self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
-        self.popen = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=child_env(env),
-            cwd=cwd,
-            start_new_session=True,  # its own process group: teardown kills the children too
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def send_signal(self, signum: int) -> None:
-        self.popen.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        """The exit code; fails the test (with the log) when the process is still running."""
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"{self.argv[:4]} still running after {timeout:g}s; output:\n{self.output()}"
-            ) from None
-
-    def stop(self, grace: float = 3.0) -> None:
-        """SIGTERM the process group, SIGKILL whatever is left after ``grace`` seconds."""
-        try:
-            if self.alive():
-                self._signal_group(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.popen.wait(grace)
-            self._signal_group(signal.SIGKILL)  # children that outlived their parent, too
-            self.popen.wait(grace)
-        finally:
-            self._log.close()
-
-    def _signal_group(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signum)
+        super().__init__(argv, log_path, env=child_env(env), cwd=cwd)
+        self.log_path: Path = log_path
 
 
 class Spawn(Protocol):
@@ -178,7 +112,7 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
 
     The output of every process is printed at teardown: pytest shows it when the test failed.
     """
-    procs: list[Proc] = []
+    procs = Processes(tmp_path)
 
     def start(
         argv: Sequence[str],
@@ -187,8 +121,8 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
         cwd: Path | None = None,
         name: str = "proc",
     ) -> Proc:
-        proc = Proc(argv, tmp_path / f"{name}-{len(procs)}.log", env=env, cwd=cwd)
-        procs.append(proc)
+        proc = Proc(argv, procs.log_for(name), env=env, cwd=cwd)
+        procs.adopt(proc)
         return proc
 
     try:

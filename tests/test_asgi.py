@@ -399,3 +399,123 @@ def test_works_as_starlette_add_middleware() -> None:
 
     asyncio.run(main())
     assert seen == [1, 1]
+
+
+# -- the goodbye to open HTTP streams, through ASGI alone (any server) ------------------------
+
+
+class Streams:
+    """``/events``: a chunk, then ``receive()`` until ``http.disconnect``, then one late send
+    (recorded: dropped, or its error); ``/sized``: a response with a Content-Length, sent in
+    two parts, the second when ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.streaming = 0
+        self.saw_disconnect = False
+        self.late_error: BaseException | None = None
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/sized":
+            headers = [(b"content-length", b"4")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            self.streaming += 1
+            await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+            await self.release.wait()
+            await send({"type": "http.response.body", "body": b"cd"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        self.streaming += 1
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.saw_disconnect = True
+        try:
+            await send({"type": "http.response.body", "body": b"late", "more_body": True})
+        except OSError as exc:
+            self.late_error = exc
+
+
+async def _stream_through_a_drain(spec_version: str) -> tuple[Streams, SendRecorder, SendRecorder]:
+    lc = new_lifecycle(delay=0.05, drain_timeout=10)
+    lc.mark_ready()
+    app = Streams()
+    middleware = _middleware(app, lc)
+    events, sized = SendRecorder(), SendRecorder()
+
+    def scope(path: str) -> Scope:
+        found = http_scope(path=path)
+        found["asgi"] = {"version": "3.0", "spec_version": spec_version}
+        return found
+
+    running = [
+        asyncio.ensure_future(middleware(scope("/events"), FakeReceive(), events)),
+        asyncio.ensure_future(middleware(scope("/sized"), FakeReceive(), sized)),
+    ]
+    await wait_until_async(lambda: app.streaming == 2, what="both responses under way")
+    lc.drain("test")
+    await asyncio.wait_for(running[0], 10)  # the stream's app returns once disconnected
+    assert not running[1].done()  # a response with a Content-Length is left to finish
+    app.release.set()
+    await asyncio.wait_for(running[1], 10)
+    return app, events, sized
+
+
+def test_the_goodbye_finishes_an_open_stream_and_disconnects_the_apps_receive() -> None:
+    app, events, sized = asyncio.run(_stream_through_a_drain("2.3"))
+    assert events.finished  # the last chunk went out: the client sees a complete body
+    assert events.reply().body == b"data: 1\n\n"
+    assert app.saw_disconnect
+    assert app.late_error is None  # a send after the end is dropped, as after a disconnect
+    assert sized.finished and sized.reply().body == b"abcd"
+
+
+def test_on_an_asgi_2_4_server_a_send_after_the_goodbye_raises_oserror() -> None:
+    app, events, _ = asyncio.run(_stream_through_a_drain("2.4"))
+    assert events.finished and app.saw_disconnect
+    assert isinstance(app.late_error, OSError)
+
+
+def test_a_resume_before_the_end_of_the_delay_leaves_streams_open() -> None:
+    async def scenario() -> None:
+        lc = new_lifecycle(delay=30.0)
+        lc.mark_ready()
+        app = Streams()
+        events = SendRecorder()
+        middleware = _middleware(app, lc)
+        running = asyncio.ensure_future(middleware(http_scope(), FakeReceive(), events))
+        await wait_until_async(lambda: app.streaming == 1, what="the stream under way")
+        lc.drain("test")
+        goodbye = middleware._goodbye
+        await wait_until_async(lambda: goodbye._task is not None, what="the goodbye armed")
+        lc.resume("changed my mind")
+        task = goodbye._task
+        assert task is not None
+        await asyncio.wait_for(task, 10)  # the goodbye gave up: resumed before the delay
+        assert not goodbye.said
+        assert not events.finished and not app.saw_disconnect
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_opened_after_the_goodbye_ends_after_its_first_chunk() -> None:
+    async def scenario() -> tuple[Streams, SendRecorder]:
+        lc = new_lifecycle(delay=0.01, drain_timeout=10)
+        lc.mark_ready()
+        app = Streams()
+        middleware = _middleware(app, lc)
+        await asgi_call(middleware, path="/-/graceful/status")  # on the loop: the goodbye follows
+        lc.drain("test")
+        goodbye = middleware._goodbye
+        await wait_until_async(lambda: goodbye.said, what="the goodbye said")
+        events = SendRecorder()
+        await asyncio.wait_for(middleware(http_scope(), FakeReceive(), events), 10)
+        return app, events
+
+    app, events = asyncio.run(scenario())
+    assert events.finished and events.reply().body == b"data: 1\n\n"
+    assert app.saw_disconnect and app.late_error is None
+    assert events.reply().header("graceful-state") == "draining"

@@ -29,7 +29,7 @@ SMOKE: dict[str, tuple[tuple[str, ...], str, float]] = {
         60,
     ),
     "throughput": (
-        ("--rounds", "1", "--seconds", "0.1", "--connections", "1"),
+        ("--rounds", "1", "--seconds", "0.1", "--connections", "1", "--idle-seconds", "1"),
         "throughput with graceful vs plain ",
         60,
     ),

@@ -8,6 +8,7 @@ prove that the exit codes reach the shell.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import signal
 import socket
@@ -24,10 +25,11 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import pytest
 import requests
+from _cli_run import Run, one_line, raw_server, run_cli
 
 from graceful import Config, Lifecycle, Phase, WSGIMiddleware
 from graceful._core.surface import MAX_WAIT
-from graceful.cli import EXIT_CODES, main
+from graceful.cli import EXIT_CODES
 
 TOKEN = "cli-Secret-93b1-0042"
 WRONG = "cli-Wrong-5d2e"
@@ -103,33 +105,10 @@ def _no_token_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GRACEFUL_TOKEN", raising=False)
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., Run]:
     """Run ``graceful ARGS`` in-process; argparse errors become exit code 2 as in a shell."""
-
-    def run_cli(*args: str) -> Run:
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return Run(code, captured.out, captured.err)
-
-    return run_cli
-
-
-def one_line(text: str) -> str:
-    lines = text.splitlines()
-    assert len(lines) == 1, text
-    return lines[0]
+    return functools.partial(run_cli, capsys)
 
 
 def hold_request(node: Node) -> threading.Thread:
@@ -377,9 +356,6 @@ def test_wait_exits_6_when_its_timeout_expires(node: Node, run: Callable[..., Ru
 def stalling_url() -> Iterator[str]:
     """A node on 127.0.0.1 that answers /readyz 503 at once for its first 1.5 s, then accepts
     connections and never answers them."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
     started = time.monotonic()
     held: list[socket.socket] = []
     body = b'{"output":"starting","status":"fail"}'
@@ -388,30 +364,20 @@ def stalling_url() -> Iterator[str]:
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
     )
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:  # closed at teardown
-                return
-            if time.monotonic() - started >= 1.5:
-                held.append(conn)  # never answered
-                continue
-            with conn:
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    conn.recv(65536)
-                    conn.sendall(answer)
+    def handle(conn: socket.socket) -> None:
+        if time.monotonic() - started >= 1.5:
+            held.append(conn)  # never answered
+            return
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(answer)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with raw_server(handle) as port:
+            yield f"http://127.0.0.1:{port}"
     finally:
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        listener.close()
-        thread.join(5)
         for conn in held:
             conn.close()
 
@@ -598,3 +564,57 @@ def test_console_script_is_installed_and_documents_exit_codes() -> None:
 
     assert result.returncode == 0
     assert "exit codes:" in result.stdout
+
+
+# -- a server's install: no requests ---------------------------------------------------------
+
+#: Runs with requests (and urllib3) made unimportable, as on ``pip install graceful-drain``.
+WITHOUT_REQUESTS = """
+import sys
+sys.modules["requests"] = None
+sys.modules["urllib3"] = None
+import graceful, graceful.asgi, graceful.wsgi, graceful.gunicorn, graceful.cli, graceful.rollout
+import graceful.nginx, graceful.haproxy
+try:
+    import graceful.client
+except ImportError as exc:
+    print("client:", exc, file=sys.stderr)
+else:
+    raise SystemExit("graceful.client imported without requests")
+sys.exit(graceful.cli.main(sys.argv[1:]))
+"""
+
+
+def without_requests(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_REQUESTS, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": "/usr/bin:/bin", "GRACEFUL_TOKEN": TOKEN},
+    )
+
+
+def test_the_server_modules_and_the_command_need_no_requests(node: Node) -> None:
+    helped = without_requests("--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "exit codes:" in helped.stdout
+    hint = "client: graceful.client needs requests; install it with: "
+    assert f"{hint}pip install 'graceful-drain[client]'" in helped.stderr
+
+    status = without_requests("status", node.url)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout == f"{node.url} phase=serving inflight=0 reason='ready'\n"
+    drained = without_requests("drain", node.url, "--wait", "--timeout", "10")
+    assert drained.returncode == 0, drained.stderr
+    assert "phase=drained" in drained.stdout
+    assert without_requests("resume", node.url).returncode == 0
+    assert without_requests("wait", node.url, "--for", "ready").returncode == 0
+
+
+def test_the_demo_without_requests_says_which_extra_to_install() -> None:
+    result = without_requests("demo", "--server", "uvicorn", "--via", "pool")
+    assert result.returncode == 2
+    assert "pip install 'graceful-drain[client,uvicorn]'" in result.stderr
+    assert "Traceback" not in result.stderr

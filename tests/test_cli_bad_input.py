@@ -12,27 +12,20 @@ from __future__ import annotations
 import contextlib
 import socket
 import sys
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import Proc, unused_port, wait_until
+from _cli_run import Run, one_line, raw_server, run_cli
+from conftest import Proc, unused_port
 
-from graceful.cli import EXIT_CODES, main
+from graceful.cli import EXIT_CODES
+from graceful.testing import wait_answering
 
 APPS = Path(__file__).parent / "e2e" / "apps"
 TOKEN = "badinput-Token-4f7a"
 USAGE, UNREACHABLE, UNAUTHORIZED, ROLLOUT_STOPPED = 2, 3, 4, 10
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture
@@ -40,23 +33,12 @@ def run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> 
     """``graceful ARGS`` in-process; argparse's refusals become exit code 2 as in a shell."""
     monkeypatch.delenv("GRACEFUL_TOKEN", raising=False)
 
-    def run_cli(*args: str) -> Run:
-        capsys.readouterr()
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        assert "Traceback" not in captured.err, captured.err
-        return Run(code, captured.out, captured.err)
+    def run(*args: str) -> Run:
+        result = run_cli(capsys, *args)
+        assert "Traceback" not in result.err, result.err
+        return result
 
-    return run_cli
-
-
-def one_line(text: str) -> str:
-    lines = text.splitlines()
-    assert len(lines) == 1, text
-    return lines[0]
+    return run
 
 
 def error_line(text: str) -> str:
@@ -78,11 +60,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(
-            lambda: requests.get(url + "/readyz", timeout=2).status_code == 200,
-            timeout=20,
-            message=lambda: f"{url} ready; output:\n{proc.output()}",
-        )
+        wait_answering(port, timeout=20, process=proc)
         yield url
     finally:
         proc.stop()
@@ -167,33 +145,16 @@ def test_a_malformed_option_exits_2_with_one_error_line_naming_it(
 @pytest.fixture
 def garbage_port() -> Iterator[int]:
     """127.0.0.1:PORT answers every connection with a line that is not HTTP, then closes."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:  # closed at teardown
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    conn.recv(65536)
-                    conn.sendall(b"SSH-2.0-not-http\r\n")
-                except OSError:
-                    pass
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-not-http\r\n")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        with contextlib.suppress(OSError):
-            listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone won't)
-        listener.close()
-        thread.join(5)
+    with raw_server(handle) as port:
+        yield port
 
 
 @pytest.mark.parametrize("verb", ["status", "drain", "resume"])

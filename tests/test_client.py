@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import requests
 from _raw_node import Exchange, Handler, RawNode, answer, hold
-from conftest import Proc, Spawn, unused_port, wait_until
+from conftest import Proc, Spawn, closed_at_end, unused_port, wait_until
 
 from graceful import signals
 from graceful.client import NodeState, NodeStatus, NoNodeAvailable, Pool
@@ -153,6 +153,7 @@ class Fake:
     def __init__(self, behaviour: str) -> None:
         self.behaviour = behaviour
         self.received: list[tuple[str, str, bytes]] = []
+        self.headers: list[dict[str, str]] = []  # each request's headers, lower-case names
         self.release = threading.Event()
         self.holding = threading.Event()
         fake = self
@@ -164,7 +165,13 @@ class Fake:
             def do_GET(self) -> None:
                 fake.handle(self)
 
-            do_POST = do_PUT = do_PATCH = do_GET
+            do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+            def do_HEAD(self) -> None:
+                fake.received.append(("HEAD", self.path, b""))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -177,6 +184,7 @@ class Fake:
     def handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         self.received.append((handler.command, handler.path, body))
+        self.headers.append({k.lower(): v for k, v in handler.headers.items()})
         if self.behaviour == "close":
             handler.close_connection = True  # no answer at all: the socket just closes
             return
@@ -220,17 +228,8 @@ class Fake:
 
 @pytest.fixture
 def fake() -> Iterator[Callable[[str], Fake]]:
-    fakes: list[Fake] = []
-
-    def make(behaviour: str) -> Fake:
-        fakes.append(Fake(behaviour))
-        return fakes[-1]
-
-    try:
+    with closed_at_end(Fake) as make:
         yield make
-    finally:
-        for one in fakes:
-            one.close()
 
 
 # -- pools -----------------------------------------------------------------------------------
@@ -240,19 +239,13 @@ MakePool = Callable[..., Pool]
 
 @pytest.fixture
 def make_pool() -> Iterator[MakePool]:
-    pools: list[Pool] = []
-
-    def make(*urls: str, **kwargs: Any) -> Pool:
+    def pool(*urls: str, **kwargs: Any) -> Pool:
         kwargs.setdefault("watch", False)
         kwargs.setdefault("probe_interval", NO_PROBE)
-        pools.append(Pool(list(urls), **kwargs))
-        return pools[-1]
+        return Pool(list(urls), **kwargs)
 
-    try:
+    with closed_at_end(pool) as make:
         yield make
-    finally:
-        for pool in pools:
-            pool.close()
 
 
 def status(pool: Pool, url: str) -> NodeStatus:
@@ -624,17 +617,8 @@ READY = answer("200 OK", [("Content-Type", "application/health+json")], b'{"stat
 
 @pytest.fixture
 def raw_nodes() -> Iterator[Callable[..., RawNode]]:
-    made: list[RawNode] = []
-
-    def make(routes: dict[str, Handler], **kwargs: Any) -> RawNode:
-        made.append(RawNode(routes, **kwargs))
-        return made[-1]
-
-    try:
+    with closed_at_end(RawNode) as make:
         yield make
-    finally:
-        for node in made:
-            node.close()
 
 
 def down_pool(make_pool: MakePool, count: int, **kwargs: Any) -> tuple[Pool, list[int]]:
@@ -1044,3 +1028,65 @@ def test_one_pool_shared_by_threads_loses_and_duplicates_nothing(
     posted_to = {node.pid for node in shared if wanted.intersection(node.ids())}
     assert set(pids) | posted_to == {node.pid for node in shared}  # both nodes served
     assert [(n.state, n.inflight) for n in pool.nodes] == [(NodeState.IN_SERVICE, 0)] * 2
+
+
+# -- a pool has a session; it is not one -----------------------------------------------------
+
+
+def test_a_pool_holds_its_session_and_each_verb_takes_a_path(
+    fake: Callable[[str], Fake], make_pool: MakePool
+) -> None:
+    node = fake("answer")
+    pool = make_pool(node.url)
+    assert not isinstance(pool, requests.Session)
+    pool.session.headers["X-Caller"] = "billing"  # what the calls' session sends, the calls send
+
+    answers = [
+        pool.get("/a", params={"q": "1"}),
+        pool.post("/b", json={"id": 1}),
+        pool.put("/c", data=b"c"),
+        pool.patch("/d", data=b"d"),
+        pool.delete("/e"),
+        pool.options("/f"),
+        pool.head("/g"),
+        pool.request("get", "/h"),
+    ]
+
+    assert [a.status_code for a in answers] == [200] * 8
+    assert [(method, path) for method, path, _ in node.received] == [
+        ("GET", "/a?q=1"),
+        ("POST", "/b"),
+        ("PUT", "/c"),
+        ("PATCH", "/d"),
+        ("DELETE", "/e"),
+        ("OPTIONS", "/f"),
+        ("HEAD", "/g"),
+        ("GET", "/h"),
+    ]
+    assert node.received[1][2] == b'{"id": 1}'
+    assert [h.get("x-caller") for h in node.headers] == ["billing"] * 7  # HEAD is not recorded
+    with pytest.raises(ValueError, match="take a path like /orders/1"):
+        pool.get(node.url + "/a")
+
+
+def test_a_pool_is_a_context_manager_that_stops_its_threads_and_refuses_calls_after(
+    fake: Callable[[str], Fake],
+) -> None:
+    node = fake("answer")
+    with Pool([node.url], watch=True, probe_interval=NO_PROBE) as pool:
+        assert pool.get("/x").status_code == 200
+    wait_until(lambda: not any(t.is_alive() for t in pool._threads), timeout=10)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.get("/x")
+
+
+def test_no_node_available_is_a_graceful_error_and_a_requests_connection_error(
+    make_pool: MakePool,
+) -> None:
+    from graceful._core.errors import GracefulError
+
+    pool = make_pool(refused_url())
+    with pytest.raises(NoNodeAvailable) as raised:
+        pool.get("/x")
+    assert isinstance(raised.value, GracefulError)
+    assert isinstance(raised.value, requests.ConnectionError)

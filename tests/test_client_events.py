@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 from _raw_node import Exchange, Handler, RawNode, answer
-from conftest import wait_until
+from conftest import closed_at_end, wait_until
 
 from graceful._client import pool as client
+from graceful._core.protocol import EventStreamError
 from graceful.client import NodeState, Pool
 
 EVENTS = "/-/graceful/events"
@@ -50,32 +51,20 @@ def in_turn(*handlers: Handler) -> Handler:
 
 @pytest.fixture
 def nodes() -> Iterator[Callable[..., RawNode]]:
-    made: list[RawNode] = []
+    def node(routes: dict[str, Handler], **kwargs: Any) -> RawNode:
+        return RawNode({"/readyz": READY, **routes}, **kwargs)
 
-    def make(routes: dict[str, Handler], **kwargs: Any) -> RawNode:
-        made.append(RawNode({"/readyz": READY, **routes}, **kwargs))
-        return made[-1]
-
-    try:
+    with closed_at_end(node) as make:
         yield make
-    finally:
-        for node in made:
-            node.close()
 
 
 @pytest.fixture
 def pools() -> Iterator[Callable[..., Pool]]:
-    made: list[Pool] = []
+    def pool(*urls: str, **kwargs: Any) -> Pool:
+        return Pool(list(urls), watch=True, **kwargs)
 
-    def make(*urls: str, **kwargs: Any) -> Pool:
-        made.append(Pool(list(urls), watch=True, **kwargs))
-        return made[-1]
-
-    try:
+    with closed_at_end(pool) as make:
         yield make
-    finally:
-        for pool in made:
-            pool.close()
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -379,7 +368,7 @@ def test_data_lines_of_one_event_are_joined() -> None:
 def test_the_reader_never_buffers_more_than_the_line_limit() -> None:
     raw = Chunks(*[b"y" * 1000] * (client.MAX_LINE // 1000 + 2))
     reader = client._EventReader(raw)
-    with pytest.raises(client.BrokenStream, match="a line longer than"):
+    with pytest.raises(EventStreamError, match="a line longer than"):
         list(reader)
     assert reader.largest_pending <= client.MAX_LINE
 

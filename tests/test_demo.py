@@ -27,6 +27,7 @@ import pytest
 from conftest import child_env
 
 from graceful._tools import demo as demo
+from graceful._tools import demo_load as demo_load
 
 if TYPE_CHECKING:
     from conftest import WaitUntil
@@ -295,7 +296,7 @@ def test_without_any_server_it_exits_2_with_the_install_hint(
     assert demo.main([]) == 2
     err = capsys.readouterr().err
     assert "neither uvicorn nor gunicorn is installed" in err
-    assert "pip install 'graceful-drain[uvicorn]'" in err
+    assert "pip install 'graceful-drain[client,uvicorn]'" in err
 
 
 def test_a_server_that_is_not_installed_is_named_with_its_install_hint(
@@ -303,7 +304,17 @@ def test_a_server_that_is_not_installed_is_named_with_its_install_hint(
 ) -> None:
     monkeypatch.setattr(demo, "installed", lambda server: server == "uvicorn")
     assert demo.main(["--server", "gunicorn"]) == 2
-    assert "pip install 'graceful-drain[gunicorn]'" in capsys.readouterr().err
+    assert "pip install 'graceful-drain[client,gunicorn]'" in capsys.readouterr().err
+
+
+def test_without_requests_it_exits_2_naming_the_client_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "installed", lambda name: name != "requests")
+    assert demo.main(["--server", "uvicorn"]) == 2
+    err = capsys.readouterr().err
+    assert "the demo's callers need requests" in err
+    assert "pip install 'graceful-drain[client,uvicorn]'" in err
 
 
 def parsed(*options: str) -> argparse.Namespace:
@@ -366,8 +377,10 @@ def test_the_node_app_is_importable_from_the_installed_package() -> None:
 
 
 def test_the_table_puts_each_round_in_its_column() -> None:
-    naive = demo.RoundResult(100, 7, {"connection refused": 5, "HTTP 502": 2}, 3.0, 40.0, 6.0, 3)
-    graceful = demo.RoundResult(120, 0, {}, 4.0, 20.0, 6.5, 3)
+    naive = demo_load.RoundResult(
+        100, 7, {"connection refused": 5, "HTTP 502": 2}, 3.0, 40.0, 6.0, 3
+    )
+    graceful = demo_load.RoundResult(120, 0, {}, 4.0, 20.0, 6.5, 3)
     rows = {
         line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]]
         for line in demo.table(naive, graceful).splitlines()

@@ -9,6 +9,7 @@ from _apps import (
     AUTH,
     KINDS,
     TOKEN,
+    Client,
     FakeClock,
     Kind,
     WSGIStream,
@@ -69,13 +70,18 @@ def test_a_file_present_at_start_keeps_the_node_out_from_the_first_probe(
     assert client.request("GET", "/readyz").status == 503
 
 
-def test_a_drain_from_the_control_route_is_not_resumed_by_the_files_absence(
-    kind: Kind, tmp_path: Path
-) -> None:
-    drain_file = tmp_path / "drain"
+def drained_by_the_control_route(kind: Kind, drain_file: Path) -> tuple[graceful.Lifecycle, Client]:
+    """A node watching ``drain_file`` (absent), drained by ``POST /-/graceful/drain``."""
     lc = new_lifecycle(FakeClock(), drain_file=str(drain_file), token=TOKEN)
     client = make_client(kind, lc)
     assert client.request("POST", "/-/graceful/drain", headers=AUTH).status == 200
+    return lc, client
+
+
+def test_a_drain_from_the_control_route_is_not_resumed_by_the_files_absence(
+    kind: Kind, tmp_path: Path
+) -> None:
+    lc, client = drained_by_the_control_route(kind, tmp_path / "drain")
     for _ in range(3):
         reply = client.request("GET", "/readyz")
         assert (reply.status, reply.json()["output"]) == (503, "draining")
@@ -87,9 +93,7 @@ def test_a_drain_from_the_control_route_outlives_the_files_coming_and_going(
     kind: Kind, tmp_path: Path
 ) -> None:
     drain_file = tmp_path / "drain"
-    lc = new_lifecycle(FakeClock(), drain_file=str(drain_file), token=TOKEN)
-    client = make_client(kind, lc)
-    client.request("POST", "/-/graceful/drain", headers=AUTH)
+    lc, client = drained_by_the_control_route(kind, drain_file)
     drain_file.touch()
     client.request("GET", "/readyz")
     drain_file.unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,7 +102,7 @@ class _OtherWorkers:
 
 
 def _worker_of_a_full_node(others: int) -> ProcessStreams:
-    process = ProcessStreams()
+    process = ProcessStreams(threading.Lock)
     process.join(None, _OtherWorkers(others))
     return process
 

@@ -29,14 +29,9 @@ from _apps import (
 )
 
 import graceful
-from graceful._core.stream import (
-    PROCESS,
-    ProcessStreams,
-    Refusal,
-    Subscriber,
-    gunicorn_share,
-    peer_closed,
-)
+from graceful._adapters.peer import peer_closed
+from graceful._core.stream import PROCESS, ProcessStreams, Refusal, Subscriber
+from graceful._servers.gunicorn_streams import gunicorn_share
 from graceful._servers.node_shm import NodeStreams, SharedNode
 
 EVENTS = "/-/graceful/events"
@@ -67,7 +62,7 @@ def nothing_leaks() -> Iterator[None]:
 
 
 def worker(share: int | None, others: OtherWorkers | None = None) -> ProcessStreams:
-    process = ProcessStreams()
+    process = ProcessStreams(threading.Lock)
     process.join(share, others)
     return process
 
@@ -148,7 +143,7 @@ def test_workers_hammering_the_cap_at_once_never_hold_more_than_it() -> None:
     cap = 4
     processes = []
     for index in range(3):
-        process = ProcessStreams()
+        process = ProcessStreams(threading.Lock)
         process.join(None, NodeStreams(shared, index))
         processes.append(process)
     lock = threading.Lock()
@@ -434,3 +429,9 @@ def test_a_subscriber_whose_event_loop_closed_does_not_break_a_phase_change() ->
         assert lc.phase is graceful.Phase.DRAINING
     finally:
         lc.events.unsubscribe(subscriber)
+
+
+def test_this_processs_admissions_take_a_real_lock_once_the_middlewares_are_loaded() -> None:
+    # The core makes no lock (no threading there): the adapters give this process's one.
+    assert isinstance(PROCESS._lock, type(threading.Lock()))
+    assert isinstance(ProcessStreams()._lock, contextlib.AbstractContextManager)

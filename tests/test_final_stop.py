@@ -21,6 +21,8 @@ import pytest
 from _apps import AUTH, KINDS, TOKEN, FakeClock, Kind, make_client, new_lifecycle, phase_of
 
 from graceful import Config, Lifecycle, LifecycleError, Phase
+from graceful._core.phases import Event
+from graceful._core.stop import GiveUp, Joined, Mode, Move, Reaction, Signal, Stop, StopPlan, Wait
 from graceful._runtime.drainfile import DrainFileWatcher
 from graceful._runtime.shutdown import StopSequence
 from graceful._servers.node_shm import SharedNode, SlotView, WorkerFollower
@@ -186,6 +188,55 @@ def test_sigterm_on_a_node_drained_over_the_control_route_stops_without_a_second
     assert name is not None
     sequence.run(name)
     assert stops.stopped.is_set() and sequence.gave_up is False
+
+
+# -- the stop's steps, pure (graceful._core.stop) -------------------------------------------
+
+
+def test_each_signal_means_what_the_readme_says_whatever_came_before() -> None:
+    plan = StopPlan()
+    assert plan.signal(Signal.TERM, stopped=False) == (Reaction.START, True)
+    assert plan.signal(Signal.TERM, stopped=False) == (Reaction.IGNORED, False)
+    assert plan.signal(Signal.INT, stopped=False) == (Reaction.QUICK, False)  # the stop runs
+    assert plan.mode is Mode.INT
+    assert str(plan.mode) == "int"  # a str enum: servers compare it with "int"
+    assert plan.signal(Signal.INT, stopped=False) == (Reaction.FORCE, False)
+    assert plan.signal(Signal.QUIT, stopped=False) == (Reaction.IGNORED, False)
+    quick = StopPlan()
+    assert quick.signal(Signal.INT, stopped=False) == (Reaction.QUICK, True)
+    forced = StopPlan()
+    assert forced.signal(Signal.QUIT, stopped=False) == (Reaction.FORCE, False)
+    late = StopPlan()
+    late.signal(Signal.TERM, stopped=False)
+    assert late.signal(Signal.INT, stopped=True) == (Reaction.FORCE, False)  # Ctrl-C forces
+
+
+def test_a_sigterm_stop_drains_waits_the_rest_of_the_delay_and_the_timeout_then_stops() -> None:
+    config = Config(delay=5.0, drain_timeout=20.0)
+    plan = StopPlan()
+    plan.signal(Signal.TERM, stopped=False)
+    steps = plan.steps("SIGTERM", config, Phase.DRAINING, lambda: 2.0)
+    assert next(steps) == Move(Event.DRAIN, "SIGTERM")
+    assert steps.send(True) == Joined("SIGTERM", Phase.DRAINING)
+    assert steps.send(True) == Wait(drained=True, timeout=22.0)
+    assert steps.send(False) == GiveUp("drain timeout (20s) passed")
+    assert plan.gave_up
+    assert steps.send(True) == Move(Event.STOP, "SIGTERM: drained")
+    assert steps.send(True) == Stop()
+    with pytest.raises(StopIteration):
+        steps.send(True)
+
+
+def test_a_sigint_during_a_sigterm_stop_turns_it_into_a_quick_stop() -> None:
+    config = Config(delay=5.0, drain_timeout=20.0, interrupt_timeout=3.0)
+    plan = StopPlan()
+    plan.signal(Signal.TERM, stopped=False)
+    steps = plan.steps("SIGTERM", config, Phase.SERVING, lambda: None)
+    assert next(steps) == Move(Event.DRAIN, "SIGTERM")
+    assert steps.send(True) == Wait(drained=True, timeout=25.0)  # the whole delay, no drain
+    plan.signal(Signal.INT, stopped=False)
+    assert steps.send(False) == Wait(drained=False, timeout=3.0)
+    assert steps.send(True) == Move(Event.STOP, "SIGTERM: drained")
 
 
 # -- the HTTP surface and the drain file -----------------------------------------------------

@@ -27,6 +27,7 @@ from graceful.haproxy import (
     parse_servers_state,
     parse_stat_csv,
 )
+from graceful.testing import FakeClock
 
 # Captured from HAProxy 2.6.12 (`show servers state app`): n1 is drained (admin 8) and down
 # (op 0), n2 is in forced maintenance (admin 1), n3 is ready and up.
@@ -320,17 +321,16 @@ def test_a_silent_haproxy_is_bounded_by_the_timeout(tmp_path: Path) -> None:
 # -- waiting ---------------------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
+class SleepingClock(FakeClock):
+    """A :class:`~graceful.testing.FakeClock` from 0 whose ``sleep`` records and moves it."""
 
-    def __call__(self) -> float:
-        return self.now
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.sleeps: list[float] = []
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now += seconds
+        self.advance(seconds)
 
 
 def scripted(states: list[tuple[int, int, int, str]]) -> Callable[[str], str]:
@@ -351,7 +351,7 @@ def test_wait_for_state_polls_until_every_condition_holds(
     fake: Callable[[Callable[[str], str]], FakeHAProxy],
 ) -> None:
     server = fake(scripted([(2, 0, 3, "UP"), (2, 8, 2, "DRAIN"), (2, 8, 0, "DRAIN")]))
-    clock = FakeClock()
+    clock = SleepingClock()
     api = RuntimeAPI(server.path, clock=clock, sleep=clock.sleep)
 
     state = api.wait_for_state("app", "n3", admin="drain", max_sessions=0, interval=0.5)
@@ -364,7 +364,7 @@ def test_wait_for_state_times_out_with_the_last_state_seen(
     fake: Callable[[Callable[[str], str]], FakeHAProxy],
 ) -> None:
     server = fake(scripted([(0, 0, 0, "DOWN")]))
-    clock = FakeClock()
+    clock = SleepingClock()
     api = RuntimeAPI(server.path, clock=clock, sleep=clock.sleep)
 
     with pytest.raises(StateTimeout, match="did not reach operational='up' within 2s") as info:
@@ -377,7 +377,7 @@ def test_wait_for_state_times_out_with_the_last_state_seen(
 def test_wait_for_state_raises_an_unknown_server_at_once(
     fake: Callable[[Callable[[str], str]], FakeHAProxy],
 ) -> None:
-    clock = FakeClock()
+    clock = SleepingClock()
     api = RuntimeAPI(fake(haproxy_26).path, clock=clock, sleep=clock.sleep)
     with pytest.raises(UnknownServerError):
         api.wait_for_state("app", "n9", admin="ready")
@@ -387,3 +387,29 @@ def test_wait_for_state_raises_an_unknown_server_at_once(
 def test_wait_for_state_needs_a_condition(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one"):
         RuntimeAPI(str(tmp_path / "h.sock")).wait_for_state("app", "n1")
+
+
+@pytest.mark.parametrize(
+    ("error", "standard"),
+    [
+        (HAProxyError, RuntimeError),
+        (SocketError, RuntimeError),
+        (UnknownBackendError, LookupError),
+        (UnknownServerError, LookupError),
+        (StateTimeout, TimeoutError),
+    ],
+)
+def test_each_error_is_a_graceful_error_and_keeps_its_standard_base(
+    error: type[Exception], standard: type[Exception]
+) -> None:
+    from graceful._core.errors import GracefulError
+
+    assert issubclass(error, GracefulError)
+    assert issubclass(error, standard)
+
+
+def test_the_unknown_server_error_is_not_nginx_s_class_of_the_same_old_name() -> None:
+    from graceful import haproxy, nginx
+
+    assert haproxy.UnknownServerError is haproxy.UnknownBackendServerError
+    assert haproxy.UnknownBackendServerError.__name__ != nginx.UnknownServerError.__name__

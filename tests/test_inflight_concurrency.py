@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from graceful import Config, Lifecycle, Phase
+from graceful.testing import poll_until, poll_until_async
 
 THREADS = 200
 TASKS = 2_000
@@ -29,19 +30,11 @@ def make(delay: float = 0.0, drain_timeout: float = 25.0) -> Lifecycle:
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout:.1f} s")
-        time.sleep(0.001)  # polling interval, not synchronisation
+    poll_until(predicate, timeout, interval=0.001, message="the waiters")
 
 
 async def wait_until_async(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout:.1f} s")
-        await asyncio.sleep(0.001)  # polling interval, not synchronisation
+    await poll_until_async(predicate, timeout, interval=0.001, message="the waiters")
 
 
 def waiting(lc: Lifecycle, count: int = 1) -> Callable[[], bool]:
@@ -64,6 +57,28 @@ def start(target: Callable[[], None]) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread
+
+
+def woken_by(
+    lc: Lifecycle, wait: Callable[[], bool], act: Callable[[], None]
+) -> tuple[bool, float]:
+    """Run ``wait`` in a thread; once it is blocked on ``lc``, run ``act``. Return what the wait
+    answered and how many seconds after the start of ``act`` it woke."""
+    result: list[bool] = []
+    woke: list[float] = []
+
+    def waiter() -> None:
+        result.append(wait())
+        woke.append(time.perf_counter())
+
+    thread = start(waiter)
+    wait_until(waiting(lc))
+    acted = time.perf_counter()
+    act()
+    thread.join(timeout=10)
+    if not result:
+        raise AssertionError("the waiter did not return within 10 s of the act")
+    return result[0], woke[0] - acted
 
 
 # -- counting ------------------------------------------------------------------------------
@@ -193,22 +208,15 @@ def test_wait_drained_wakes_within_50ms_of_the_last_release() -> None:
     first = lc.requests.begin("GET", "/a", time.monotonic())
     last = lc.requests.begin("GET", "/b", time.monotonic())
     lc.drain()
-    result: list[bool] = []
-    woke: list[float] = []
 
-    def waiter() -> None:
-        result.append(lc.wait_drained(timeout=5))
-        woke.append(time.perf_counter())
+    def release_both() -> None:
+        lc.requests.end(first)
+        assert lc.phase is Phase.DRAINING
+        lc.requests.end(last)
 
-    thread = start(waiter)
-    wait_until(waiting(lc))
-    lc.requests.end(first)
-    assert lc.phase is Phase.DRAINING
-    released = time.perf_counter()
-    lc.requests.end(last)
-    thread.join(timeout=10)
-    assert result == [True]
-    assert woke[0] - released < WAKE_BOUND, f"woke {woke[0] - released:.3f}s after the release"
+    result, gap = woken_by(lc, lambda: lc.wait_drained(timeout=5), release_both)
+    assert result is True
+    assert gap < WAKE_BOUND, f"woke {gap:.3f}s after the release"
 
 
 def test_wait_drained_wakes_when_the_last_release_comes_from_a_hold() -> None:
@@ -216,20 +224,11 @@ def test_wait_drained_wakes_when_the_last_release_comes_from_a_hold() -> None:
     held = lc.hold("consumer")
     held.__enter__()
     lc.drain()
-    result: list[bool] = []
-    woke: list[float] = []
-
-    def waiter() -> None:
-        result.append(lc.wait_drained(timeout=5))
-        woke.append(time.perf_counter())
-
-    thread = start(waiter)
-    wait_until(waiting(lc))
-    released = time.perf_counter()
-    held.__exit__(None, None, None)
-    thread.join(timeout=10)
-    assert result == [True]
-    assert woke[0] - released < WAKE_BOUND
+    result, gap = woken_by(
+        lc, lambda: lc.wait_drained(timeout=5), lambda: held.__exit__(None, None, None)
+    )
+    assert result is True
+    assert gap < WAKE_BOUND
 
 
 def test_wait_drained_wakes_at_the_end_of_the_delay_not_before() -> None:
@@ -258,20 +257,9 @@ def test_wait_drained_returns_false_when_the_drain_is_resumed() -> None:
     lc = make(delay=0.0)
     lc.requests.begin("GET", "/stuck", time.monotonic())
     lc.drain()
-    result: list[bool] = []
-    woke: list[float] = []
-
-    def waiter() -> None:
-        result.append(lc.wait_drained(timeout=5))
-        woke.append(time.perf_counter())
-
-    thread = start(waiter)
-    wait_until(waiting(lc))
-    resumed = time.perf_counter()
-    lc.resume()
-    thread.join(timeout=10)
-    assert result == [False]
-    assert woke[0] - resumed < WAKE_BOUND
+    result, gap = woken_by(lc, lambda: lc.wait_drained(timeout=5), lc.resume)
+    assert result is False
+    assert gap < WAKE_BOUND
 
 
 def test_wait_drained_answers_at_once_outside_a_drain() -> None:
@@ -290,20 +278,9 @@ def test_wait_drained_answers_at_once_when_a_stop_interrupts_the_drain() -> None
     lc = make(delay=0.0)
     token = lc.requests.begin("GET", "/", time.monotonic())
     lc.drain()
-    result: list[bool] = []
-    woke: list[float] = []
-
-    def waiter() -> None:
-        result.append(lc.wait_drained(timeout=5))
-        woke.append(time.perf_counter())
-
-    thread = start(waiter)
-    wait_until(waiting(lc))
-    stopped = time.perf_counter()
-    lc.stop()
-    thread.join(timeout=10)
-    assert result == [False]
-    assert woke[0] - stopped < WAKE_BOUND
+    result, gap = woken_by(lc, lambda: lc.wait_drained(timeout=5), lc.stop)
+    assert result is False
+    assert gap < WAKE_BOUND
     assert lc.wait_drained(timeout=5) is False
     lc.requests.end(token)
     assert lc.wait_drained(timeout=5) is True
@@ -401,20 +378,9 @@ def test_wait_idle_returns_true_at_once_when_nothing_is_in_flight() -> None:
 def test_wait_idle_wakes_on_the_last_release_in_any_phase() -> None:
     lc = make()  # serving: no drain involved
     token = lc.requests.begin("GET", "/", time.monotonic())
-    woke: list[float] = []
-    result: list[bool] = []
-
-    def waiter() -> None:
-        result.append(lc.wait_idle(timeout=5))
-        woke.append(time.perf_counter())
-
-    thread = start(waiter)
-    wait_until(waiting(lc))
-    released = time.perf_counter()
-    lc.requests.end(token)
-    thread.join(timeout=10)
-    assert result == [True]
-    assert woke[0] - released < WAKE_BOUND
+    result, gap = woken_by(lc, lambda: lc.wait_idle(timeout=5), lambda: lc.requests.end(token))
+    assert result is True
+    assert gap < WAKE_BOUND
     assert lc.phase is Phase.SERVING
 
 

@@ -9,29 +9,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import threading
 from collections.abc import Callable
 
 import pytest
+from conftest import wait_until
 
 import graceful
 from graceful import Config, Lifecycle, LifecycleError, Phase
+from graceful._core import config as config_module
+from graceful._core.machine import Machine, Tick, Transition
 from graceful._runtime import lifecycle as lifecycle_module
 from graceful._runtime.lifecycle import TRANSITIONS, Event
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self, start: float = 0.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
-
+from graceful.testing import FakeClock
 
 DELAY = 1.0
 
@@ -44,7 +34,7 @@ def make(
     quiet_period: float | None = None,
     min_delay: float = 0.0,
 ) -> tuple[Lifecycle, FakeClock]:
-    clock = clock if clock is not None else FakeClock()
+    clock = clock if clock is not None else FakeClock(0.0)
     config = Config(
         delay=delay, drain_timeout=drain_timeout, quiet_period=quiet_period, min_delay=min_delay
     )
@@ -85,7 +75,13 @@ def fire(lc: Lifecycle, clock: FakeClock, event: Event) -> None:
 
 
 def current(lc: Lifecycle) -> Phase:
-    """``lc.phase`` (a read that completes a due drain), unnarrowed by the type checker."""
+    """``lc.phase`` after a tick at the clock's time (what a waiter or the timer does),
+    unnarrowed by the type checker."""
+    return lc.tick()
+
+
+def read(lc: Lifecycle) -> Phase:
+    """``lc.phase`` without a tick, unnarrowed by the type checker."""
     return lc.phase
 
 
@@ -206,7 +202,7 @@ def test_drain_waits_for_inflight_work_after_the_delay() -> None:
     assert lc.tick(clock.advance(60.0)) is Phase.DRAINING
     assert lc.inflight == 1
     lc.requests.end(token)  # the last release completes the drain on its own
-    assert lc._phase is Phase.DRAINED  # read without ticking: the release did it
+    assert lc.phase is Phase.DRAINED  # reading never ticks: the release did it
     assert lc.inflight == 0
 
 
@@ -222,35 +218,39 @@ def test_work_ending_before_the_delay_does_not_cut_it_short() -> None:
     assert current(lc) is Phase.DRAINED
 
 
-def test_quiet_period_ends_the_delay_early_but_not_before_min_delay() -> None:
-    lc, _ = make(delay=10.0, quiet_period=2.0, min_delay=3.0)
+@pytest.mark.parametrize(
+    ("min_delay", "arrivals_before", "drain_at", "arrivals_after", "ends_at"),
+    [
+        # No request since the drain: quiet from the start, but min_delay holds until 3.
+        (3.0, [], 0.0, [], 3.0),
+        # The last arrival at 4: quiet from then on, for 2 s.
+        (3.0, [0.0], 0.0, [4.0], 6.0),
+        # The last request came long before the drain: the quiet period starts at the drain.
+        (0.0, [1.0], 5.0, [], 7.0),
+    ],
+    ids=[
+        "ends-early-but-not-before-min-delay",
+        "counts-from-the-last-arrival",
+        "ignores-arrivals-before-the-drain",
+    ],
+)
+def test_quiet_period_ends_the_delay(
+    min_delay: float,
+    arrivals_before: list[float],
+    drain_at: float,
+    arrivals_after: list[float],
+    ends_at: float,
+) -> None:
+    lc, _ = make(delay=10.0, quiet_period=2.0, min_delay=min_delay)
     lc.mark_ready(now=0.0)
-    lc.drain(now=0.0)
-    # No request since the drain: quiet from the start, but min_delay holds until 3.
-    assert lc.delay_ends_at() == 3.0
-    assert lc.tick(2.999) is Phase.DRAINING
-    assert lc.tick(3.0) is Phase.DRAINED
-
-
-def test_quiet_period_counts_from_the_last_arrival() -> None:
-    lc, _ = make(delay=10.0, quiet_period=2.0, min_delay=3.0)
-    lc.mark_ready(now=0.0)
-    lc.requests.end(lc.requests.begin("GET", "/", 0.0))
-    lc.drain(now=0.0)
-    lc.requests.end(lc.requests.begin("GET", "/", 4.0))
-    assert lc.tick(5.999) is Phase.DRAINING
-    assert lc.tick(6.0) is Phase.DRAINED
-
-
-def test_quiet_period_ignores_arrivals_before_the_drain() -> None:
-    # The last request came long before the drain: the quiet period still starts at the drain.
-    lc, _ = make(delay=10.0, quiet_period=2.0, min_delay=0.0)
-    lc.mark_ready(now=0.0)
-    lc.requests.end(lc.requests.begin("GET", "/", 1.0))
-    lc.drain(now=5.0)
-    assert lc.delay_ends_at() == 7.0
-    assert lc.tick(6.999) is Phase.DRAINING
-    assert lc.tick(7.0) is Phase.DRAINED
+    for at in arrivals_before:
+        lc.requests.end(lc.requests.begin("GET", "/", at))
+    lc.drain(now=drain_at)
+    for at in arrivals_after:
+        lc.requests.end(lc.requests.begin("GET", "/", at))
+    assert lc.delay_ends_at() == ends_at
+    assert lc.tick(ends_at - 0.001) is Phase.DRAINING
+    assert lc.tick(ends_at) is Phase.DRAINED
 
 
 def test_quiet_period_never_extends_past_the_delay() -> None:
@@ -292,14 +292,66 @@ def test_a_new_drain_after_resume_starts_a_fresh_delay() -> None:
     assert lc.tick(9.0) is Phase.DRAINED
 
 
-def test_phase_property_completes_a_due_drain_from_the_clock() -> None:
+def test_a_tick_without_now_completes_a_due_drain_from_the_clock() -> None:
     lc, clock = make(delay=5.0)
     lc.mark_ready(now=0.0)
     lc.drain(now=0.0)
     clock.advance(4.0)
-    assert current(lc) is Phase.DRAINING
+    assert lc.tick() is Phase.DRAINING
     clock.advance(1.0)
-    assert current(lc) is Phase.DRAINED
+    assert lc.tick() is Phase.DRAINED
+
+
+def test_reading_never_transitions() -> None:
+    lc, clock = make(delay=5.0)
+    lc.mark_ready(now=0.0)
+    lc.drain(now=0.0)
+    clock.advance(60.0)  # the drain is long due, but nothing has looked at it
+    for _ in range(3):
+        assert lc.phase is Phase.DRAINING
+        assert lc.reason == "drain requested"
+        assert lc.notice()["phase"] == "draining"
+        assert lc.delay_ends_at() == 5.0
+        assert lc.next_deadline() == 5.0
+        assert not lc.stuck()
+        assert repr(lc) == "<Lifecycle draining inflight=0>"
+    assert lc.tick() is Phase.DRAINED
+
+
+def test_a_drain_whose_delay_is_already_over_completes_when_it_starts() -> None:
+    lc, _ = make(delay=0.0)
+    lc.mark_ready(now=0.0)
+    lc.drain(now=0.0)
+    assert lc.phase is Phase.DRAINED
+
+
+def test_wake_completes_a_due_drain_and_wakes_the_waiters() -> None:
+    lc, clock = make(delay=1.0)
+    lc.mark_ready(now=0.0)
+    lc.drain(now=0.0)
+    clock.advance(2.0)
+    lc.wake()
+    assert lc.phase is Phase.DRAINED
+
+
+def test_on_the_real_clock_a_timer_completes_the_drain_with_nobody_waiting() -> None:
+    lc = Lifecycle(Config(delay=0.05))
+    drained = threading.Event()
+    lc.mark_ready()
+    lc.drain("deploy")
+    assert lc.phase is Phase.DRAINING
+    with graceful.signals.drained.connected_to(lambda sender: drained.set(), sender=lc):
+        # Reads never tick: only the timer can complete this drain.
+        wait_until(lambda: lc.phase is Phase.DRAINED, timeout=10.0, message="drained")
+    assert drained.is_set()
+    assert lc.reason == "drained"
+
+
+def test_an_injected_clock_arms_no_timer() -> None:
+    lc, _ = make(delay=0.01)
+    lc.mark_ready(now=0.0)
+    lc.drain(now=0.0)
+    assert lc._alarm is None
 
 
 def test_announcing_while_draining_drained_and_stopping_only() -> None:
@@ -413,9 +465,9 @@ def test_hold_counts_as_inflight_and_delays_the_drain() -> None:
         assert lc.inflight == 1
         lc.drain(now=0.0)
         clock.advance(5.0)
-        assert lc.phase is Phase.DRAINING
+        assert current(lc) is Phase.DRAINING  # the delay is over, the hold is not
     assert lc.inflight == 0
-    assert lc._phase is Phase.DRAINED  # the release itself completed the drain
+    assert read(lc) is Phase.DRAINED  # the release itself completed the drain
 
 
 def test_hold_is_released_when_the_body_raises() -> None:
@@ -559,3 +611,91 @@ def test_module_level_hold_and_is_draining_use_the_process_wide_lifecycle() -> N
         assert lifecycle.inflight == 0
     finally:
         graceful.set_lifecycle(None)
+
+
+# -- the sans-io machine underneath --------------------------------------------------------
+
+
+def machine(delay: float = 5.0, drain_timeout: float = 25.0) -> Machine:
+    return Machine(Config(delay=delay, drain_timeout=drain_timeout), now=0.0)
+
+
+def test_the_machine_answers_the_transition_it_made_and_none_for_a_repeat() -> None:
+    m = machine()
+    assert m.handle(Event.MARK_READY, "ready", 1.0) == Transition(
+        Event.MARK_READY, Phase.STARTING, Phase.SERVING, "ready", 1.0
+    )
+    assert m.handle(Event.MARK_READY, "again", 2.0) is None
+    assert (m.phase, m.reason, m.since) == (Phase.SERVING, "ready", 1.0)
+    drained = m.handle(Event.DRAIN, "deploy", 3.0)
+    assert drained is not None and (drained.old, drained.new) == (Phase.SERVING, Phase.DRAINING)
+    assert (m.drain_started, m.drain_reason, m.drains, m.notice_id) == (3.0, "deploy", 1, 2)
+
+
+def test_the_machine_refuses_what_the_table_refuses_naming_the_phase() -> None:
+    m = machine()
+    with pytest.raises(LifecycleError, match="starting") as info:
+        m.handle(Event.DRAIN, "too soon", 0.0)
+    assert isinstance(info.value, graceful.GracefulError)
+    assert m.handle(Event.DRAIN, "too soon", 0.0, strict=False) is None
+    assert m.phase is Phase.STARTING
+
+
+def test_the_machine_ticks_with_now_and_whether_work_is_in_flight() -> None:
+    m = machine(delay=5.0, drain_timeout=20.0)
+    m.handle(Event.MARK_READY, "ready", 0.0)
+    m.handle(Event.DRAIN, "deploy", 0.0)
+    assert m.next_deadline(last_arrival=None) == 5.0
+    assert m.tick(4.9, busy=False, last_arrival=None) == Tick(False, None)
+    assert m.tick(5.0, busy=True, last_arrival=None) == Tick(True, None)
+    assert m.delay_end == 5.0
+    assert m.next_deadline(last_arrival=None) == 25.0
+    done = m.tick(6.0, busy=False, last_arrival=None)
+    assert done.delay_over is False  # told once, by the tick that found it over
+    assert done.transition == Transition(
+        Event.DRAIN_COMPLETE, Phase.DRAINING, Phase.DRAINED, "drained", 6.0
+    )
+    assert m.next_deadline(last_arrival=None) is None
+
+
+def test_the_machine_never_transitions_on_a_read() -> None:
+    m = machine(delay=1.0)
+    m.handle(Event.MARK_READY, "ready", 0.0)
+    m.handle(Event.DRAIN, "deploy", 0.0)
+    for _ in range(2):
+        assert m.delay_ends_at(last_arrival=None) == 1.0
+        assert m.drain_deadline(last_arrival=None) == 26.0
+        assert m.next_deadline(last_arrival=None) == 1.0
+        assert m.notice()["phase"] == "draining"
+        assert m.announcing
+    assert m.phase is Phase.DRAINING and m.delay_end is None
+
+
+def test_a_final_drain_makes_the_machine_refuse_every_resume() -> None:
+    m = machine()
+    m.handle(Event.MARK_READY, "ready", 0.0)
+    m.handle(Event.DRAIN, "SIGTERM", 0.0, final=True)
+    with pytest.raises(LifecycleError, match="cannot be undone"):
+        m.handle(Event.RESUME, "operator", 1.0)
+    assert m.sync_drain_file(False, 1.0) is None
+    assert m.follow(Phase.SERVING, "late resume", 1.0, final=False, since=None) is None
+    assert m.phase is Phase.DRAINING
+
+
+def test_a_followed_drain_counts_its_delay_from_the_nodes_drain() -> None:
+    m = machine(delay=5.0)
+    m.handle(Event.MARK_READY, "ready", 0.0)
+    moved = m.follow(Phase.DRAINING, "master", 10.0, final=False, since=8.0)
+    assert moved is not None and moved.at == 8.0
+    assert m.followed and m.delay_ends_at(last_arrival=None) == 13.0
+
+
+def test_the_core_reads_no_environment_of_its_own() -> None:
+    # The runtime plugged os.environ in when graceful was imported; a mapping given is the
+    # only thing read.
+    assert Config.from_env({"GRACEFUL_DELAY": "3"}).delay == 3.0
+    assert config_module.default_delay({}) == 2.0
+    assert config_module.default_delay({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == 5.0
+    assert config_module.unknown_variables({"GRACEFUL_NOPE": "1", "GRACEFUL_DELAY": "1"}) == [
+        "GRACEFUL_NOPE"
+    ]

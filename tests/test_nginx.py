@@ -782,3 +782,28 @@ def test_the_example_upstream_file_parses() -> None:
     (upstream,) = upstreams.values()
     assert len(upstream.servers) >= 2
     assert not any(s.down for s in upstream.servers)
+
+
+@pytest.mark.parametrize(
+    ("error", "standard"),
+    [
+        (nginx.NginxError, Exception),
+        (nginx.UpstreamFileError, ValueError),
+        (nginx.NotIncludedError, ValueError),
+        (nginx.LastServerError, ValueError),
+        (nginx.UnknownUpstreamError, ValueError),
+        (nginx.UnknownServerError, ValueError),
+        (nginx.ValidationError, Exception),
+        (nginx.ReloadError, Exception),
+        (nginx.ReloadTimeoutError, TimeoutError),
+        (nginx.LockTimeoutError, TimeoutError),
+    ],
+)
+def test_each_error_is_a_graceful_error_and_keeps_its_standard_base(
+    error: type[Exception], standard: type[Exception]
+) -> None:
+    from graceful._core.errors import GracefulError
+
+    assert issubclass(error, nginx.NginxError)
+    assert issubclass(error, GracefulError)
+    assert issubclass(error, standard)

@@ -7,6 +7,8 @@ import inspect
 import pathlib
 import re
 
+import pytest
+
 import graceful
 
 PYPROJECT = pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
@@ -43,6 +45,7 @@ def test_the_core_names_of_the_issue_are_exported() -> None:
         "ASGIMiddleware",
         "Config",
         "ConfigError",
+        "GracefulError",
         "Lifecycle",
         "Phase",
         "WSGIMiddleware",
@@ -51,6 +54,18 @@ def test_the_core_names_of_the_issue_are_exported() -> None:
         "signals",
     ]:
         assert name in graceful.__all__
+
+
+def test_every_error_graceful_raises_is_a_graceful_error_keeping_its_standard_base() -> None:
+    assert issubclass(graceful.ConfigError, graceful.GracefulError)
+    assert issubclass(graceful.ConfigError, ValueError)
+    assert issubclass(graceful.LifecycleError, graceful.GracefulError)
+    assert issubclass(graceful.LifecycleError, RuntimeError)
+    lifecycle = graceful.Lifecycle(graceful.Config())
+    with pytest.raises(graceful.GracefulError, match="starting"):
+        lifecycle.drain()
+    with pytest.raises(graceful.GracefulError, match="GRACEFUL_DELAY"):
+        graceful.Config.from_env({"GRACEFUL_DELAY": "soon"})
 
 
 def test_private_modules_are_not_exported() -> None:

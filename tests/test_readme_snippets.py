@@ -174,6 +174,19 @@ def test_the_quick_start_begins_with_the_import_the_later_snippets_build_on() ->
     assert quick[0].code.splitlines()[0] == ASSUMED
 
 
+def run_fresh(snippet: Snippet, folder: Path) -> subprocess.CompletedProcess[str]:
+    """``snippet`` (with its context) run by a fresh interpreter in ``folder``."""
+    return subprocess.run(
+        [sys.executable, "-c", program(snippet)],
+        cwd=folder,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_every_context_and_exception_names_a_heading_that_has_a_snippet() -> None:
     headings = {snippet.heading for snippet in ALL}
     assert set(CONTEXT) <= headings, set(CONTEXT) - headings
@@ -183,15 +196,7 @@ def test_every_context_and_exception_names_a_heading_that_has_a_snippet() -> Non
 @pytest.mark.parametrize("snippet", ALL, ids=[snippet.where for snippet in ALL])
 def test_the_snippet_runs_as_shown_in_a_fresh_interpreter(snippet: Snippet, tmp_path: Path) -> None:
     compile(snippet.code, snippet.where, "exec")  # every snippet at least parses
-    result = subprocess.run(
-        [sys.executable, "-c", program(snippet)],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_fresh(snippet, tmp_path)
     assert result.returncode == 0, (
         f"{snippet.where} fails as shown:\n{snippet.code}\n{result.stderr}"
     )
@@ -208,14 +213,6 @@ def test_a_snippet_using_a_submodule_it_did_not_import_fails_here(tmp_path: Path
         'INSTALLED_APPS = ["graceful.django"]\n'
         "application = graceful.django.get_wsgi_application()\n",
     )
-    result = subprocess.run(
-        [sys.executable, "-c", program(old)],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_fresh(old, tmp_path)
     assert result.returncode != 0
     assert "has no attribute 'django'" in result.stderr

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -130,6 +130,27 @@ def rollout(*args: str) -> int:
     return cli.main(["rollout", *args])
 
 
+def stopped(capsys: pytest.CaptureFixture[str], urls: Sequence[str], *args: str) -> str:
+    """Run ``graceful rollout`` over the nodes at ``urls`` with ``args``; it must stop (exit
+    10). What it printed."""
+    return _run(capsys, urls, args, cli.ROLLOUT_STOPPED)
+
+
+def rolled(capsys: pytest.CaptureFixture[str], urls: Sequence[str], *args: str) -> str:
+    """Run ``graceful rollout`` over the nodes at ``urls`` with ``args``; it must go through
+    (exit 0). What it printed."""
+    return _run(capsys, urls, args, cli.OK)
+
+
+def _run(
+    capsys: pytest.CaptureFixture[str], urls: Sequence[str], args: Sequence[str], expected: int
+) -> str:
+    code = rollout(*nodes_args(*urls), *args)
+    out = capsys.readouterr().out
+    assert code == expected, f"exit {code}, not {expected}:\n{out}"
+    return out
+
+
 def log_command(path: Path, tag: str) -> str:
     """A command that appends ``tag`` and every placeholder, filled in, as one line to ``path``."""
     code = f"import sys; open({str(path)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')"
@@ -161,14 +182,13 @@ def test_a_failing_restart_stops_the_rollout_and_leaves_that_node_out(
     (first, _), (second, _) = start_node(), start_node()
     ran = tmp_path / "restarted"
     timeline = tmp_path / "timeline.json"
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "none", "--token", TOKEN,
         "--restart", marker_command(ran, status=3),
         "--log-json", str(timeline),
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.ROLLOUT_STOPPED == 10
+    assert cli.ROLLOUT_STOPPED == 10
     assert "restart: FAILED" in out and "exited with status 3" in out
     assert ran.read_text() == "0\n"  # the second node's restart never ran
     assert _readyz(first) == "503 drained"  # left out of rotation
@@ -184,13 +204,11 @@ def test_a_node_that_never_turns_ready_stops_the_rollout(
     start_node: StartNode, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (first, proc), (second, _) = start_node(), start_node()
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "readiness", "--token", TOKEN, "--ready-timeout", "1",
         "--restart", stop_command(proc),
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.ROLLOUT_STOPPED
     assert "ready: FAILED" in out and "not 200 within 1s" in out
     assert _readyz(second) == "200 serving"
 
@@ -201,13 +219,11 @@ def test_a_failed_verification_stops_the_rollout(
     (first, _), (second, _) = start_node(), start_node()
     ran = tmp_path / "restarted"
     # No token: the node is not drained by the rollout, so a no-op restart leaves it ready.
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "none", "--verify", "/ping", "--verify", "/no-such-page",
         "--restart", marker_command(ran),
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.ROLLOUT_STOPPED
     assert "verify: GET /ping 200" in out
     assert "verify: FAILED: GET " + first + "/no-such-page answered 404, not 2xx" in out
     assert ran.read_text() == "0\n"
@@ -224,14 +240,12 @@ def test_a_node_that_does_not_drain_in_time_stops_the_rollout_before_its_restart
     busy.start()
     wait_until(lambda: _inflight(first) == 1, timeout=10, message="a slow request in flight")
     ran = tmp_path / "restarted"
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "none", "--token", TOKEN, "--drain-timeout", "1",
         "--restart", marker_command(ran),
     )  # fmt: skip
-    out = capsys.readouterr().out
     busy.join(20)
-    assert code == cli.ROLLOUT_STOPPED
     assert "drain: FAILED: still draining after 1s (1 in flight)" in out
     assert not ran.exists()
 
@@ -248,12 +262,10 @@ def test_a_wrong_token_stops_the_rollout_before_anything_restarts(
 ) -> None:
     (first, _), (second, _) = start_node(), start_node()
     ran = tmp_path / "restarted"
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "none", "--token", "not-the-token", "--restart", marker_command(ran),
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.ROLLOUT_STOPPED
     assert "drain: FAILED: 401" in out and "not-the-token" not in out
     assert not ran.exists()
     assert _readyz(first) == "200 serving"
@@ -264,14 +276,12 @@ def test_a_failing_before_restart_command_keeps_the_restart_from_running(
 ) -> None:
     (first, _), (second, _) = start_node(), start_node()
     backed_up, ran = tmp_path / "backup", tmp_path / "restarted"
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "none", "--token", TOKEN,
         "--before-restart", marker_command(backed_up, status=1),
         "--restart", marker_command(ran),
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.ROLLOUT_STOPPED
     assert "before-restart: FAILED" in out
     assert backed_up.read_text() == "0\n" and not ran.exists()
 
@@ -292,12 +302,10 @@ def test_a_restart_command_that_cannot_run_or_hangs_stops_the_rollout(
     expected: str,
 ) -> None:
     (first, _), (second, _) = start_node(), start_node()
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "none", "--restart", restart, "--restart-timeout", timeout,
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.ROLLOUT_STOPPED
     assert expected in out
 
 
@@ -309,12 +317,10 @@ def test_a_node_not_ready_before_the_rollout_stops_it_before_anything_is_touched
         second + "/-/graceful/drain", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
     )
     ran = tmp_path / "restarted"
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "none", "--token", TOKEN, "--restart", marker_command(ran),
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.ROLLOUT_STOPPED
     assert "preflight: FAILED" in out and second in out
     assert not ran.exists()
     assert _readyz(first) == "200 serving"
@@ -390,13 +396,11 @@ def test_haproxy_without_its_socket_stops_the_rollout_in_preflight(
 ) -> None:
     (first, _), (second, _) = start_node(), start_node()
     socket = tmp_path / "no-haproxy.sock"
-    code = rollout(
-        *nodes_args(first, second),
+    out = stopped(
+        capsys, [first, second],
         "--lb", "haproxy", "--haproxy-socket", str(socket), "--haproxy-backend", "app",
         "--restart", "true",
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.ROLLOUT_STOPPED
     assert f"no HAProxy runtime API socket at {socket}" in out
 
 
@@ -485,12 +489,10 @@ def test_readiness_waits_settle_seconds_after_a_node_is_back_before_the_next_one
     (first, _), (second, _) = start_node(), start_node()
     ran, timeline = tmp_path / "restarted", tmp_path / "timeline.json"
     # No token: nothing drains the nodes, and a restart that does nothing leaves them ready.
-    code = rollout(
-        *nodes_args(first, second), "--lb", "readiness", "--settle", "1",
+    out = rolled(
+        capsys, [first, second], "--lb", "readiness", "--settle", "1",
         "--restart", marker_command(ran), "--log-json", str(timeline),
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.OK, out
     log = json.loads(timeline.read_text())
     assert log["settle"] == 1.0
     steps = [(e["index"], e["step"], e["t"]) for e in log["events"] if e["index"] is not None]
@@ -546,11 +548,20 @@ def test_dry_run_prints_every_step_and_touches_nothing(
 # -- the orchestration, with a balancer that records what it was told ---------------------
 
 
-class RecordingBalancer(NoBalancer):
+class RecordingBalancer:
+    """A balancer of a test's own (the :class:`Balancer` protocol): it records what it is told."""
+
+    name = "recording"
+
     def __init__(self, fail_cut_at: int | None = None) -> None:
-        super().__init__("recording")
         self.calls: list[tuple[str, int]] = []
         self.fail_cut_at = fail_cut_at
+
+    def preflight(self, nodes: Sequence[Node], batch: int) -> list[str]:
+        return []
+
+    def plan(self, node: Node) -> tuple[str | None, str | None]:
+        return None, None
 
     def cut(self, node: Node) -> str:
         if node.index == self.fail_cut_at:
@@ -608,12 +619,10 @@ def test_before_restart_runs_for_each_node_with_its_placeholders_before_its_rest
 ) -> None:
     (first, _), (second, _) = start_node(), start_node()
     ran = tmp_path / "commands"
-    code = rollout(
-        *nodes_args(first, second), "--lb", "none",
+    out = rolled(
+        capsys, [first, second], "--lb", "none",
         "--before-restart", log_command(ran, "before"), "--restart", log_command(ran, "restart"),
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.OK, out
     expected = []
     for index, url in enumerate((first, second)):
         port = url.rsplit(":", 1)[1]
@@ -804,9 +813,45 @@ def test_verify_takes_a_path_with_a_query_string(
     start_node: StartNode, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first, _ = start_node()
-    code = rollout(
-        "--node", first, "--lb", "none", "--restart", "true", "--verify", "/ping?probe=1&x=%20",
+    out = rolled(
+        capsys, [first], "--lb", "none", "--restart", "true", "--verify", "/ping?probe=1&x=%20",
     )  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == cli.OK, out
     assert "verify: GET /ping?probe=1&x=%20 200" in out
+
+
+def test_the_rollout_s_errors_are_graceful_errors_keeping_their_standard_bases() -> None:
+    from graceful._core.errors import GracefulError
+
+    assert issubclass(RolloutUsageError, GracefulError)
+    assert issubclass(RolloutUsageError, ValueError)
+    assert issubclass(StepFailed, GracefulError)
+    with pytest.raises(RolloutUsageError, match="'readiness' or 'none'"):
+        NoBalancer("nginx")  # type: ignore[arg-type]  # a kind with a balancer to tell
+
+
+def test_a_drain_answer_that_is_not_a_status_document_stops_the_rollout() -> None:
+    import http.server
+    import threading
+
+    class NotAStatus(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotAStatus)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        (node,) = make_nodes([f"http://127.0.0.1:{server.server_address[1]}"])
+        plan = Rollout([node], NoBalancer("none"), restart="true", token=TOKEN, out=lambda _: None)
+        with pytest.raises(StepFailed, match="answered 200: a status document needs a 'phase'"):
+            plan._drain(node)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

@@ -126,7 +126,7 @@ def test_signals_fire_after_the_phase_has_changed(lc: Lifecycle) -> None:
     seen: list[tuple[Phase, bool]] = []
 
     def receiver(sender: Lifecycle, **kwargs: Any) -> None:
-        seen.append((sender._phase, sender.announcing))
+        seen.append((sender.phase, sender.announcing))
 
     with signals.drain_started.connected_to(receiver, sender=lc):
         lc.mark_ready()
@@ -192,7 +192,7 @@ def test_a_receiver_raising_on_the_last_release_still_completes_the_drain(
         signals.drained.connected_to(broken, sender=lc),
     ):
         lc.requests.end(token)  # must not raise into the request that finished last
-    assert lc._phase is Phase.DRAINED
+    assert lc.phase is Phase.DRAINED
     assert lc.wait_drained(timeout=0) is True
     assert "nope" in caplog.text
 

@@ -594,27 +594,29 @@ def test_a_stop_closes_websockets_at_once_and_later_ones_right_after_accept() ->
     assert second.ended_with == 1012
 
 
-def test_http_requests_get_the_servers_own_receive_and_their_messages_sent_as_they_are() -> None:
-    """The goodbye costs HTTP requests nothing: the server's own ``receive``, and ``send`` only
-    looks at a response's status (to remove the reject-mode mark from the app's 503s): every
-    message reaches the server as the app sent it, the same object."""
+def test_http_requests_read_the_servers_own_messages_and_send_theirs_as_they_are() -> None:
+    """The goodbye costs HTTP requests little: before the response starts, ``receive`` hands
+    over the server's own messages (the same objects), and ``send`` only looks at a response's
+    status (to remove the reject-mode mark from the app's 503s): every message reaches the
+    server as the app sent it, the same object."""
     lifecycle = lifecycle_with()
-    seen: list[object] = []
+    request = {"type": "http.request", "body": b"hi", "more_body": False}
+    read: list[object] = []
     start = {"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1")]}
     body = {"type": "http.response.body", "body": b"ok"}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        seen.append(receive)
+        read.append(await receive())
         await send(start)
         await send(body)
 
-    receive, sent = FakeReceive(), asyncio.Queue[Message]()
+    receive, sent = FakeReceive(request), asyncio.Queue[Message]()
 
     async def send(message: Message) -> None:
         sent.put_nowait(message)
 
     asyncio.run(graceful.ASGIMiddleware(app, lifecycle)(http_scope(), receive, send))
-    assert seen == [receive]
+    assert read == [request] and read[0] is request
     first, second = sent.get_nowait(), sent.get_nowait()
     assert first is start and second is body
     assert sent.empty()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 from socket import socket
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 import uvicorn
 import uvicorn.supervisors
 
-import graceful._servers.uvicorn as graceful_uvicorn
+from graceful._servers import compat
 
 IMPORT_AS = (
     "import uvicorn; uvicorn.__version__ = {version!r}\n"
@@ -77,7 +78,7 @@ def test_the_supervisor_is_made_as_the_installed_uvicorn_wants_it(
     monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", supervisor)
     config = uvicorn.Config("load_app:asgi_app", workers=2)
 
-    made = graceful_uvicorn._new_supervisor(config, [])
+    made = compat.new_supervisor(config, [])
 
     assert isinstance(made, supervisor)
     if "target" in inspect.signature(supervisor).parameters:
@@ -100,6 +101,49 @@ class Worker:
 
 
 def test_signals_go_only_to_workers_that_have_not_exited() -> None:
-    assert graceful_uvicorn._live_pid(Worker(41, None)) == 41
-    assert graceful_uvicorn._live_pid(Worker(41, 0)) is None  # exited: its pid may be reused
-    assert graceful_uvicorn._live_pid(Worker(None, None)) is None  # not started
+    assert compat.live_pid(Worker(41, None)) == 41
+    assert compat.live_pid(Worker(41, 0)) is None  # exited: its pid may be reused
+    assert compat.live_pid(Worker(None, None)) is None  # not started
+
+
+class Bare:
+    """A uvicorn object from a release that lacks what graceful reaches for."""
+
+
+def test_a_missing_server_internal_names_uvicorns_version_and_the_range_to_install() -> None:
+    with pytest.raises(compat.UvicornInternalsError) as caught:
+        compat.check_server(Bare())
+    message = str(caught.value)
+    assert f"uvicorn {uvicorn.__version__} does not have" in message
+    first, last = compat.UVICORN_CHECKED
+    assert f"pip install 'uvicorn>={first},<={last}'" in message
+    assert "Server.should_exit" in message
+    assert isinstance(caught.value, RuntimeError)  # its standard base, kept
+
+
+@pytest.mark.parametrize("accessor", [compat.request_exit, compat.force_exit])
+def test_stopping_a_server_without_the_flags_fails_clearly(accessor: Any) -> None:
+    with pytest.raises(compat.UvicornInternalsError, match="Server"):
+        accessor(Bare())
+
+
+def test_the_installed_uvicorn_has_every_internal_graceful_uses() -> None:
+    server = uvicorn.Server(uvicorn.Config("load_app:asgi_app"))
+    compat.check_server(server)  # no error
+    compat.set_shutdown_timeout(server.config, 0.5)
+    assert server.config.timeout_graceful_shutdown == 0.5
+    compat.force_exit(server)
+    assert server.should_exit and server.force_exit
+    assert compat.server_of_handler(server.handle_exit, uvicorn.Server) is server
+    assert compat.server_of_handler(server.run, uvicorn.Server) is None
+
+
+def test_the_version_floor_is_the_one_the_floors_run_pins() -> None:
+    constraints = Path(__file__).parent / "floors" / "constraints.txt"
+    pinned = [
+        line.split("==")[1].strip()
+        for line in constraints.read_text().splitlines()
+        if line.startswith("uvicorn==")
+    ]
+    assert pinned == [compat.UVICORN_CHECKED[0]]
+    assert compat._release(pinned[0])[:2] == compat.UVICORN_FLOOR

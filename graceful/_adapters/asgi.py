@@ -6,11 +6,11 @@ must not hold a drain open. Lifespan passes through; the node turns ready when t
 completes, or at the first request when the server runs no lifespan.
 
 At the end of a drain's delay (or at once on a stop) the middleware says goodbye to long-lived
-connections: open websockets get close code 1012 (service restart) unless the app closed them
-first, and under uvicorn open-ended HTTP streams are ended (see
-:mod:`graceful._adapters.goodbye`), so
-their ``receive()`` answers ``http.disconnect``. Under uvicorn it also takes over the server's
-signal handler at lifespan start-up or the first request, so that SIGTERM drains.
+connections, under any ASGI server: open websockets get close code 1012 (service restart)
+unless the app closed them first, and open-ended HTTP responses are finished, so their
+``receive()`` answers ``http.disconnect`` (see :mod:`graceful._adapters.goodbye`). Under
+uvicorn it also takes over the server's signal handler at lifespan start-up or the first
+request, so that SIGTERM drains.
 """
 
 from __future__ import annotations
@@ -18,33 +18,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterable
 
+from .._core import protocol as wire
 from .._core.config import Config
-from .._core.stream import Subscriber, format_comment, format_event
-from .._core.surface import (
-    EVENTS_HEADERS,
-    NEVER_REJECTED,
-    REJECTED_HEADER,
-    OpenEvents,
-    Response,
-    Route,
-    RunChecks,
-    WaitDrained,
-)
+from .._core.stream import Subscriber
+from .._core.surface import OpenEvents, Response, Route, RunChecks, WaitDrained
 from .._core.types import ASGIApp, Message, Receive, Scope, Send
-from .._runtime.lifecycle import Lifecycle, LifecycleError, Phase
+from .._runtime.lifecycle import Lifecycle, LifecycleError
 from .base import AdapterBase
-from .goodbye import Goodbye
+from .goodbye import Exchange, Goodbye
+from .headers import asgi_headers
 
 __all__ = ["ASGIMiddleware"]
 
 logger = logging.getLogger("graceful")
 
-_ANNOUNCE = (b"graceful-state", b"draining")
-_CLOSE = (b"connection", b"close")
-_MARK = REJECTED_HEADER.lower().encode()
-_FINAL_PHASES = ("stopping", "stopped")
+_HTTP1 = ("1.0", "1.1")
 
 
 class ASGIMiddleware(AdapterBase):
@@ -72,6 +61,7 @@ class ASGIMiddleware(AdapterBase):
         self._requests = self.lifecycle.requests
         self._websockets = self.lifecycle.websockets
         self._goodbye = Goodbye(self.lifecycle, self._clock)
+        self._exchanges = self._goodbye.exchanges
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -92,41 +82,31 @@ class ASGIMiddleware(AdapterBase):
         else:
             await self.app(scope, receive, send)
             return
-        if self._unchecked:
-            self._first_request()
-        now = self._clock()
-        if self.drain_file is not None:
-            self.drain_file.check(now)
         method = scope["method"]
-        if self.lifecycle.announcing:
-            # Decided at arrival, like the WSGI middleware.
-            http1 = scope.get("http_version", "1.1") in ("1.0", "1.1")
-            if self.surface.rejection is not None and method not in NEVER_REJECTED:
-                # Reject mode: a retrying proxy sends it elsewhere; never the app, never counted.
-                await _respond(self.surface.rejection, send, close=http1)
-                return
-            send = _announcing(send, http1)
-            self.lifecycle.count_served_while_draining()
-        else:
-            send = _serving(send)
+        http1 = scope.get("http_version", "1.1") in _HTTP1
+        now, announce, rejection = self._arrive(method)
+        if rejection is not None:
+            await _respond(rejection, send, close=http1)
+            return
+        late = announce and self._goodbye.said
+        exchange = Exchange(send, receive, announce, http1, scope, late)
+        exchanges = self._exchanges
+        exchanges.add(exchange)
         token = tracker.begin(method, path, now)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, exchange.receive, exchange.send)
         finally:
+            exchanges.discard(exchange)
             tracker.end(token)
 
     def _first_request(self) -> None:
         super()._first_request()
         if self._ready_on_request:
-            _ready(self.lifecycle)
+            self._mark_ready()
         self._goodbye.on_loop()
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._unchecked:
-            self._first_request()
-        now = self._clock()
-        if self.drain_file is not None:
-            self.drain_file.check(now)
+        now = self._arrival()
         socket = self._goodbye.socket(receive, send)
         token = self._websockets.begin("WEBSOCKET", scope["path"], now)
         try:
@@ -157,7 +137,7 @@ class ASGIMiddleware(AdapterBase):
             if kind in ("lifespan.startup.complete", "lifespan.startup.failed"):
                 started = True
                 if kind == "lifespan.startup.complete" and self.auto_ready:
-                    _ready(lifecycle)
+                    self._mark_ready()
             await send(message)
             if kind == "lifespan.shutdown.complete":
                 with contextlib.suppress(LifecycleError):
@@ -170,7 +150,7 @@ class ASGIMiddleware(AdapterBase):
             # An app without lifespan support raises at once; the server then serves anyway
             # (uvicorn's "auto" mode), so the node is ready.
             if not started and self.auto_ready:
-                _ready(lifecycle)
+                self._mark_ready()
             raise
 
     # -- probes and control routes ---------------------------------------------------------
@@ -178,11 +158,9 @@ class ASGIMiddleware(AdapterBase):
     async def _serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         lifecycle = self.lifecycle
         self._goodbye.on_loop()
-        if self._ready_on_request and lifecycle._phase is Phase.STARTING:
-            lifecycle.mark_ready()
-        if route in (Route.READYZ, Route.STATUS, Route.EVENTS):
-            self._look_at_drain_file(self._clock(), force=True)
-        outcome = self.surface.handle(
+        if self._ready_on_request:
+            self._mark_ready()
+        outcome = self._route(
             route,
             scope.get("method", ""),
             scope.get("query_string", b"").decode("latin-1"),
@@ -230,65 +208,23 @@ class ASGIMiddleware(AdapterBase):
     async def _stream(
         self, subscriber: Subscriber, send: Send, woken: asyncio.Event, gone: asyncio.Event
     ) -> None:
-        heartbeat = self.lifecycle.config.events_heartbeat
-        next_beat = self._clock() + heartbeat
-        headers = [(k.lower().encode(), v.encode()) for k, v in EVENTS_HEADERS]
+        loop = self._events_loop(subscriber)
+        headers = [(k.lower().encode(), v.encode()) for k, v in wire.EVENTS_RESPONSE_HEADERS]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await _chunk(send, b"retry: 2000\n\n")
+        await _chunk(send, wire.EVENT_RETRY)
         while not gone.is_set():
             woken.clear()
-            for notice in subscriber.pop_all():
-                await _chunk(send, format_event(notice))
-                if notice["phase"] in _FINAL_PHASES:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    return
+            chunks, over = loop.pending()
+            for chunk in chunks:
+                await _chunk(send, chunk)
+            if over:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(woken.wait(), self._events_wait())
-            now = self._clock()
-            self._look_at_drain_file(now)
-            if now >= next_beat and not gone.is_set():
-                next_beat = now + heartbeat
-                await _chunk(send, format_comment("heartbeat"))
-
-
-def _ready(lifecycle: Lifecycle) -> None:
-    if lifecycle.phase is Phase.STARTING:
-        lifecycle.mark_ready()
-
-
-def _serving(send: Send) -> Send:
-    """``send`` removing the reject-mode mark from the app's 503s (other messages pass as they
-    are: one dict lookup and one comparison). A plain function returning ``send``'s awaitable,
-    not a coroutine of its own: that would cost each message a coroutine and a frame more."""
-
-    def serving_send(message: Message) -> Awaitable[None]:
-        if message.get("status") == 503:
-            message = {**message, "headers": _unmarked(message.get("headers", ()))}
-        return send(message)
-
-    return serving_send
-
-
-def _unmarked(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``headers`` without the reject-mode mark: only the middleware's own rejection has it."""
-    return [(name, value) for name, value in headers if name.lower() != _MARK]
-
-
-def _announcing(send: Send, http1: bool) -> Send:
-    """``send`` adding ``graceful-state: draining`` (and on HTTP/1.x ``connection: close``),
-    removing the reject-mode mark from the app's 503s."""
-
-    async def announcing_send(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            drop = (b"connection", _MARK) if message.get("status") == 503 else (b"connection",)
-            headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() not in drop]
-            headers.append(_ANNOUNCE)
-            if http1:
-                headers.append(_CLOSE)
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return announcing_send
+                await asyncio.wait_for(woken.wait(), loop.wait)
+            extra = loop.after_wait()
+            if extra is not None and not gone.is_set():
+                await _chunk(send, extra)
 
 
 def _authorization(scope: Scope) -> bytes | None:
@@ -307,8 +243,6 @@ async def _chunk(send: Send, body: bytes) -> None:
 
 
 async def _respond(response: Response, send: Send, *, close: bool = False) -> None:
-    headers = [(k.lower().encode(), v.encode()) for k, v in response.headers]
-    if close:
-        headers.append(_CLOSE)
+    headers = asgi_headers(response, close=close)
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": response.body})

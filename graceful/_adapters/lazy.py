@@ -29,7 +29,8 @@ def lazy_middleware(
 
     def __getattr__(name: str) -> Any:
         if name not in built:
-            from .. import ASGIMiddleware, WSGIMiddleware
+            from .asgi import ASGIMiddleware
+            from .wsgi import WSGIMiddleware
 
             if name in wsgi:
                 built[name] = WSGIMiddleware(wsgi[name])

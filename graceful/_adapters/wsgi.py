@@ -11,26 +11,19 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .._core import protocol as wire
 from .._core.config import Config
-from .._core.stream import CLIENT_CHECK, Subscriber, format_comment, format_event, peer_closed
-from .._core.surface import (
-    EVENTS_HEADERS,
-    NEVER_REJECTED,
-    REJECTED_HEADER,
-    OpenEvents,
-    Response,
-    Route,
-    RunChecks,
-    WaitDrained,
-)
+from .._core.stream import CLIENT_CHECK, Subscriber
+from .._core.surface import OpenEvents, Response, Route, RunChecks, WaitDrained
 from .._core.types import Environ, ExcInfo, StartResponse, WSGIApp
-from .._runtime.lifecycle import Lifecycle, Phase
+from .._runtime.lifecycle import Lifecycle
 from .base import AdapterBase
+from .peer import peer_closed
 
 __all__ = ["WSGIMiddleware"]
 
-STATE_HEADER = ("Graceful-State", "draining")
-_MARK = REJECTED_HEADER.lower()
+STATE_HEADER = (wire.STATE_HEADER, wire.STATE_DRAINING)
+_MARK = wire.REJECTED_HEADER.lower()
 _FINAL_PHASES = ("stopping", "stopped")
 
 _STATUS_TEXT = {
@@ -148,8 +141,8 @@ class WSGIMiddleware(AdapterBase):
     ) -> None:
         super().__init__(lifecycle, config)
         self.app = app
-        if auto_ready and self.lifecycle.phase is Phase.STARTING:
-            self.lifecycle.mark_ready()
+        if auto_ready:
+            self._mark_ready()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -157,22 +150,11 @@ class WSGIMiddleware(AdapterBase):
             route = self._match(path)
             if route is not None:
                 return self._serve(route, environ, start_response)
-        if self._unchecked:
-            self._first_request()
-        now = self._clock()
-        if self.drain_file is not None:
-            self.drain_file.check(now)
         method = environ.get("REQUEST_METHOD", "")
-        if self.lifecycle.announcing:
-            if self.surface.rejection is not None and method not in NEVER_REJECTED:
-                # Reject mode: a retrying proxy sends it elsewhere; never the app, never counted.
-                return _respond(self.surface.rejection, start_response)
-            # Decided at arrival: a request already running when a drain starts keeps its
-            # headers.
-            start_response = _announcing(start_response)
-            self.lifecycle.count_served_while_draining()
-        else:
-            start_response = _serving(start_response)
+        now, announce, rejection = self._arrive(method)
+        if rejection is not None:
+            return _respond(rejection, start_response)
+        start_response = (_announcing if announce else _serving)(start_response)
         end = self._end
         token = self._begin(method, path, now)
         try:
@@ -197,10 +179,8 @@ class WSGIMiddleware(AdapterBase):
         environ: Environ,
         start_response: StartResponse,
     ) -> Iterable[bytes]:
-        if route in (Route.READYZ, Route.STATUS, Route.EVENTS):
-            self._look_at_drain_file(self._clock(), force=True)
         auth = environ.get("HTTP_AUTHORIZATION")
-        outcome = self.surface.handle(
+        outcome = self._route(
             route,
             environ.get("REQUEST_METHOD", ""),
             environ.get("QUERY_STRING", ""),
@@ -223,7 +203,7 @@ class WSGIMiddleware(AdapterBase):
             return _respond(subscriber, start_response)
         woken = threading.Event()
         subscriber.wake = woken.set
-        start_response("200 OK", list(EVENTS_HEADERS))
+        start_response("200 OK", list(wire.EVENTS_RESPONSE_HEADERS))
         # Released on close() even if the server never starts iterating (the generator's own
         # finally would not run then).
         events = self.lifecycle.events
@@ -245,37 +225,29 @@ class WSGIMiddleware(AdapterBase):
         """The stream; it ends when the client has gone (``gone()``, looked at every
         CLIENT_CHECK seconds at least). With ``probe`` a tiny comment is written every
         CLIENT_CHECK seconds too: writing to a gone client fails, which ends the stream."""
-        lifecycle = self.lifecycle
-        heartbeat = lifecycle.config.events_heartbeat
-        wait = min(self._events_wait(), CLIENT_CHECK)
-        next_beat = self._clock() + heartbeat
-        next_probe = self._clock() + CLIENT_CHECK
+        loop = self._events_loop(subscriber, probe=probe)
+        wait = min(loop.wait, CLIENT_CHECK)
         try:
-            yield b"retry: 2000\n\n"
+            yield wire.EVENT_RETRY
             while True:
                 woken.clear()
-                for notice in subscriber.pop_all():
-                    yield format_event(notice)
-                    if notice["phase"] in _FINAL_PHASES:
-                        return
+                chunks, over = loop.pending()
+                yield from chunks
+                if over:
+                    return
                 woken.wait(wait)
                 if gone is not None and gone():
                     return
-                now = self._clock()
-                self._look_at_drain_file(now)
-                if now >= next_beat:
-                    next_beat, next_probe = now + heartbeat, now + CLIENT_CHECK
-                    yield format_comment("heartbeat")
-                elif probe and now >= next_probe:
-                    next_probe = now + CLIENT_CHECK
-                    yield PROBE
+                extra = loop.after_wait()
+                if extra is not None:
+                    yield extra
         finally:
-            lifecycle.events.unsubscribe(subscriber)
+            self.lifecycle.events.unsubscribe(subscriber)
 
 
 #: An empty SSE comment: what a stream writes every CLIENT_CHECK seconds where it has no other
 #: way to tell that its client has gone (the write fails then).
-PROBE = b":\n\n"
+PROBE = wire.PROBE_COMMENT
 
 
 def _client_gone(environ: Environ) -> tuple[Callable[[], bool] | None, bool]:

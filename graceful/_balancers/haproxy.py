@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from .._core.errors import GracefulError
+
 __all__ = [
     "AdminState",
     "HAProxyError",
@@ -41,6 +43,7 @@ __all__ = [
     "SocketError",
     "StateTimeout",
     "UnknownBackendError",
+    "UnknownBackendServerError",
     "UnknownServerError",
     "parse_servers_state",
     "parse_stat_csv",
@@ -58,7 +61,7 @@ _MAINT_BITS = 0x01 | 0x02 | 0x04 | 0x20 | 0x40
 _DRAIN_BITS = 0x08 | 0x10
 
 
-class HAProxyError(RuntimeError):
+class HAProxyError(GracefulError, RuntimeError):
     """HAProxy refused a command, answered something unexpected, or could not be reached."""
 
 
@@ -70,8 +73,13 @@ class UnknownBackendError(HAProxyError, LookupError):
     """HAProxy has no backend of that name."""
 
 
-class UnknownServerError(HAProxyError, LookupError):
+class UnknownBackendServerError(HAProxyError, LookupError):
     """The backend has no server of that name."""
+
+
+#: The name this error had before nginx's ``UnknownServerError`` and it were told apart; kept
+#: for ``except graceful.haproxy.UnknownServerError``.
+UnknownServerError = UnknownBackendServerError
 
 
 class StateTimeout(HAProxyError, TimeoutError):
@@ -283,7 +291,9 @@ class RuntimeAPI:
             raise error
         found = [s for s in parse_servers_state(answer) if s.server == server]
         if not found:
-            raise UnknownServerError(f"HAProxy's backend {backend!r} has no server {server!r}")
+            raise UnknownBackendServerError(
+                f"HAProxy's backend {backend!r} has no server {server!r}"
+            )
         state = found[0]
         stats = self.command(f"show stat {backend} 4 -1")  # type 4: servers only
         if not stats.startswith("# "):
@@ -336,7 +346,7 @@ class RuntimeAPI:
         while True:
             try:
                 last = self.server_state(backend, server)
-            except (UnknownBackendError, UnknownServerError, SocketError):
+            except (UnknownBackendError, UnknownBackendServerError, SocketError):
                 raise
             except HAProxyError as exc:  # a garbled answer: try again until the deadline
                 problem = str(exc)
@@ -358,7 +368,9 @@ class RuntimeAPI:
         if answer.startswith(("No such backend", "Can't find backend", "No such proxy")):
             return UnknownBackendError(f"HAProxy has no backend {backend!r}")
         if answer.startswith("No such server"):
-            return UnknownServerError(f"HAProxy's backend {backend!r} has no server {server!r}")
+            return UnknownBackendServerError(
+                f"HAProxy's backend {backend!r} has no server {server!r}"
+            )
         return None
 
 

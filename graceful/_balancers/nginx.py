@@ -41,6 +41,9 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
+
+from .._core.errors import GracefulError
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -52,6 +55,7 @@ __all__ = [
     "ReloadError",
     "ReloadTimeoutError",
     "Server",
+    "ServerMark",
     "UnknownServerError",
     "UnknownUpstreamError",
     "Upstream",
@@ -84,6 +88,8 @@ UPSTREAM_DIRECTIVES = frozenset(
 )
 
 POLL_INTERVAL = 0.02
+#: A server line is ``down`` (it carries the ``down`` flag) or ``up``.
+ServerMark = Literal["up", "down"]
 #: The largest upstream file (or pid file) the controller reads: far more than any upstream
 #: needs, and a bound on what a wrong path (``/dev/zero``, a huge log) can cost.
 MAX_FILE_BYTES = 1 << 20
@@ -91,7 +97,7 @@ MAX_FILE_BYTES = 1 << 20
 MASTER_TITLE = "nginx: master process"
 
 
-class NginxError(Exception):
+class NginxError(GracefulError):
     """Something went wrong managing the upstream; the message says what and what to do."""
 
 
@@ -166,7 +172,7 @@ class Server:
         return "down" in self.params
 
     @property
-    def state(self) -> str:
+    def state(self) -> ServerMark:
         return "down" if self.down else "up"
 
 

@@ -44,22 +44,32 @@ import contextlib
 import dataclasses
 import email.utils
 import http.cookiejar
-import json
 import math
 import random
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
+try:
+    import requests
+    import urllib3
+    from requests.adapters import BaseAdapter, HTTPAdapter
+except ImportError as exc:  # pragma: no cover - exercised by hiding requests in a test
+    raise ImportError(
+        "graceful.client needs requests; install it with: pip install 'graceful-drain[client]'"
+    ) from exc
 
 from .. import signals
+from .._core import protocol
+from .._core.errors import GracefulError
 from .._core.membership import Learned, Membership, NodeState, NodeStatus
-from .._core.surface import REJECTED_HEADER  # the mark on reject mode's 503: the app never saw it
+
+# The wire contract's limits on an events stream (a longer line, or event, is a broken stream,
+# never a notice; a notice is about 200 bytes), named here too for the module doc.
+from .._core.protocol import MAX_EVENT as MAX_EVENT
+from .._core.protocol import MAX_LINE as MAX_LINE
 
 __all__ = ["NoNodeAvailable", "NodeState", "NodeStatus", "Pool"]
 
@@ -68,10 +78,6 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 #: node may take to start answering before the call fails with a read timeout.
 DEFAULT_TIMEOUT = (3.05, 60.0)
 
-#: Limits on an events stream: a longer line, or event, is a broken stream, never a notice.
-#: A notice is about 200 bytes.
-MAX_LINE = 16 * 1024
-MAX_EVENT = 64 * 1024
 #: The longest pause between two tries of an events stream that fails (before jitter).
 MAX_BACKOFF = 30.0
 #: Bounds on a ``Retry-After`` the watcher honours, and the jitter added to its pauses.
@@ -84,12 +90,13 @@ EVENTS_OFF_INTERVALS = 10
 STREAM_TIMEOUT = (3.05, 60.0)
 
 
-class NoNodeAvailable(requests.ConnectionError):
+class NoNodeAvailable(GracefulError, requests.ConnectionError):
     """No node could take the request; the message names each node and why."""
 
 
-class BrokenStream(Exception):
-    """An events stream the watcher stops reading: not an event stream, or past a limit."""
+class BrokenStream(protocol.ProtocolError):
+    """An answer to the events request that is not an event stream (the watcher also stops
+    reading a stream past a limit: :class:`~graceful._core.protocol.EventStreamError`)."""
 
 
 def _is_refused(exc: requests.RequestException) -> bool:
@@ -108,11 +115,17 @@ def _is_read_timeout(exc: requests.RequestException) -> bool:
     return isinstance(reason, urllib3.exceptions.ReadTimeoutError)
 
 
+#: How the pool picks among the nodes in service.
+Balance = Literal["round_robin", "least_inflight"]
+#: What a node's events watcher is doing.
+WatchMode = Literal["starting", "streaming", "waiting", "off", "closed"]
+
+
 @dataclasses.dataclass
 class _Watch:
     """What the events watcher of one node is doing, for tests and debugging."""
 
-    mode: str = "starting"
+    mode: WatchMode = "starting"
     """``streaming``, ``waiting`` (to try again), ``off`` (the node said 204) or ``closed``."""
     failures: int = 0
     """Tries in a row that did not give a working stream (the backoff doubles with each)."""
@@ -127,8 +140,15 @@ class _Watch:
     closes: the pause ends."""
 
 
-class Pool(requests.Session):
-    """A :class:`requests.Session` over the nodes of one service; requests take a path.
+class Pool:
+    """The nodes of one service behind one caller; requests take a path (``/orders/1``).
+
+    A pool is not a :class:`requests.Session`: it *has* one for its calls (:attr:`session`:
+    set ``headers``, ``auth``, ``verify`` or ``mount`` an adapter there) and another for its
+    probes and event streams, and it picks the node, so its ``request()`` takes a path where a
+    session's takes a URL. ``get``, ``post``, ``put``, ``patch``, ``delete``, ``head`` and
+    ``options`` take the same keyword arguments as requests' and return a
+    :class:`requests.Response`.
 
     Thread-safe: share one pool between threads. ``close()`` (or ``with Pool(...)``) stops its
     background threads: one prober (and a short-lived thread per probe, at most one per node,
@@ -158,18 +178,17 @@ class Pool(requests.Session):
         *,
         probe_interval: float = 5.0,
         watch: bool = True,
-        balance: str = "round_robin",
+        balance: Balance = "round_robin",
         max_attempts: int = 3,
         resend_with_idempotency_key: bool = False,
         pool_size: int = 32,
         timeout: float | tuple[float, float] | None = DEFAULT_TIMEOUT,
         read_timeouts_to_down: int = 3,
         probe_timeout: float = 5.0,
-        readyz_path: str = "/readyz",
-        events_path: str = "/-/graceful/events",
+        readyz_path: str = protocol.READYZ_PATH,
+        events_path: str = protocol.control_path(protocol.EVENTS),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__()
         urls = [_node_url(node) for node in nodes]
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, not {max_attempts!r}")
@@ -194,9 +213,11 @@ class Pool(requests.Session):
         self.probe_timeout = probe_timeout
         self.readyz_path = readyz_path
         self.events_path = events_path
+        #: The session the calls go through (the pool adds the node's base URL to each path).
+        self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=len(urls), pool_maxsize=pool_size, max_retries=0)
-        self.mount("http://", adapter)
-        self.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self._side = requests.Session()  # probes and event streams, apart from the calls
         # A node must not grow the pool's memory with cookies, nor have them sent back.
         self._side.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
@@ -218,12 +239,12 @@ class Pool(requests.Session):
 
     # -- the calls ---------------------------------------------------------------------------
 
-    def request(  # type: ignore[override]
-        self, method: str, url: str, *args: Any, **kwargs: Any
-    ) -> requests.Response:
-        """Send ``method path`` to a node in service; see the module doc for the retry rules."""
-        if not url.startswith("/"):  # a path; "://" may be in its query (?next=http://...)
-            raise ValueError(f"Pool requests take a path like /orders/1, not {url!r}")
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """Send ``method path`` to a node in service; see the module doc for the retry rules.
+        ``kwargs`` are :meth:`requests.Session.request`'s (``params``, ``json``, ``headers``,
+        ``timeout``, ``stream``, ...)."""
+        if not path.startswith("/"):  # a path; "://" may be in its query (?next=http://...)
+            raise ValueError(f"Pool requests take a path like /orders/1, not {path!r}")
         if self._closed.is_set():
             raise RuntimeError("this Pool is closed")
         kwargs.setdefault("timeout", self.default_timeout)
@@ -237,7 +258,7 @@ class Pool(requests.Session):
                 self._membership.begin(node)
             answered = False
             try:
-                response = super().request(method, node + url, *args, **kwargs)
+                response = self.session.request(method, node + path, **kwargs)
                 answered = True
             except requests.RequestException as exc:
                 why = self._failed(node, method, kwargs, exc)
@@ -255,6 +276,37 @@ class Pool(requests.Session):
                 tried[node] = "rejected while draining"
                 continue
             return response
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("allow_redirects", True)
+        return self.request("GET", path, **kwargs)
+
+    def options(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("allow_redirects", True)
+        return self.request("OPTIONS", path, **kwargs)
+
+    def head(self, path: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("allow_redirects", False)  # as requests does
+        return self.request("HEAD", path, **kwargs)
+
+    def post(
+        self, path: str, data: Any = None, json: Any = None, **kwargs: Any
+    ) -> requests.Response:
+        return self.request("POST", path, data=data, json=json, **kwargs)
+
+    def put(self, path: str, data: Any = None, **kwargs: Any) -> requests.Response:
+        return self.request("PUT", path, data=data, **kwargs)
+
+    def patch(self, path: str, data: Any = None, **kwargs: Any) -> requests.Response:
+        return self.request("PATCH", path, data=data, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.request("DELETE", path, **kwargs)
+
+    def mount(self, prefix: str, adapter: BaseAdapter) -> None:
+        """Send the calls whose URL starts with ``prefix`` through ``adapter`` (the calls'
+        session's :meth:`~requests.Session.mount`; probes and event streams keep their own)."""
+        self.session.mount(prefix, adapter)
 
     def _failed(
         self, node: str, method: str, kwargs: Mapping[str, Any], exc: requests.RequestException
@@ -279,11 +331,12 @@ class Pool(requests.Session):
         """Learn from an answer's headers; True for the middleware's own rejection, the only
         answer that is sent to the next node (the app never saw the request)."""
         headers = response.headers
-        rejected = response.status_code == 503 and REJECTED_HEADER in headers
-        if headers.get("Graceful-State", "").lower() == "draining":
-            self._learn(node, Learned.RESPONSE_DRAINING, "Graceful-State: draining")
+        rejected = response.status_code == 503 and protocol.is_rejected(headers)
+        if protocol.is_draining(headers):
+            draining = f"{protocol.STATE_HEADER}: {protocol.STATE_DRAINING}"
+            self._learn(node, Learned.RESPONSE_DRAINING, draining)
         elif rejected:
-            self._learn(node, Learned.RESPONSE_DRAINING, REJECTED_HEADER)
+            self._learn(node, Learned.RESPONSE_DRAINING, protocol.REJECTED_HEADER)
         elif headers.get("Connection", "").lower() == "close":
             self._learn(node, Learned.RESPONSE_DRAINING, "Connection: close")
         return rejected
@@ -402,7 +455,7 @@ class Pool(requests.Session):
         try:
             with self._side.get(
                 url + self.events_path,
-                headers={"Accept": "text/event-stream"},
+                headers={"Accept": _EVENT_STREAM},
                 stream=True,
                 timeout=STREAM_TIMEOUT,
                 allow_redirects=False,
@@ -414,7 +467,7 @@ class Pool(requests.Session):
                 if pause is not None:
                     return pause
                 self._read_stream(url, response, watch)
-        except BrokenStream as exc:
+        except protocol.ProtocolError as exc:  # BrokenStream, or past a limit
             watch.last = f"broken stream: {exc}"
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             # The node is restarting or gone: the calls and the prober see to it. A stream
@@ -428,11 +481,11 @@ class Pool(requests.Session):
         """The pause the node asked for instead of a stream (204, or 503 with Retry-After)."""
         if response.status_code == 204:  # Graceful-Events: off (an EventSource stops, too)
             watch.mode, watch.failures = "off", 0
-            watch.last = "204 " + response.headers.get("Graceful-Events", "")[:20]
+            watch.last = "204 " + response.headers.get(protocol.EVENTS_HEADER, "")[:20]
             interval = self._membership.probe_interval * EVENTS_OFF_INTERVALS
             return _jittered(interval, self._rng)
         if response.status_code == 503:
-            after = _retry_after(response.headers.get("Retry-After"))
+            after = _retry_after(response.headers.get(protocol.RETRY_AFTER_HEADER))
             if after is not None:
                 watch.mode, watch.last = "waiting", f"503, Retry-After {after:g} s"
                 return _jittered(after, self._rng)
@@ -473,7 +526,13 @@ class Pool(requests.Session):
         for raw in list(self._streams.values()):
             _shut_down(raw)  # a watcher blocked reading its stream wakes up and ends
         self._side.close()
-        super().close()
+        self.session.close()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _shut_down(raw: Any) -> None:
@@ -484,15 +543,18 @@ def _shut_down(raw: Any) -> None:
             shutdown()
 
 
+_EVENT_STREAM = protocol.EVENTS_CONTENT_TYPE.split(";")[0]
+
+
 def _is_event_stream(response: requests.Response) -> bool:
     content_type = response.headers.get("Content-Type", "")
-    return content_type.split(";")[0].strip().lower() == "text/event-stream"
+    return content_type.split(";")[0].strip().lower() == _EVENT_STREAM
 
 
 class _EventReader:
-    """The JSON object notices of a server-sent event stream, as they arrive, holding at most
-    :data:`MAX_LINE` bytes of an unfinished line and :data:`MAX_EVENT` of an unfinished event
-    (past either: :class:`BrokenStream`). Each byte is copied a bounded number of times.
+    """The JSON object notices of a server-sent event stream, as they arrive: the wire
+    contract's :class:`~graceful._core.protocol.EventDecoder` (bounded: past a limit,
+    :class:`~graceful._core.protocol.EventStreamError`) fed from ``raw`` as bytes come.
 
     (``iter_lines`` would wait for a full chunk, or the end of a body that has no length.)
     """
@@ -501,57 +563,20 @@ class _EventReader:
         self._read: Callable[[int], bytes] = (
             raw.read1 if hasattr(raw, "read1") else lambda size: raw.read(1)  # urllib3 < 2
         )
-        self.largest_pending = 0
-        self.notices = 0
+        self._decoder = protocol.EventDecoder()
+
+    @property
+    def largest_pending(self) -> int:
+        """The most bytes of an unfinished line it ever held."""
+        return self._decoder.largest_pending
+
+    @property
+    def notices(self) -> int:
+        return self._decoder.notices
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        data: list[bytes] = []
-        size = 0
-        for line in self._lines():
-            if not line:  # a blank line ends an event
-                notice = _decode(data)
-                data, size = [], 0
-                if notice is not None:
-                    self.notices += 1
-                    yield notice
-            elif line.startswith(b"data:"):
-                value = line[6:] if line.startswith(b"data: ") else line[5:]
-                size += len(value) + 1
-                if size > MAX_EVENT:
-                    raise BrokenStream(f"an event longer than {MAX_EVENT} bytes")
-                data.append(value)
-            # Comments (heartbeats), id:, event: and retry: lines are not needed.
-
-    def _lines(self) -> Iterator[bytes]:
-        pending = bytearray()
         while chunk := self._read(65536):
-            start = 0
-            while (end := chunk.find(b"\n", start)) >= 0:
-                self._hold(pending, end - start)
-                pending += chunk[start:end]
-                line = bytes(pending)
-                pending.clear()
-                yield line[:-1] if line.endswith(b"\r") else line
-                start = end + 1
-            self._hold(pending, len(chunk) - start)
-            pending += chunk[start:]
-
-    def _hold(self, pending: bytearray, more: int) -> None:
-        """Refuse a line that would grow past the limit, before it is copied."""
-        if len(pending) + more > MAX_LINE:
-            raise BrokenStream(f"a line longer than {MAX_LINE} bytes")
-        self.largest_pending = max(self.largest_pending, len(pending) + more)
-
-
-def _decode(data: list[bytes]) -> dict[str, Any] | None:
-    """The notice an event's data lines carry, or None (no data, not a JSON object)."""
-    if not data:
-        return None
-    try:
-        notice = json.loads(b"\n".join(data))
-    except ValueError:
-        return None
-    return notice if isinstance(notice, dict) else None
+            yield from self._decoder.feed(chunk)
 
 
 def _backoff(failures: int, base: float) -> float:

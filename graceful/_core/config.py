@@ -3,19 +3,23 @@
 Every field of :class:`Config` carries its documentation and kind in its metadata;
 :meth:`Config.from_env` reads ``GRACEFUL_<NAME>`` for each field, and a test keeps the
 README's settings table in step with the fields.
+
+This module reads no environment and logs nothing itself: it parses the mapping it is given.
+Where none is given it asks the source plugged in by :func:`plug_environment` (the runtime
+plugs in ``os.environ`` and the ``graceful`` logger when the package is imported, see
+:mod:`graceful._runtime.env`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Literal
 
+from .errors import GracefulError
 from .types import Check
 
 __all__ = [
@@ -27,9 +31,9 @@ __all__ = [
     "default_delay",
     "parse_count",
     "parse_seconds",
+    "plug_environment",
+    "unknown_variables",
 ]
-
-logger = logging.getLogger("graceful")
 
 ENV_PREFIX = "GRACEFUL_"
 
@@ -50,8 +54,29 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-class ConfigError(ValueError):
+class ConfigError(GracefulError, ValueError):
     """A setting has a value that is not allowed. The message names the setting."""
+
+
+def _no_environment() -> Mapping[str, str]:
+    return {}
+
+
+def _say_nothing(message: str) -> None:
+    pass
+
+
+_environ: Callable[[], Mapping[str, str]] = _no_environment
+_warn: Callable[[str], None] = _say_nothing
+
+
+def plug_environment(environ: Callable[[], Mapping[str, str]], warn: Callable[[str], None]) -> None:
+    """Where :meth:`Config.from_env` and the ``delay`` default read the process environment
+    when given none (``environ()``), and where a remark about it goes (``warn(message)``).
+
+    Until plugged the environment is empty and remarks go nowhere."""
+    global _environ, _warn
+    _environ, _warn = environ, warn
 
 
 def parse_seconds(text: str) -> float:
@@ -74,7 +99,7 @@ def parse_count(text: str) -> int:
 
 def default_delay(environ: Mapping[str, str] | None = None) -> float:
     """5 s under Kubernetes (endpoints take a few seconds to update), otherwise 2 s."""
-    env = os.environ if environ is None else environ
+    env = _environ() if environ is None else environ
     return 5.0 if env.get("KUBERNETES_SERVICE_HOST") else 2.0
 
 
@@ -188,7 +213,7 @@ class Config:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
         """Build a config from ``GRACEFUL_*`` variables; keyword arguments win over them."""
-        env = os.environ if environ is None else environ
+        env = _environ() if environ is None else environ
         names = {f.name: f for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for field in names.values():
@@ -200,14 +225,11 @@ class Config:
             value = _parse_env(key, kind, env[key])
             values[field.name] = _validate_env(key, field.name, kind, env[key], value)
         values.setdefault("delay", default_delay(env))  # Kubernetes is detected in ``env`` too
-        known = {ENV_PREFIX + n.upper() for n, f in names.items() if f.metadata["kind"] != "checks"}
-        for key in sorted(env):
-            if key.startswith(ENV_PREFIX) and key not in known:
-                logger.warning(
-                    "ignoring unknown environment variable %s; known: %s",
-                    key,
-                    ", ".join(sorted(known)),
-                )
+        unknown = unknown_variables(env)
+        if unknown:
+            known = ", ".join(sorted(_known_variables()))
+            for key in unknown:
+                _warn(f"ignoring unknown environment variable {key}; known: {known}")
         for name in overrides:
             if name not in names:
                 raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(names))}")
@@ -217,6 +239,20 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         """A copy with some settings changed (validated like the original)."""
         return dataclasses.replace(self, **changes)
+
+
+def _known_variables() -> frozenset[str]:
+    return frozenset(
+        ENV_PREFIX + f.name.upper()
+        for f in dataclasses.fields(Config)
+        if f.metadata["kind"] != "checks"
+    )
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``GRACEFUL_*`` names in ``environ`` that are no setting, sorted."""
+    known = _known_variables()
+    return sorted(key for key in environ if key.startswith(ENV_PREFIX) and key not in known)
 
 
 #: Durations whose 0 means nothing: they must be > 0.
@@ -273,14 +309,22 @@ def _validate(name: str, kind: str, value: Any) -> Any:
     if kind == "token":
         return _validate_token(name, value)
     if kind == "file":
-        if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
-            raise ConfigError(f"{name}={value!r} is not allowed; expected a file path or None")
-        return None if value is None else os.fspath(value)
+        return _validate_file(name, value)
     if kind == "checks":
         return _validate_checks(name, value)
     if kind == "bool" and not isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} is not allowed; expected True or False")
     return value
+
+
+def _validate_file(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    # A str or an os.PathLike (read through its protocol: the core does not import os).
+    path = value.__fspath__() if hasattr(value, "__fspath__") else value
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{name}={value!r} is not allowed; expected a file path or None")
+    return path
 
 
 def _validate_seconds(name: str, value: Any, *, allow_zero: bool) -> float:

@@ -18,12 +18,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
-import json
-import select
-import socket
-import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
+
+from .protocol import format_comment, format_event
 
 __all__ = [
     "CLIENT_CHECK",
@@ -36,8 +34,6 @@ __all__ = [
     "Subscriber",
     "format_comment",
     "format_event",
-    "gunicorn_share",
-    "peer_closed",
 ]
 
 # A subscriber that never reads keeps at most this many notices; older ones are dropped.
@@ -72,25 +68,45 @@ class NodeStreams(Protocol):
         """Streams open in the node's other processes."""
 
 
+#: A lock (``threading.Lock``): the core takes one from its caller, never makes one.
+Lock: TypeAlias = contextlib.AbstractContextManager[Any]
+
+
+class _Unlocked(contextlib.AbstractContextManager[None]):
+    """Where nothing runs concurrently (the default until the runtime gives a real lock)."""
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 class ProcessStreams:
     """The events streams this process holds, within its share and the node's cap.
 
     One per process (:data:`PROCESS`), whatever the number of lifecycles: threads and workers
     belong to the process. A server shim that knows its worker (``graceful.gunicorn``) calls
     :meth:`join`; otherwise the adapter decides the share from what it sees (``wsgi.multithread``).
+
+    ``new_lock`` makes the lock that serialises this process's admissions (``threading.Lock``
+    where threads run; the adapters give :data:`PROCESS` one with :meth:`use_locks`).
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, new_lock: Callable[[], Lock] = _Unlocked) -> None:
+        self._new_lock = new_lock
+        self._lock: Lock = new_lock()
         self.count = 0
         #: Set by :meth:`join`: the share the server shim decided (None: no limit of its own).
         self.decided = False
         self.share: int | None = None
         self.node: NodeStreams | None = None
 
+    def use_locks(self, new_lock: Callable[[], Lock]) -> None:
+        """Serialise admissions with locks made by ``new_lock`` from now on (idempotent)."""
+        if self._new_lock is not new_lock:
+            self._new_lock, self._lock = new_lock, new_lock()
+
     def join(self, share: int | None, node: NodeStreams | None, *, decided: bool = True) -> None:
         """In a freshly forked worker: its share (None: no limit of its own) and its node."""
-        self._lock = threading.Lock()  # a fork may have copied it held
+        self._lock = self._new_lock()  # a fork may have copied it held
         self.count = 0
         self.decided, self.share, self.node = decided, share, node
         if node is not None:
@@ -139,78 +155,6 @@ class ProcessStreams:
 #: This process's streams.
 PROCESS = ProcessStreams()
 
-#: gunicorn worker classes (by name, anywhere in the worker's class hierarchy) and the streams
-#: each may hold: a stream would hold a sync worker's (or tornado's WSGI container's) only
-#: thread; async workers hold streams cheaply (None: only the node-wide cap).
-_SINGLE_THREADED = frozenset({"SyncWorker", "TornadoWorker"})
-_ASYNC = frozenset({"AsyncWorker", "UvicornWorker", "ASGIWorker"})
-#: A gthread worker gives streams at most one thread in this many.
-THREADS_PER_STREAM = 4
-
-
-def gunicorn_share(worker: Any) -> tuple[bool, int | None]:
-    """``(decided, share)`` for a gunicorn worker: how many streams it may hold (None: no limit
-    of its own), or ``decided`` False for a worker class we do not know (the adapter then
-    decides from ``wsgi.multithread``)."""
-    names = {cls.__name__ for cls in type(worker).__mro__}
-    if "ThreadWorker" in names:
-        threads = getattr(getattr(worker, "cfg", None), "threads", 1)
-        return True, max(0, int(threads)) // THREADS_PER_STREAM
-    if names & _SINGLE_THREADED:
-        return True, 0
-    if names & _ASYNC:
-        return True, None
-    return False, None
-
-
-def peer_closed(sock: Any) -> bool:
-    """Whether the client on ``sock`` has gone (closed or reset), without blocking and without
-    consuming anything it sent (a peek). An unusable socket counts as gone."""
-    try:
-        fd = sock.fileno()
-    except (OSError, ValueError):
-        return True
-    if fd < 0:
-        return True
-    try:
-        readable, broken = _poll_now(fd)
-    except (OSError, ValueError):
-        return True
-    if broken:
-        return True
-    if not readable:
-        return False
-    # Readable: either bytes the client sent (left for the server) or the end of the stream.
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | _DONTWAIT) == b"")
-    except (BlockingIOError, InterruptedError):
-        return False
-    except ValueError:
-        return False  # a TLS socket cannot peek: the next write (heartbeat) will tell
-    except OSError:
-        return True  # reset
-
-
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_BROKEN = (
-    getattr(select, "POLLERR", 0)
-    | getattr(select, "POLLHUP", 0)
-    | getattr(select, "POLLNVAL", 0)
-    | getattr(select, "POLLRDHUP", 0)  # Linux: the client closed its end
-)
-
-
-def _poll_now(fd: int) -> tuple[bool, bool]:
-    """``(readable, broken)`` for ``fd``, at once (``select.select`` would refuse fd > 1023)."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | _BROKEN)
-        events = poller.poll(0)
-        mask = events[0][1] if events else 0
-        return bool(mask & select.POLLIN), bool(mask & _BROKEN)
-    readable, _, broken = select.select([fd], [], [fd], 0)
-    return bool(readable), bool(broken)
-
 
 class Subscriber:
     __slots__ = ("_queue", "closed", "wake")
@@ -242,7 +186,7 @@ class EventHub:
     def __init__(self, max_subscribers: int, process: ProcessStreams | None = None) -> None:
         self.max_subscribers = max_subscribers
         self.process = PROCESS if process is None else process
-        self._lock = threading.Lock()
+        # No lock: a set's add, remove and copy are each atomic (with or without the GIL).
         self._subscribers: set[Subscriber] = set()
 
     def subscribe(self, first: dict[str, Any], share: int | None = None) -> Subscriber | Refusal:
@@ -255,37 +199,25 @@ class EventHub:
             return refusal
         subscriber = Subscriber()
         subscriber.push(first)
-        with self._lock:
-            self._subscribers.add(subscriber)
+        self._subscribers.add(subscriber)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         """Release ``subscriber``'s slot (once, however often it is called)."""
         subscriber.closed = True
-        with self._lock:
-            held = subscriber in self._subscribers
-            self._subscribers.discard(subscriber)
-        if held:
-            self.process.release()
+        try:
+            self._subscribers.remove(subscriber)  # only one caller succeeds
+        except KeyError:
+            return
+        self.process.release()
 
     def node_count(self) -> int:
         """Streams open on the whole node (every hub of every process of it)."""
         return self.process.node_total()
 
     def publish(self, notice: dict[str, Any]) -> None:
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for subscriber in subscribers:
+        for subscriber in self._subscribers.copy():
             subscriber.push(notice)
 
     def __len__(self) -> int:
         return len(self._subscribers)
-
-
-def format_event(notice: dict[str, Any]) -> bytes:
-    data = json.dumps(notice, separators=(",", ":"), sort_keys=True)
-    return f"id: {notice['id']}\nevent: phase\ndata: {data}\n\n".encode()
-
-
-def format_comment(text: str) -> bytes:
-    return f": {text}\n\n".encode()

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import enum
 import hmac
-import json
 import math
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from .._runtime.checks import CheckOutcome
-from .._runtime.lifecycle import Lifecycle, LifecycleError, Phase
-from .config import parse_seconds
+from . import protocol as wire
+from .config import Config, parse_seconds
+from .errors import GracefulError
+from .phases import LifecycleError, Phase
+from .protocol import MAX_WAIT, REJECTED_HEADER
 
 __all__ = [
     "EVENTS_FULL",
@@ -29,17 +30,16 @@ __all__ = [
     "NEVER_REJECTED",
     "REJECTED_HEADER",
     "OpenEvents",
+    "Outcome",
+    "QueryError",
     "Response",
     "Route",
     "RunChecks",
     "Surface",
+    "SurfaceLifecycle",
     "WaitDrained",
     "rejection",
 ]
-
-HEALTH_JSON = "application/health+json"
-#: The longest ``POST drain?wait=1`` waits (``?timeout=``); the command line refuses more.
-MAX_WAIT = 3600.0
 
 
 class Route(enum.Enum):
@@ -91,21 +91,44 @@ class OpenEvents:
 
 Outcome = Response | RunChecks | WaitDrained | OpenEvents
 
-EVENTS_HEADERS = (
-    ("Content-Type", "text/event-stream; charset=utf-8"),
-    ("Cache-Control", "no-store"),
-    ("X-Accel-Buffering", "no"),
-)
+
+class CheckResult(Protocol):
+    """One readiness check's result (the runtime's ``CheckOutcome``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def output(self) -> str: ...
+
+
+class SurfaceLifecycle(Protocol):
+    """What the surface needs of a node's lifecycle (the runtime's ``Lifecycle``).
+
+    Reading ``phase`` and ``reason`` never changes anything; ``drain`` and ``resume`` raise
+    :class:`~graceful._core.phases.LifecycleError` where the phase does not allow them.
+    """
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def phase(self) -> Phase: ...
+    @property
+    def reason(self) -> str: ...
+    def drain(self, reason: str) -> None: ...
+    def resume(self, reason: str) -> None: ...
+    def snapshot(self) -> Mapping[str, Any]: ...
 
 
 def _json(
     status: int,
-    body: dict[str, Any],
-    content_type: str = HEALTH_JSON,
+    body: Mapping[str, Any],
+    content_type: str = wire.HEALTH_JSON,
     extra: Iterable[tuple[str, str]] = (),
     head: bool = False,
 ) -> Response:
-    data = json.dumps(body, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+    data = wire.encode_json(body)
     headers = (
         ("Content-Type", content_type),
         ("Content-Length", str(len(data))),
@@ -118,25 +141,27 @@ def _json(
 def _fail(
     status: int, output: str, *, extra: Iterable[tuple[str, str]] = (), head: bool = False
 ) -> Response:
-    return _json(status, {"status": "fail", "output": output}, extra=extra, head=head)
+    return _json(status, wire.health("fail", output), extra=extra, head=head)
 
 
 #: The answer to an events subscriber past ``events_max_subscribers`` (node-wide) or past this
 #: worker's share of streams, wherever it is refused.
-EVENTS_FULL = _fail(503, "too many event subscribers", extra=(("Retry-After", "5"),))
+EVENTS_FULL = _fail(
+    503,
+    "too many event subscribers",
+    extra=((wire.RETRY_AFTER_HEADER, str(wire.EVENTS_FULL_RETRY_AFTER)),),
+)
 
-#: Set to ``off`` on :data:`EVENTS_OFF`.
-EVENTS_HEADER = "Graceful-Events"
+#: Set to ``off`` on :data:`EVENTS_OFF` (re-exported from the wire contract).
+EVENTS_HEADER = wire.EVENTS_HEADER
+#: The headers of an events stream's 200.
+EVENTS_HEADERS = wire.EVENTS_RESPONSE_HEADERS
 #: The answer to an events request where a stream would take a worker's only thread (a
 #: gunicorn sync worker, a gthread worker of fewer than 4 threads, a single-threaded WSGI
 #: server). A 204 tells an EventSource to stop reconnecting; the pool falls back to in-band
 #: headers and readiness probes.
-EVENTS_OFF = Response(204, ((EVENTS_HEADER, "off"), ("Cache-Control", "no-store")), b"")
+EVENTS_OFF = Response(204, ((EVENTS_HEADER, wire.EVENTS_OFF), ("Cache-Control", "no-store")), b"")
 
-
-#: The mark on the middleware's own rejection (reject mode), and only there: the middlewares
-#: remove it from any 503 the app produced, so it tells "the app never saw this request".
-REJECTED_HEADER = "Graceful-Rejected"
 #: Methods reject mode never rejects (nginx's non-idempotent set): a proxy does not re-send them
 #: after a 503 (without ``proxy_next_upstream ... non_idempotent``), so they are served.
 NEVER_REJECTED = frozenset({"POST", "PATCH", "LOCK"})
@@ -155,11 +180,15 @@ def rejection(delay: float) -> Response:
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
         ("Cache-Control", "no-store"),
-        ("Retry-After", str(max(1, math.ceil(delay)))),
-        ("Graceful-State", "draining"),
-        (REJECTED_HEADER, "1"),
+        (wire.RETRY_AFTER_HEADER, wire.retry_after(delay)),
+        (wire.STATE_HEADER, wire.STATE_DRAINING),
+        (REJECTED_HEADER, wire.REJECTED_VALUE),
     )
     return Response(503, headers, body)
+
+
+class QueryError(GracefulError, ValueError):
+    """A control route's query string that the route does not take (answered with 400)."""
 
 
 def _parse_bool(name: str, value: str) -> bool:
@@ -168,21 +197,21 @@ def _parse_bool(name: str, value: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"query parameter {name!r} must be 1 or 0, not {value[:40]!r}")
+    raise QueryError(f"query parameter {name!r} must be 1 or 0, not {value[:40]!r}")
 
 
 def _parse_seconds(name: str, value: str) -> float:
     try:
         seconds = parse_seconds(value)
-    except ValueError:
+    except ValueError:  # a ConfigError
         seconds = math.nan
     if not 0 < seconds <= MAX_WAIT:  # NaN fails too
-        raise ValueError(f"query parameter {name!r} must be seconds in (0, {MAX_WAIT:g}]")
+        raise QueryError(f"query parameter {name!r} must be seconds in (0, {MAX_WAIT:g}]")
     return seconds
 
 
 class Surface:
-    def __init__(self, lifecycle: Lifecycle) -> None:
+    def __init__(self, lifecycle: SurfaceLifecycle) -> None:
         config = lifecycle.config
         self.lifecycle = lifecycle
         self.prefix = config.control_prefix
@@ -191,10 +220,10 @@ class Surface:
         self.routes = {
             config.livez_path: Route.LIVEZ,
             config.readyz_path: Route.READYZ,
-            self._under_prefix + "status": Route.STATUS,
-            self._under_prefix + "drain": Route.DRAIN,
-            self._under_prefix + "resume": Route.RESUME,
-            self._under_prefix + "events": Route.EVENTS,
+            wire.control_path(wire.STATUS, self.prefix): Route.STATUS,
+            wire.control_path(wire.DRAIN, self.prefix): Route.DRAIN,
+            wire.control_path(wire.RESUME, self.prefix): Route.RESUME,
+            wire.control_path(wire.EVENTS, self.prefix): Route.EVENTS,
         }
         #: What a new request gets while announcing, or None to serve it (the default).
         self.rejection = rejection(config.delay) if config.reject_when_draining else None
@@ -243,22 +272,21 @@ class Surface:
             )
         lifecycle = self.lifecycle
         if route is Route.LIVEZ:
-            alive = lifecycle.phase is not Phase.STOPPED
-            status = "pass" if alive else "fail"
-            return _json(
-                200 if alive else 503, {"status": status, "phase": lifecycle.phase.value}, head=head
-            )
+            phase = lifecycle.phase
+            alive = phase != Phase.STOPPED
+            body = wire.health("pass" if alive else "fail", phase=phase.value)
+            return _json(200 if alive else 503, body, head=head)
         if route is Route.READYZ:
-            if lifecycle.phase is Phase.SERVING and lifecycle.config.checks:
+            if lifecycle.phase == Phase.SERVING and lifecycle.config.checks:
                 return RunChecks(head)
             return self.readiness([], head=head)
         if route is Route.STATUS:
-            return _json(200, lifecycle.snapshot(), "application/json", head=head)
+            return _json(200, lifecycle.snapshot(), wire.JSON, head=head)
         if route is Route.EVENTS:
             return OpenEvents()  # the adapter admits it, or answers EVENTS_OFF or EVENTS_FULL
         try:
             params = self._params(route, query)
-        except ValueError as exc:
+        except QueryError as exc:
             return _fail(400, str(exc))
         if route is Route.RESUME:
             return self._change(lifecycle.resume, "resumed by control route")
@@ -277,34 +305,31 @@ class Surface:
                 query, keep_blank_values=True, strict_parsing=True, max_num_fields=10
             )
         except ValueError:
-            raise ValueError("malformed query string") from None
+            raise QueryError("malformed query string") from None
         allowed = ("wait", "timeout") if route is Route.DRAIN else ()
         params: dict[str, Any] = {}
         for name, value in pairs:
             if name not in allowed:
                 listed = ", ".join(allowed) or "none"
-                raise ValueError(f"unknown query parameter {name[:40]!r}; allowed: {listed}")
+                raise QueryError(f"unknown query parameter {name[:40]!r}; allowed: {listed}")
             if name in params:
-                raise ValueError(f"query parameter {name!r} given twice")
+                raise QueryError(f"query parameter {name!r} given twice")
             params[name] = (
                 _parse_bool(name, value) if name == "wait" else _parse_seconds(name, value)
             )
         if "timeout" in params and not params.get("wait"):
-            raise ValueError("timeout applies only with wait=1")
+            raise QueryError("timeout applies only with wait=1")
         return params
 
-    def _change(self, action: Any, reason: str) -> Response:
+    def _change(self, action: Callable[[str], None], reason: str) -> Response:
         try:
             action(reason)
         except LifecycleError as exc:
-            return _json(
-                409,
-                {"status": "fail", "output": str(exc), "phase": exc.phase.value},
-                "application/json",
-            )
-        return _json(200, self.lifecycle.snapshot(), "application/json")
+            body = wire.health("fail", str(exc), phase=exc.phase.value)
+            return _json(409, body, wire.JSON)
+        return _json(200, self.lifecycle.snapshot(), wire.JSON)
 
-    def readiness(self, outcomes: list[CheckOutcome], *, head: bool) -> Response:
+    def readiness(self, outcomes: Sequence[CheckResult], *, head: bool) -> Response:
         lifecycle = self.lifecycle
         phase = lifecycle.phase
         body: dict[str, Any] = {"phase": phase.value}
@@ -314,7 +339,7 @@ class Surface:
                 for o in outcomes
             }
         failed = [o for o in outcomes if not o.ok]
-        if phase is not Phase.SERVING:
+        if phase != Phase.SERVING:
             body.update(status="fail", output=phase.value, notes=[lifecycle.reason])
         elif failed:
             body.update(status="fail", output=failed[0].output)
@@ -325,4 +350,4 @@ class Surface:
     def drain_waited(self, drained: bool) -> Response:
         """200 once drained; 202 when the wait ended first (the drain goes on)."""
         snapshot = self.lifecycle.snapshot()
-        return _json(200 if drained else 202, snapshot, "application/json")
+        return _json(200 if drained else 202, snapshot, wire.JSON)

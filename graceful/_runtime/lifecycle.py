@@ -1,30 +1,32 @@
-"""The node's lifecycle: one reversible state machine, the in-flight count, and waiting on both.
+"""The node's lifecycle at run time: the sans-io machine, with the clock, the locks and the waits.
 
-The machine is a table (:data:`TRANSITIONS`) of ``(phase, event) -> phase``; an event the table
-does not allow raises :class:`LifecycleError` naming the current phase. The core never sleeps and
-never reads the wall clock on its own: every method takes ``now`` (seconds on a monotonic scale),
-and where it is omitted the injectable ``clock`` given to the constructor is read. Waiting
-(:meth:`Lifecycle.wait_drained` and friends) is event-driven: the thread that releases the last
-in-flight entry wakes the waiters.
+The phases, the transition table and the rules of a drain are the pure core's
+(:mod:`graceful._core.phases`, :mod:`graceful._core.machine`). :class:`Lifecycle` is the shell
+around them: it reads the injectable ``clock`` where a method is given no ``now``, serialises
+the machine behind a lock, and does what a transition means (wake the sync and async waiters,
+tell the other processes of the node, publish the events-stream notice, log, send the blinker
+signals). Reading never transitions: a drain completes when a waiter, the release of the last
+in-flight work, :meth:`Lifecycle.wake`, :meth:`Lifecycle.tick`, the status snapshot or (on the
+real clock) a timer at the end of the delay looks at it. Waiting is event-driven: the thread
+that releases the last in-flight entry wakes the waiters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
-import math
 import os
 import threading
 import time
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import signals
 from .._core.config import Config
 from .._core.inflight import InflightTracker
+from .._core.machine import Machine, Transition
+from .._core.phases import ANNOUNCING, SHARED_EVENTS, TRANSITIONS, Event, LifecycleError, Phase
 from .._core.stream import EventHub, Refusal, Subscriber
 
 __all__ = [
@@ -42,97 +44,10 @@ __all__ = [
     "set_lifecycle",
 ]
 
-
-class Phase(str, enum.Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    DRAINING = "draining"
-    DRAINED = "drained"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Event(str, enum.Enum):
-    MARK_READY = "mark_ready"
-    DRAIN = "drain"
-    DRAIN_COMPLETE = "drain_complete"
-    RESUME = "resume"
-    STOP = "stop"
-    STOPPED = "stopped"
-
-    def __str__(self) -> str:
-        return self.value
-
-
 logger = logging.getLogger("graceful")
-
-_P, _E = Phase, Event
-
-#: Every allowed transition. Pairs that map a phase to itself are accepted and change nothing
-#: (repeating a drain, a resume of a serving node, a second stop), so scripts can retry.
-TRANSITIONS: Mapping[tuple[Phase, Event], Phase] = types.MappingProxyType(
-    {
-        (_P.STARTING, _E.MARK_READY): _P.SERVING,
-        (_P.STARTING, _E.STOP): _P.STOPPING,
-        (_P.SERVING, _E.MARK_READY): _P.SERVING,
-        (_P.SERVING, _E.DRAIN): _P.DRAINING,
-        (_P.SERVING, _E.RESUME): _P.SERVING,
-        (_P.SERVING, _E.STOP): _P.STOPPING,
-        (_P.DRAINING, _E.MARK_READY): _P.DRAINING,
-        (_P.DRAINING, _E.DRAIN): _P.DRAINING,
-        (_P.DRAINING, _E.DRAIN_COMPLETE): _P.DRAINED,
-        (_P.DRAINING, _E.RESUME): _P.SERVING,
-        (_P.DRAINING, _E.STOP): _P.STOPPING,
-        (_P.DRAINED, _E.MARK_READY): _P.DRAINED,
-        (_P.DRAINED, _E.DRAIN): _P.DRAINED,
-        (_P.DRAINED, _E.RESUME): _P.SERVING,
-        (_P.DRAINED, _E.STOP): _P.STOPPING,
-        (_P.STOPPING, _E.MARK_READY): _P.STOPPING,
-        (_P.STOPPING, _E.STOP): _P.STOPPING,
-        (_P.STOPPING, _E.STOPPED): _P.STOPPED,
-        (_P.STOPPED, _E.STOP): _P.STOPPED,
-        (_P.STOPPED, _E.STOPPED): _P.STOPPED,
-    }
-)
-
-_HINTS = {
-    Event.DRAIN: "drain a node once it is serving",
-    Event.RESUME: "resume applies to a draining or drained node",
-    Event.DRAIN_COMPLETE: "a drain completes only while draining",
-    Event.MARK_READY: "a stopped node cannot become ready",
-    Event.STOPPED: "call stop() first",
-}
 
 #: A drain that started longer ago than this when this process took it on joined the node's.
 _JOINED = 0.05
-
-#: Phases in which responses tell keep-alive callers to go elsewhere.
-ANNOUNCING = frozenset({Phase.DRAINING, Phase.DRAINED, Phase.STOPPING})
-
-
-#: Why a resume is refused once a stop has begun (see :attr:`Lifecycle.final`).
-_STOP_UNDER_WAY = "a stop is under way and cannot be undone; in-flight work finishes, then it exits"
-
-
-class LifecycleError(RuntimeError):
-    """An event that the current phase does not allow."""
-
-    def __init__(self, phase: Phase, event: Event, hint: str | None = None) -> None:
-        self.phase = phase
-        self.event = event
-        hint = _HINTS.get(event, "") if hint is None else hint
-        super().__init__(f"cannot {event} while {phase.value}: {hint}".rstrip(": "))
-
-
-#: Events a process shares with the other processes of its node (see :class:`Node`).
-_SHARED_EVENTS = {
-    Event.DRAIN: Phase.DRAINING,
-    Event.RESUME: Phase.SERVING,
-    Event.STOP: Phase.STOPPING,
-}
 
 
 class Node(Protocol):
@@ -141,10 +56,11 @@ class Node(Protocol):
     Implemented over shared memory by :mod:`graceful._servers.node_shm`; the lifecycle asks
     how much is in flight elsewhere and how the node drains, and tells of the drains, resumes
     and stops that start here.
-    """
 
-    #: How often the others' counts are looked at while waiting (they cannot wake us).
-    poll_interval: float
+    A node wakes the lifecycle itself (:meth:`Lifecycle.wake`) when another process's count or
+    the node's drain changes. One that cannot may have a ``poll_interval`` attribute (seconds):
+    waiters then look at the others' counts that often. Without it (or with None) nothing polls.
+    """
 
     def others_inflight(self) -> int: ...
 
@@ -162,27 +78,29 @@ class Node(Protocol):
 
 
 class Lifecycle:
-    """One node's phase, its in-flight work, and the waits on them. Thread-safe."""
+    """One node's phase, its in-flight work, and the waits on them. Thread-safe.
+
+    ``clock``: seconds on a monotonic scale, read where a method is given no ``now``.
+    ``alarm``: whether a timer thread ticks at the end of a drain's delay, so the drain completes
+    (and its signals fire) with nobody waiting; by default only on the real monotonic clock (an
+    injected clock is driven by its caller through :meth:`tick`).
+    """
 
     def __init__(
-        self, config: Config | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        config: Config | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        alarm: bool | None = None,
     ):
         self.config = config if config is not None else Config.from_env()
         self.clock = clock
+        self._machine = Machine(self.config, clock())
         self._cond = threading.Condition(threading.RLock())
-        self._phase = Phase.STARTING
-        self._reason = "starting"
-        self._since = clock()
-        self._drain_started: float | None = None
-        self._delay_end: float | None = None
-        self._drain_by_file = False
-        self._drain_reason: str | None = None
-        self._final = False
-        # The current drain (or stop) was started by another process of the node.
-        self._followed = False
+        self._alarm_on = clock is time.monotonic if alarm is None else alarm
+        self._alarm: threading.Timer | None = None
         self._waiters = 0
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
-        self._notice_id = 0
         self.requests = InflightTracker()
         self.websockets = InflightTracker()
         self.events = EventHub(self.config.events_max_subscribers)
@@ -190,32 +108,29 @@ class Lifecycle:
         self.announcing = False
         #: The other processes of this node, linked by a server shim (None: this process alone).
         self.node: Node | None = None
-        #: Drains started, and requests that arrived while announcing (for metrics).
-        self.drains = 0
+        #: Requests that arrived while announcing (for metrics).
         self.served_while_draining = 0
         self._count_lock = threading.Lock()
 
-    # -- reading ---------------------------------------------------------------------------
+    # -- reading (never transitions) -------------------------------------------------------
 
     @property
     def phase(self) -> Phase:
-        if self._phase is Phase.DRAINING:
-            self.tick()
-        return self._phase
+        return self._machine.phase
 
     @property
     def reason(self) -> str:
-        return self._reason
+        return self._machine.reason
 
     @property
     def draining_since(self) -> float | None:
         """When the current drain started (on the clock's scale); None while not draining."""
-        return self._drain_started
+        return self._machine.drain_started
 
     @property
     def drain_reason(self) -> str | None:
         """Why the current drain started; None while not draining."""
-        return self._drain_reason
+        return self._machine.drain_reason
 
     @property
     def final(self) -> bool:
@@ -224,7 +139,12 @@ class Lifecycle:
         From then on a resume is refused, the drain file is not looked at, and a node of
         several processes never follows a resume.
         """
-        return self._final
+        return self._machine.final
+
+    @property
+    def drains(self) -> int:
+        """Drains started (for metrics)."""
+        return self._machine.drains
 
     @property
     def inflight(self) -> int:
@@ -248,7 +168,7 @@ class Lifecycle:
     def configure(self, config: Config) -> None:
         """Replace the settings (at start-up: the routes of existing middleware keep theirs)."""
         with self._cond:
-            self.config = config
+            self.config = self._machine.config = config
             self.events.max_subscribers = config.events_max_subscribers
 
     def _now(self, now: float | None) -> float:
@@ -256,27 +176,15 @@ class Lifecycle:
 
     def delay_ends_at(self) -> float | None:
         """When the current drain's delay ends, as far as is known now (None when not draining)."""
-        if self._delay_end is not None or self._drain_started is None:
-            return self._delay_end
-        start, cfg = self._drain_started, self.config
-        end = start + cfg.delay
-        if cfg.quiet_period is not None:
-            last = max(self.requests.last_arrival or start, start)
-            end = min(end, max(start + cfg.min_delay, last + cfg.quiet_period))
-        return end
+        return self._machine.delay_ends_at(self.requests.last_arrival)
 
     def drain_deadline(self) -> float | None:
         """When waiting for in-flight work gives up (delay end + drain timeout)."""
-        end = self.delay_ends_at()
-        return None if end is None else end + self.config.drain_timeout
+        return self._machine.drain_deadline(self.requests.last_arrival)
 
     def next_deadline(self) -> float | None:
         """The next time at which :meth:`tick` may change something, if any."""
-        if self._phase is not Phase.DRAINING:
-            return None
-        if self._delay_end is None:
-            return self.delay_ends_at()
-        return self.drain_deadline()
+        return self._machine.next_deadline(self.requests.last_arrival)
 
     def stuck(self, now: float | None = None) -> list[tuple[str, str, float]]:
         """``(method, path, age)`` of everything in flight here, oldest first, then the oldest
@@ -286,19 +194,20 @@ class Lifecycle:
         return mine if self.node is None else mine + self.node.stuck(at)
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
-        """Everything the status route reports."""
+        """Everything the status route reports. Ticks first, so a due drain shows as drained."""
         from .._version import __version__
 
         at = self._now(now)
         self.tick(at)
+        machine = self._machine
         oldest = self.requests.oldest()
         delay_end, deadline = self.delay_ends_at(), self.drain_deadline()
         own, node = self.inflight, self.node
         by_worker = {str(os.getpid()): own} if node is None else node.by_worker(own)
         return {
-            "phase": self._phase.value,
-            "reason": self._reason,
-            "in_phase_for": round(at - self._since, 3),
+            "phase": machine.phase.value,
+            "reason": machine.reason,
+            "in_phase_for": round(at - machine.since, 3),
             "inflight": sum(by_worker.values()),
             "inflight_by_worker": by_worker,
             "websockets": len(self.websockets),
@@ -306,25 +215,29 @@ class Lifecycle:
             "delay_remaining": None if delay_end is None else round(max(0.0, delay_end - at), 3),
             "drain_deadline_in": None if deadline is None else round(deadline - at, 3),
             "events_subscribers": self.events.node_count(),  # every worker's
-            "final": self._final,
+            "final": machine.final,
             "pid": os.getpid(),
             "version": __version__,
         }
 
     def notice(self) -> dict[str, Any]:
         """The current phase as an events-stream notice."""
-        retry = math.ceil(max(self.config.delay, 1.0))
-        return {
-            "id": self._notice_id,
-            "phase": self._phase.value,
-            "reason": self._reason,
-            "retry_after": 0 if self._phase is Phase.SERVING else retry,
-        }
+        return self._machine.notice()
 
     # -- events ----------------------------------------------------------------------------
 
     def mark_ready(self, *, now: float | None = None) -> None:
-        self._apply(Event.MARK_READY, "ready", self._now(now))
+        """Turn ready; on a node that began a drain while this process was starting (a worker
+        forked mid-drain), take that drain on at once: nothing else would tell it."""
+        at = self._now(now)
+        self._apply(Event.MARK_READY, "ready", at)
+        node = self.node
+        if node is not None and self._machine.phase is Phase.SERVING:
+            since, final = node.drain_state()
+            if since is not None:
+                self.follow(
+                    Phase.DRAINING, "the node is draining", now=at, final=final, since=since
+                )
 
     def drain(
         self, reason: str = "drain requested", *, now: float | None = None, final: bool = False
@@ -335,12 +248,12 @@ class Lifecycle:
         whose other processes already drain joins their drain: its delay counts from then.
         """
         at = self._now(now)
-        node = self.node
-        if node is not None and self._phase is Phase.SERVING:
+        start, node = at, self.node
+        if node is not None and self._machine.phase is Phase.SERVING:
             since, _final = node.drain_state()
             if since is not None:
-                at = min(at, since)
-        self._apply(Event.DRAIN, reason, at, final=final)
+                start = min(at, since)
+        self._apply(Event.DRAIN, reason, at, start=start, final=final)
 
     def resume(self, reason: str = "resumed", *, now: float | None = None) -> None:
         self._apply(Event.RESUME, reason, self._now(now))
@@ -353,53 +266,38 @@ class Lifecycle:
 
     def tick(self, now: float | None = None) -> Phase:
         """Move DRAINING to DRAINED once the delay is over and nothing is in flight."""
-        if self._phase is not Phase.DRAINING:
-            return self._phase
+        machine = self._machine
+        if machine.phase is not Phase.DRAINING:
+            return machine.phase
         at = self._now(now)
+        busy = self._busy()  # outside the lock: a node may take its own lock to count
         with self._cond:
-            if self._phase is not Phase.DRAINING:
-                return self._phase
-            delay_over = self._delay_end is None
-            if delay_over:
-                end = self.delay_ends_at()
-                if end is None or at < end:
-                    return self._phase
-                self._delay_end = end
-            busy = self._busy()
-        if delay_over:
+            result = machine.tick(at, busy=busy, last_arrival=self.requests.last_arrival)
+            notice = None if result.transition is None else self._changed(result.transition)
+        if result.delay_over:
             self._log_delay_over()
-        if busy:
-            return self._phase
-        self._apply(Event.DRAIN_COMPLETE, "drained", at, strict=False)
-        return self._phase
+        if result.transition is not None and notice is not None:
+            self._after(result.transition, notice, shared=True, now=at)
+        return machine.phase
 
-    def _log_delay_over(self) -> None:
-        start, end = self._drain_started, self._delay_end
-        delay = 0.0 if start is None or end is None else max(0.0, end - start)
-        inflight = self.node_inflight()
-        if inflight:
-            waiting = f"{inflight} in flight, waiting up to {self.config.drain_timeout:g}s for "
-            waiting += "them" if inflight > 1 else "it"
-        else:
-            waiting = "nothing in flight"
-        self._log("delay over (%gs): %s", delay, waiting)
+    def wake(self) -> None:
+        """Look at the drain again and wake every waiter, sync and async. Thread-safe.
 
-    def _log(self, message: str, *args: object) -> None:
-        """Log a step of this process's drain: at INFO, or at DEBUG where the drain is only
-        followed (a gunicorn worker: the master logs the node's drain)."""
-        logger.log(logging.DEBUG if self._followed else logging.INFO, message, *args)
+        For a node whose other processes' counts or drain changed: it calls this instead of
+        being polled."""
+        self.tick()
+        with self._cond:
+            self._cond.notify_all()
+        self._wake_async()
 
     def sync_drain_file(self, exists: bool, *, now: float | None = None) -> None:
         """Drain while the drain file exists; resume when it goes, if it started the drain.
 
         Once a stop has begun the file no longer matters."""
-        phase = self._phase
-        if self._final:
+        if self._machine.final:
             return
-        if exists and phase is Phase.SERVING:
-            self._apply(Event.DRAIN, "drain file present", self._now(now), by_file=True)
-        elif not exists and self._drain_by_file and phase in (Phase.DRAINING, Phase.DRAINED):
-            self._apply(Event.RESUME, "drain file removed", self._now(now), strict=False)
+        at = self._now(now)
+        self._run(lambda: self._machine.sync_drain_file(exists, at), now=at)
 
     def follow(
         self,
@@ -417,12 +315,14 @@ class Lifecycle:
         by a process that had not seen the stop yet, is followed as the drain it cannot undo).
         """
         at = self._now(now)
-        if final and phase is Phase.SERVING:
-            phase = Phase.DRAINING
-        for event, shared in _SHARED_EVENTS.items():
-            if shared is phase:
-                start = at if since is None or event is not Event.DRAIN else min(at, since)
-                self._apply(event, reason, start, strict=False, shared=False, final=final)
+        if phase is Phase.SERVING:
+            self._take_node_stop()
+        machine = self._machine
+        self._run(
+            lambda: machine.follow(phase, reason, at, final=final, since=since),
+            now=at,
+            shared=False,
+        )
 
     def _apply(
         self,
@@ -430,62 +330,115 @@ class Lifecycle:
         reason: str,
         now: float,
         *,
-        strict: bool = True,
-        by_file: bool = False,
-        shared: bool = True,
+        start: float | None = None,
         final: bool = False,
     ) -> None:
-        node = self.node
-        if event is Event.RESUME and not self._final and node is not None:
-            self._final = node.drain_state()[1]  # a stop another process began
-        with self._cond:
-            old = self._phase
-            new = TRANSITIONS.get((old, event))
-            if event is Event.RESUME and self._final:
-                new = None
-            if new is None:
-                if strict:
-                    hint = _STOP_UNDER_WAY if self._final else None
-                    raise LifecycleError(old, event, hint)
-                return
-            if final or event is Event.STOP:
-                self._final = True
-            if new is old:
-                if final and node is not None and shared:  # a drain the node already knew
-                    node.announce(Phase.DRAINING, reason, final=True, since=self._drain_started)
-                return
-            self._phase, self._reason, self._since = new, reason, now
-            self.announcing = new in ANNOUNCING
-            if new is Phase.DRAINING:
-                self._drain_started, self._delay_end = now, None
-                self._drain_reason, self._drain_by_file = reason, by_file
-                self._followed = not shared
-                self.drains += 1
-            elif new is Phase.SERVING:
-                self._drain_started = self._delay_end = self._drain_reason = None
-                self._drain_by_file = False
-                self._followed = not shared
-            elif new is Phase.STOPPING:  # its own exit, in a process that followed the drain
-                self._followed = not shared or self._followed
-            watching = self._waiters > 0 or new is Phase.DRAINING
-            self.requests.on_idle = self._on_idle if watching else None
-            self._notice_id += 1
-            notice = self.notice()
-            self._cond.notify_all()
-        self._wake_async()
-        if node is not None and shared and event in _SHARED_EVENTS:
-            node.announce(new, reason, final=self._final, since=self._drain_started)
-        self.events.publish(notice)
-        self._announce(old, new, reason, now)
+        """An event of this process's own (strict: one the phase refuses raises)."""
+        machine, node = self._machine, self.node
+        if event is Event.RESUME:
+            self._take_node_stop()
+        at = now if start is None else start
+        transition = self._run(lambda: machine.handle(event, reason, at, final=final), now=now)
+        if transition is None and final and node is not None:
+            # A drain the node already knew, now the final one: tell the others.
+            node.announce(Phase.DRAINING, reason, final=True, since=machine.drain_started)
 
-    def _announce(self, old: Phase, new: Phase, reason: str, now: float) -> None:
+    def _run(
+        self, change: Callable[[], Transition | None], *, now: float, shared: bool = True
+    ) -> Transition | None:
+        """Make ``change`` to the machine under the lock, then do what its transition means.
+        ``shared``: the change started in this process (the node is told of it)."""
+        with self._cond:
+            transition = change()
+            if transition is None:
+                return None
+            notice = self._changed(transition)
+        self._after(transition, notice, shared=shared, now=now)
+        return transition
+
+    def _take_node_stop(self) -> None:
+        """Before a resume: a stop another process of the node began makes it final here too
+        (a resume is refused once a stop has begun anywhere on the node)."""
+        node = self.node
+        if node is not None and not self._machine.final and node.drain_state()[1]:
+            with self._cond:
+                self._machine.mark_final()
+
+    def _changed(self, transition: Transition) -> dict[str, Any]:
+        """Under the lock: the runtime's state follows the machine's new phase."""
+        new = transition.new
+        self.announcing = new in ANNOUNCING
+        watching = self._waiters > 0 or new is Phase.DRAINING
+        self.requests.on_idle = self.wake if watching else None
+        if transition.old is Phase.DRAINING and self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
+        self._cond.notify_all()
+        return self._machine.notice()
+
+    def _after(
+        self, transition: Transition, notice: dict[str, Any], *, shared: bool, now: float
+    ) -> None:
+        """Outside the lock: what a transition means to everything around the machine."""
+        self._wake_async()
+        node = self.node
+        if node is not None and shared and transition.event in SHARED_EVENTS:
+            machine = self._machine
+            node.announce(
+                transition.new, transition.reason, final=machine.final, since=machine.drain_started
+            )
+        self.events.publish(notice)
+        self._announce(transition)
+        if transition.new is Phase.DRAINING:
+            # A delay already over (none, or a joined drain's) completes an idle drain now.
+            self.tick(now)
+            self._arm()
+
+    def _arm(self) -> None:
+        """On the real clock, tick at the end of the delay (again, if arrivals moved it)."""
+        if not self._alarm_on:
+            return
+        with self._cond:
+            machine = self._machine
+            end = machine.delay_ends_at(self.requests.last_arrival)
+            if machine.phase is not Phase.DRAINING or machine.delay_end is not None or end is None:
+                return
+            if self._alarm is not None:
+                self._alarm.cancel()
+            self._alarm = threading.Timer(max(0.0, end - self.clock()), self._ring)
+            self._alarm.daemon = True
+            self._alarm.name = "graceful-delay"
+            self._alarm.start()
+
+    def _ring(self) -> None:
+        self.tick()
+        self._arm()
+
+    def _log_delay_over(self) -> None:
+        start, end = self._machine.drain_started, self._machine.delay_end
+        delay = 0.0 if start is None or end is None else max(0.0, end - start)
+        inflight = self.node_inflight()
+        if inflight:
+            waiting = f"{inflight} in flight, waiting up to {self.config.drain_timeout:g}s for "
+            waiting += "them" if inflight > 1 else "it"
+        else:
+            waiting = "nothing in flight"
+        self._log("delay over (%gs): %s", delay, waiting)
+
+    def _log(self, message: str, *args: object) -> None:
+        """Log a step of this process's drain: at INFO, or at DEBUG where the drain is only
+        followed (a gunicorn worker: the master logs the node's drain)."""
+        logger.log(logging.DEBUG if self._machine.followed else logging.INFO, message, *args)
+
+    def _announce(self, transition: Transition) -> None:
+        old, new, reason = transition.old, transition.new, transition.reason
         self._log(
             "phase %s -> %s (%s), %d in flight%s",
             old,
             new,
             reason,
             self.node_inflight(),
-            self._what_it_means(old, new, now),
+            self._what_it_means(old, new, transition.at),
         )
         signals.send(signals.phase_changed, self, old=old, new=new, reason=reason)
         if new is Phase.DRAINING:
@@ -499,7 +452,7 @@ class Lifecycle:
 
     def _what_it_means(self, old: Phase, new: Phase, now: float) -> str:
         """The end of a phase change's log line: what the change means for the drain."""
-        start = self._drain_started
+        start = self._machine.drain_started
         if new is Phase.DRAINING and start is not None:
             age = self.clock() - start
             if age > _JOINED:
@@ -516,12 +469,6 @@ class Lifecycle:
 
     # -- waiting ---------------------------------------------------------------------------
 
-    def _on_idle(self) -> None:
-        self.tick()
-        with self._cond:
-            self._cond.notify_all()
-        self._wake_async()
-
     def _wake_async(self) -> None:
         for loop, event in list(self._async_waiters):
             try:
@@ -532,12 +479,12 @@ class Lifecycle:
     def _watch(self, delta: int) -> None:
         with self._cond:
             self._waiters += delta
-            watching = self._waiters > 0 or self._phase is Phase.DRAINING
-            self.requests.on_idle = self._on_idle if watching else None
+            watching = self._waiters > 0 or self._machine.phase is Phase.DRAINING
+            self.requests.on_idle = self.wake if watching else None
 
     def _drained(self) -> bool | None:
         """True when drained, False when the drain can no longer complete, None to keep waiting."""
-        phase = self._phase
+        phase = self._machine.phase
         if phase is Phase.DRAINED:  # requests may still arrive (and be served) while drained
             return True if not self._busy() else None
         if phase in (Phase.STOPPING, Phase.STOPPED):
@@ -595,9 +542,9 @@ class Lifecycle:
         return _until(now, deadline, *(t for t in ahead if t > now))
 
     def _next_poll(self, now: float) -> float | None:
-        """Other processes cannot wake a waiter: look at their counts this often."""
-        node = self.node
-        return None if node is None else now + node.poll_interval
+        """A node that cannot wake the lifecycle is looked at every ``poll_interval``."""
+        interval: float | None = getattr(self.node, "poll_interval", None)
+        return None if interval is None else now + interval
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Block until DRAINED (True), or until the timeout or a resume (False).
@@ -632,7 +579,7 @@ class Lifecycle:
             return self.events.subscribe(self.notice(), share)
 
     def __repr__(self) -> str:
-        return f"<Lifecycle {self._phase.value} inflight={self.inflight}>"
+        return f"<Lifecycle {self._machine.phase.value} inflight={self.inflight}>"
 
     async def draining(self) -> None:
         """Return once the node is draining, drained or stopping (at once if it already is).
@@ -647,7 +594,7 @@ class Lifecycle:
         waiter = (asyncio.get_running_loop(), asyncio.Event())
         self._async_waiters.add(waiter)
         try:  # looked at after joining the waiters: a phase change in between still wakes us
-            while not (self.announcing or self._phase is Phase.STOPPED):
+            while not (self.announcing or self._machine.phase is Phase.STOPPED):
                 await waiter[1].wait()
                 waiter[1].clear()
         finally:

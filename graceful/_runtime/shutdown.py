@@ -1,8 +1,9 @@
 """Signal handling for any server: SIGTERM drains, SIGINT stops quickly, a second SIGINT or a
 SIGQUIT stops at once.
 
-:class:`StopSequence` is the part every server shares: what each signal means and the steps of
-the stop it starts (move the lifecycle, wait, call ``on_stop`` once). The waits are yielded by
+What each signal means and the steps of the stop it starts are the pure core's
+(:class:`graceful._core.stop.StopPlan`). :class:`StopSequence` runs them against a lifecycle:
+it moves the lifecycle, logs, and calls ``on_stop`` once; the waits are yielded by
 :meth:`StopSequence.steps`, so the same steps run in a thread (:meth:`StopSequence.run`, used by
 :func:`install_signal_handlers`) or on an event loop (:meth:`StopSequence.run_async`, used by the
 uvicorn shim). Signal handlers only record the signal (``SimpleQueue.put`` is safe in a signal
@@ -11,16 +12,17 @@ handler); a daemon thread, or the event loop, does the work.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import signal
 import threading
 from collections.abc import Callable, Generator
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any
 
 from .._core.logsafe import escape
+from .._core.phases import Event
+from .._core.stop import GiveUp, Joined, Mode, Move, Reaction, Signal, Stop, StopPlan, Wait
 from .lifecycle import Lifecycle, LifecycleError, Phase
 
 __all__ = [
@@ -34,7 +36,11 @@ __all__ = [
 
 logger = logging.getLogger("graceful")
 
-_TERM, _INT, _FORCE = "term", "int", "force"
+_SIGNALS: dict[int, Signal] = {
+    signal.SIGTERM: Signal.TERM,
+    signal.SIGINT: Signal.INT,
+    signal.SIGQUIT: Signal.QUIT,
+}
 
 
 def log_stuck(lifecycle: Lifecycle, why: str) -> None:
@@ -69,24 +75,6 @@ def _log_joined(lifecycle: Lifecycle, name: str, phase: Phase) -> None:
         )
 
 
-def _drain_wait(lifecycle: Lifecycle) -> float:
-    """How long a SIGTERM's stop waits for the node to drain: the rest of the delay, then the
-    drain timeout. The delay counts from the node's drain (it may have begun long before the
-    signal); the drain timeout from the end of the delay or from now, whichever is later, so
-    that work that arrived while the node was already drained is given its time too."""
-    config, now = lifecycle.config, lifecycle.clock()
-    end = lifecycle.delay_ends_at()
-    rest_of_delay = config.delay if end is None else max(0.0, end - now)
-    return rest_of_delay + config.drain_timeout
-
-
-class Wait(NamedTuple):
-    """One wait of a stop: until drained (else until idle), for at most ``timeout`` seconds."""
-
-    drained: bool
-    timeout: float
-
-
 class StopSequence:
     """What SIGTERM, SIGINT and SIGQUIT mean, and the steps of the stop each one starts.
 
@@ -106,58 +94,68 @@ class StopSequence:
         self.lifecycle = lifecycle
         self.on_stop = on_stop
         self.on_force = on_force
-        #: None, then "term", "int" or "force": the stop under way.
-        self.mode: str | None = None
-        self.gave_up = False
+        self._plan = StopPlan()
         self._stopped = threading.Event()
         self._forced = False
         self._stop_lock = threading.Lock()
 
+    @property
+    def mode(self) -> Mode | None:
+        """None, then the stop under way (a :class:`~graceful._core.stop.Mode`, a ``str``)."""
+        return self._plan.mode
+
+    @property
+    def gave_up(self) -> bool:
+        """A wait of the stop ended with work still in flight."""
+        return self._plan.gave_up
+
     def signal(self, signum: int) -> str | None:
         """Take one signal; the signal's name when a stop must be started now, else None."""
         name = signal.Signals(signum).name
-        if signum == signal.SIGTERM and self.mode is None:
-            self.mode = _TERM
-            return name
-        if signum == signal.SIGINT and self.mode in (None, _TERM) and not self._stopped.is_set():
-            previous, self.mode = self.mode, _INT
+        reaction, start = self._plan.signal(_SIGNALS[signum], stopped=self._stopped.is_set())
+        if reaction is Reaction.QUICK:
             logger.info("%s: quick stop (no delay)", name)
             self._move(self.lifecycle.stop, f"{name}: quick stop")
-            return name if previous is None else None
-        if signum in (signal.SIGINT, signal.SIGQUIT) and self.mode != _FORCE:
-            self.mode = _FORCE
+        elif reaction is Reaction.FORCE:
             logger.warning("%s: stopping at once", name)
             self._move(self.lifecycle.stop, f"{name}: immediate stop")
             self._call_stop(force=True)
-            return None
-        logger.info("%s ignored: already stopping (%s)", name, self.mode)
-        return None
+        elif reaction is Reaction.IGNORED:
+            logger.info("%s ignored: already stopping (%s)", name, self.mode)
+        return name if start else None
 
     def steps(self, name: str) -> Generator[Wait, bool, None]:
         """The stop started by signal ``name``: yields the waits, is sent each wait's result."""
-        lifecycle, config = self.lifecycle, self.lifecycle.config
-        if self.mode == _TERM:
-            if lifecycle.phase is Phase.STARTING:
-                self._move(lifecycle.stop, f"{name} while starting")
-                idle = yield Wait(drained=False, timeout=config.drain_timeout)
-            else:
-                before = lifecycle.phase
-                self._move(functools.partial(lifecycle.drain, final=True), name)
-                if before in (Phase.DRAINING, Phase.DRAINED):
-                    _log_joined(lifecycle, name, before)
-                idle = yield Wait(drained=True, timeout=_drain_wait(lifecycle))
-            if not idle and self.mode == _TERM:
-                self.gave_up = True
-                log_stuck(lifecycle, f"drain timeout ({config.drain_timeout:g}s) passed")
-        if self.mode == _INT:
-            idle = yield Wait(drained=False, timeout=config.interrupt_timeout)
-            if not idle:
-                self.gave_up = True
-                log_stuck(lifecycle, f"quick stop ({config.interrupt_timeout:g}s) timed out")
-        if self.mode == _FORCE:
+        lifecycle = self.lifecycle
+        plan = self._plan.steps(name, lifecycle.config, lifecycle.phase, self._delay_left)
+        try:
+            step = next(plan)
+            while True:
+                result = True
+                if isinstance(step, Wait):
+                    result = yield step
+                elif isinstance(step, Move):
+                    self._do(step)
+                elif isinstance(step, Joined):
+                    _log_joined(lifecycle, step.name, step.phase)
+                elif isinstance(step, GiveUp):
+                    log_stuck(lifecycle, step.why)
+                elif isinstance(step, Stop):
+                    self._call_stop(force=False)
+                step = plan.send(result)
+        except StopIteration:
             return
-        self._move(lifecycle.stop, f"{name}: drained")
-        self._call_stop(force=False)
+
+    def _delay_left(self) -> float | None:
+        end = self.lifecycle.delay_ends_at()
+        return None if end is None else end - self.lifecycle.clock()
+
+    def _do(self, move: Move) -> None:
+        lifecycle = self.lifecycle
+        if move.event is Event.DRAIN:
+            self._move(lambda reason: lifecycle.drain(reason, final=True), move.reason)
+        else:
+            self._move(lifecycle.stop, move.reason)
 
     def run(self, name: str) -> None:
         """Run the steps of the stop started by ``name``, blocking (from a thread)."""

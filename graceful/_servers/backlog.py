@@ -37,6 +37,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from . import compat as _compat
+
 __all__ = [
     "WAIT_LIMIT",
     "block_new_connections",
@@ -205,14 +207,8 @@ def serve_gunicorn_backlog(
     one stops, and a filter would outlive this process and make the next server drop every new
     connection. The first three are what gunicorn itself looks at before it unlinks a UNIX
     socket on its stop (gunicorn 22.0 to 27.0)."""
-    binds = getattr(getattr(arbiter, "cfg", None), "bind", None) or []
-    ours = (
-        getattr(arbiter, "reexec_pid", None) == 0
-        and getattr(arbiter, "master_pid", None) == 0
-        and getattr(arbiter, "systemd", None) is False
-        and not any(str(bind).startswith("fd://") for bind in binds)
-    )
-    listeners = list(getattr(arbiter, "LISTENERS", None) or [])
+    ours = _compat.holds_listeners_alone(arbiter)
+    listeners = _compat.listeners(arbiter)
     if not ours or not listeners:
         logger.debug(
             "the listen queue is left to gunicorn: %s",

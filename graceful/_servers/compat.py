@@ -8,6 +8,290 @@ its adapter instead.
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .._core.errors import GracefulError
+
 # -- uvicorn -----------------------------------------------------------------------------------
 
+#: The uvicorn releases every accessor below was read against: the floor pinned in
+#: tests/floors/constraints.txt, and the newest one tested (0.35, 0.40, 0.45, 0.50 and 0.51 in
+#: between). Open-ended HTTP streams are ended through ASGI (the middleware's goodbye), not
+#: through uvicorn's connections: nothing below touches a connection or its protocol.
+UVICORN_CHECKED = ("0.30.0", "0.55.0")
+
+#: The oldest uvicorn that can drain. Before 0.29 uvicorn installs its signal handlers with
+#: ``loop.add_signal_handler``, where there is no handler to find and take over (SIGTERM then
+#: stops it at once); before 0.30 its supervisor (``--workers``) stops one worker after the
+#: other, each after its whole drain, so the others stay ready.
+UVICORN_FLOOR = (0, 30)
+
+
+class UvicornVersionError(GracefulError, ImportError):
+    """The installed uvicorn is older than :data:`UVICORN_FLOOR`."""
+
+
+class UvicornInternalsError(GracefulError, RuntimeError):
+    """The installed uvicorn lacks an internal that ``graceful.uvicorn`` relies on."""
+
+
+def _release(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def check_uvicorn_version(version: str) -> None:
+    """Refuse a uvicorn older than the floor, naming it and what to do."""
+    if _release(version) < UVICORN_FLOOR:
+        floor = ".".join(map(str, UVICORN_FLOOR))
+        raise UvicornVersionError(
+            f"graceful.uvicorn needs uvicorn >= {floor}, and {version} is installed: "
+            "upgrade it with: pip install -U 'graceful-drain[uvicorn]'"
+        )
+
+
+def _uvicorn_lacks(what: str) -> UvicornInternalsError:
+    import uvicorn
+
+    first, last = UVICORN_CHECKED
+    return UvicornInternalsError(
+        f"graceful.uvicorn needs {what}, which uvicorn {uvicorn.__version__} does not have "
+        f"(it was checked against uvicorn {first} to {last}): install a uvicorn in that range "
+        f"(pip install 'uvicorn>={first},<={last}'), or a graceful-drain release that supports "
+        f"uvicorn {uvicorn.__version__}"
+    )
+
+
+def _need(owner: Any, name: str, where: str) -> Any:
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        raise _uvicorn_lacks(f"{where}.{name}") from None
+
+
+def server_of_handler(handler: Any, server_class: type[Any]) -> Any | None:
+    """The ``uvicorn.Server`` whose ``handle_exit`` is ``handler`` (the SIGTERM handler it
+    installs with ``signal.signal`` in ``Server.capture_signals``, 0.29 on), or None."""
+    owner = getattr(handler, "__self__", None)
+    if isinstance(owner, server_class) and getattr(handler, "__name__", "") == "handle_exit":
+        return owner
+    return None
+
+
+def check_server(server: Any) -> None:
+    """Fail at start-up, with what to do, rather than mid-drain: the ``Server`` attributes
+    graceful sets (``should_exit``, ``force_exit``: read by its main loop and its shutdown)
+    and its ``capture_signals`` (overridden by ``graceful.uvicorn.Server``) are there."""
+    for name in ("should_exit", "force_exit", "capture_signals", "config"):
+        _need(server, name, "Server")
+
+
+def request_exit(server: Any) -> None:
+    """Have the server shut down as usual (its main loop reads ``should_exit``)."""
+    _need(server, "should_exit", "Server")
+    server.should_exit = True
+
+
+def force_exit(server: Any) -> None:
+    """Have the server shut down without waiting for connections or tasks."""
+    _need(server, "force_exit", "Server")
+    server.force_exit = True
+    server.should_exit = True
+
+
+def set_shutdown_timeout(config: Any, seconds: float | None) -> None:
+    """How long the server's shutdown waits for connections (``timeout_graceful_shutdown``,
+    a documented setting, read only when the shutdown starts, so it can change until then)."""
+    _need(config, "timeout_graceful_shutdown", "Config")
+    config.timeout_graceful_shutdown = seconds
+
+
+def new_supervisor(config: Any, sockets: list[Any]) -> Any:
+    """uvicorn's ``Multiprocess`` supervisor (0.30 to 0.50 take the workers' entry point,
+    0.51 on make each worker's server themselves)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor: Any = Multiprocess  # typed after the installed uvicorn; both forms are used
+    if "target" in inspect.signature(Multiprocess).parameters:
+        return supervisor(config, target=uvicorn.Server(config).run, sockets=sockets)
+    return supervisor(config, sockets=sockets)
+
+
+def supervisor_parts(supervisor: Any) -> tuple[Any, Any] | None:
+    """A supervisor's ``processes`` (its workers) and ``signal_queue`` (what its main loop
+    acts on, 0.30 on), or None for a supervisor graceful does not know."""
+    processes = getattr(supervisor, "processes", None)
+    queue = getattr(supervisor, "signal_queue", None)
+    if processes is None or queue is None:
+        return None
+    return processes, queue
+
+
+def live_pid(worker: Any) -> int | None:
+    """The pid of a supervisor's worker that has not exited: ``worker.process`` is its
+    multiprocessing process in every checked version (``Process.exitcode`` from 0.50 on)."""
+    process = _need(worker, "process", "supervisors.multiprocess.Process")
+    pid: int | None = process.pid
+    return pid if getattr(process, "exitcode", None) is None else None
+
+
 # -- gunicorn ----------------------------------------------------------------------------------
+
+#: The gunicorn releases every accessor below was read against: the floor pinned in
+#: tests/floors/constraints.txt and the newest one tested.
+GUNICORN_CHECKED = ("22.0.0", "27.0.1")
+
+#: What graceful uses of gunicorn's ``Arbiter`` (the ``server`` its hooks get) beyond the
+#: documented hooks and settings, and what for:
+#:
+#: - ``handle_term``, ``handle_int``, ``handle_quit``: the main loop looks each up on the
+#:   instance as it handles SIGTERM, SIGINT, SIGQUIT, so the instance's can be replaced; the
+#:   originals stop the master by raising ``StopIteration`` (there is no hook before a stop);
+#: - ``signal(signum, frame)``: its signal handler, which queues a signal for the main loop and
+#:   wakes it (22.0: a list and a pipe; 27.0: a ``SimpleQueue``), called from a thread;
+#: - ``WORKERS`` (pid to worker), ``kill_workers(signum)``, ``reap_workers()``: to stop the
+#:   workers and reap each the moment it exits;
+#: - ``num_workers``: lowered for a worker retired during a drain, so it is not replaced;
+#: - ``worker_class``: whether the workers are sync workers;
+#: - ``LISTENERS``, ``reexec_pid``, ``master_pid``, ``systemd``: the listening sockets, and
+#:   whether another process holds them too (what ``Arbiter.stop`` looks at before it
+#:   unlinks a UNIX socket).
+_ARBITER_ATTRIBUTES = (
+    "handle_term",
+    "handle_int",
+    "handle_quit",
+    "signal",
+    "WORKERS",
+    "kill_workers",
+    "reap_workers",
+    "num_workers",
+    "worker_class",
+    "LISTENERS",
+    "reexec_pid",
+    "master_pid",
+    "systemd",
+)
+
+
+class GunicornInternalsError(GracefulError, RuntimeError):
+    """The installed gunicorn lacks an internal that graceful's gunicorn hooks rely on."""
+
+
+def gunicorn_version() -> str:
+    try:
+        return importlib.metadata.version("gunicorn")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _gunicorn_lacks(what: str) -> GunicornInternalsError:
+    version = gunicorn_version()
+    first, last = GUNICORN_CHECKED
+    return GunicornInternalsError(
+        f"graceful's gunicorn hooks need {what}, which gunicorn {version} does not have "
+        f"(they were checked against gunicorn {first} to {last}): install a gunicorn in that "
+        f"range (pip install 'gunicorn>={first},<={last}'), or a graceful-drain release that "
+        f"supports gunicorn {version}"
+    )
+
+
+def check_arbiter(arbiter: Any) -> None:
+    """Fail at start-up, with what to do, rather than mid-drain: every ``Arbiter`` attribute
+    graceful uses is there."""
+    for name in _ARBITER_ATTRIBUTES:
+        if not hasattr(arbiter, name):
+            raise _gunicorn_lacks(f"Arbiter.{name}")
+
+
+def _arbiter(arbiter: Any, name: str) -> Any:
+    try:
+        return getattr(arbiter, name)
+    except AttributeError:
+        raise _gunicorn_lacks(f"Arbiter.{name}") from None
+
+
+def take_over_stop_handlers(
+    arbiter: Any, on_term: Callable[[], None], on_int: Callable[[], None]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Route the master's SIGTERM and SIGINT to ``on_term`` and ``on_int``; answer gunicorn's
+    own graceful stop and quick stop (``handle_term``, ``handle_quit``: each raises
+    ``StopIteration``, which the main loop turns into its halt)."""
+    originals = _arbiter(arbiter, "handle_term"), _arbiter(arbiter, "handle_quit")
+    _arbiter(arbiter, "handle_int")
+    arbiter.handle_term = on_term
+    arbiter.handle_int = on_int
+    return originals
+
+
+def queue_signal(arbiter: Any, signum: int) -> None:
+    """Have the master's main loop handle ``signum`` (from any thread) as if it had arrived."""
+    _arbiter(arbiter, "signal")(signum, None)
+
+
+def worker_pids(arbiter: Any) -> list[int]:
+    """The pids of the master's live workers."""
+    return list(_arbiter(arbiter, "WORKERS"))
+
+
+def signal_workers(arbiter: Any, signum: int) -> None:
+    _arbiter(arbiter, "kill_workers")(signum)
+
+
+def reap_workers(arbiter: Any) -> None:
+    """Reap every worker that has exited (gunicorn calls ``child_exit`` for each)."""
+    _arbiter(arbiter, "reap_workers")()
+
+
+def forget_worker(arbiter: Any) -> None:
+    """One worker fewer to keep alive: one that exits now is not replaced."""
+    arbiter.num_workers = _arbiter(arbiter, "num_workers") - 1
+
+
+def worker_class_names(arbiter: Any) -> set[str]:
+    """The class names in the MRO of the master's worker class."""
+    worker_class = _arbiter(arbiter, "worker_class")
+    return {cls.__name__ for cls in getattr(worker_class, "__mro__", ())}
+
+
+def listeners(arbiter: Any) -> list[Any]:
+    """The master's listening sockets (gunicorn's wrappers: ``.fileno()`` gives the socket)."""
+    return list(_arbiter(arbiter, "LISTENERS") or [])
+
+
+def holds_listeners_alone(arbiter: Any) -> bool:
+    """Whether no other process keeps this master's listening sockets: not after a USR2
+    re-exec (``reexec_pid``: a new master was started; ``master_pid``: this is that new master
+    and the old one lives), not under systemd socket activation (``systemd``), not with a
+    socket handed down by a supervisor (``--bind fd://N``)."""
+    binds = getattr(getattr(arbiter, "cfg", None), "bind", None) or []
+    return (
+        _arbiter(arbiter, "reexec_pid") == 0
+        and _arbiter(arbiter, "master_pid") == 0
+        and _arbiter(arbiter, "systemd") is False
+        and not any(str(bind).startswith("fd://") for bind in binds)
+    )
+
+
+def close_after_response(request: Any) -> None:
+    """Have gunicorn close the connection after this request's response (a request's
+    ``must_close``, which its ``should_close()`` reads)."""
+    if not hasattr(request, "must_close"):
+        raise _gunicorn_lacks("Request.must_close")
+    request.must_close = True
+
+
+def is_uvicorn_worker(worker: Any) -> bool:
+    return any(cls.__name__ == "UvicornWorker" for cls in type(worker).__mro__)
+
+
+def replace_uvicorn_worker_quit(worker: Any, handler: Callable[[int, Any], None]) -> None:
+    """uvicorn-worker (0.2.0 to 0.4.0) routes a worker's SIGQUIT to gunicorn's
+    ``Worker.handle_exit``, looked up when its event loop starts: replace it on the worker
+    (in ``post_fork``, before the loop starts)."""
+    if not hasattr(worker, "handle_exit"):
+        raise _gunicorn_lacks("Worker.handle_exit")
+    worker.handle_exit = handler

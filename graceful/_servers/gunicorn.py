@@ -16,19 +16,20 @@ If your config defines one of these hooks itself, call ours from it::
         graceful_hooks.post_fork(server, worker)
         ...                                   # your own
 
-SIGTERM to the master: the shared drain flag is set (every worker's ``/readyz`` answers 503
-within ~20 ms), workers keep accepting and serving through the delay, the master waits until
-the node's in-flight total is zero (bounded by the drain timeout; past it the oldest stuck
-request of each worker is logged and the workers are stopped at once), then gunicorn's own
-graceful stop runs. Before that hand-over, connections the kernel already queued on the
-listening sockets are served and new ones are no longer let in (gunicorn #3397: they would be
-reset once the last worker closed the socket; see :mod:`graceful._servers.backlog`). The master
-keeps supervising workers throughout; once the delay is over and no request has arrived for a
-moment, it stops idle sync workers but one (they would only wait to exit), so that the master
-exits right after the last answer. SIGINT: the same without the delay, bounded by
-``interrupt_timeout``. A second SIGINT, or SIGQUIT: at once. The delay counts from the node's
-first drain: a node already drained over the control route stops at once. Once the stop has
-begun it cannot be undone (a resume answers 409, the drain file no longer matters).
+SIGTERM to the master: the shared drain flag is set and every worker is woken through its pipe
+(its ``/readyz`` answers 503 at once), workers keep accepting and serving through the delay, the
+master waits (woken by the workers, not polling) until the node's in-flight total is zero
+(bounded by the drain timeout; past it the oldest stuck request of each worker is logged and the
+workers are stopped at once), then gunicorn's own graceful stop runs. Before that hand-over,
+connections the kernel already queued on the listening sockets are served and new ones are no
+longer let in (gunicorn #3397: they would be reset once the last worker closed the socket; see
+:mod:`graceful._servers.backlog`). The master keeps supervising workers throughout; once the
+delay is over and no request has arrived for a moment, it stops idle sync workers but one (they
+would only wait to exit), so that the master exits right after the last answer. SIGINT: the same
+without the delay, bounded by ``interrupt_timeout``. A second SIGINT, or SIGQUIT: at once. The
+delay counts from the node's first drain: a node already drained over the control route stops at
+once. Once the stop has begun it cannot be undone (a resume answers 409, the drain file no
+longer matters).
 
 Timings come from ``GRACEFUL_*`` environment variables (or, with ``--preload``, from the config
 the app gave the middleware).
@@ -58,7 +59,10 @@ from .._core import stream as _events
 from .._runtime.lifecycle import Lifecycle, LifecycleError, Phase, get_lifecycle
 from .._runtime.shutdown import StopSequence, log_through
 from . import backlog as _backlog
+from . import compat as _compat
 from . import node_shm as _shared
+from .gunicorn_streams import gunicorn_share
+from .node_bells import Bells, wait_readable
 
 __all__ = [
     "child_exit",
@@ -83,18 +87,64 @@ class _Master:
     The sequence waits in a thread; when it is done (``on_stop``) or forced (``on_force``) the
     master's main loop is asked, through gunicorn's own signal queue, to hand over to gunicorn:
     gracefully once drained, at once when work is stuck or the stop was forced.
+
+    A thread of its own (:meth:`_listen`) sleeps on the master's pipe: a worker rings it when
+    it started a drain, resume or stop (passed on to every worker) or when its in-flight count
+    dropped to zero while the node drains (the master's lifecycle looks at the node's total
+    again, and the workers too once it is zero). Nothing wakes it while the node serves.
     """
 
     def __init__(self) -> None:
         self.shared = _shared.SharedNode()
+        self.bells = Bells()
         self.lifecycle = Lifecycle(get_lifecycle().config)
-        self.lifecycle.node = _shared.SlotView(self.shared, None)
+        self.lifecycle.node = _shared.SlotView(self.shared, None, self.bells)
         self.sequence = StopSequence(self.lifecycle, self._on_stop, self._on_force)
         self.next_stop: str | None = None  # "graceful" or "quick": time to hand over
-        self.original: dict[str, Any] = {}
+        #: gunicorn's own SIGTERM and SIGQUIT handling (see _hand_over).
+        self.original: tuple[Any, Any] | None = None
         self.server: Any = None
         #: Workers stopped once the delay was over, for being idle (see _retire).
         self.retired: set[int] = set()
+        self._changes = threading.Condition()
+        self._changed = 0  # rings the master's thread has handled, and the stop's end
+        self._rung = -1  # the header generation the workers were last rung for
+        self._listener: threading.Thread | None = None
+
+    def listen(self) -> None:
+        if self._listener is None:
+            self._listener = threading.Thread(
+                target=self._listen, name="graceful-master-bell", daemon=True
+            )
+            self._listener.start()
+
+    def _listen(self) -> None:
+        while wait_readable(self.bells.master_fd, None) is not None:
+            try:
+                self._rang()
+            except Exception:  # never let the thread die silently
+                _log.exception("graceful: handling a worker's wake-up failed; carrying on")
+
+    def _rang(self) -> None:
+        shared = self.shared
+        generation = shared.generation()
+        if generation != self._rung or (shared.announcing() and shared.total() == 0):
+            self._rung = generation
+            self.bells.ring_workers()  # a new drain state, or the node's work is done
+        self.lifecycle.wake()
+        self._note_change()
+
+    def _note_change(self) -> None:
+        with self._changes:
+            self._changed += 1
+            self._changes.notify_all()
+
+    def wait_change(self, seen: int, timeout: float | None) -> int:
+        """Block until something changed since ``seen`` (a ring, the stop's end) or ``timeout``
+        passes; the new count of changes."""
+        with self._changes:
+            self._changes.wait_for(lambda: self._changed != seen, timeout)
+            return self._changed
 
     def _on_stop(self) -> None:  # from the sequence's thread
         if not self.sequence.gave_up:  # first serve what the kernel queued (gunicorn #3397)
@@ -105,10 +155,12 @@ class _Master:
             )
         if self.next_stop is None:  # else a forced stop came meanwhile and was handed over
             self.next_stop = "quick" if self.sequence.gave_up else "graceful"
-            self.server.signal(_signal.SIGTERM, None)  # back to the main loop: see _handle_term
+            _compat.queue_signal(self.server, _signal.SIGTERM)  # see _handle_term
+        self._note_change()
 
     def _on_force(self) -> None:  # from the main loop, inside _handle_int
         self.next_stop = "quick"
+        self._note_change()
 
 
 _master: _Master | None = None
@@ -123,20 +175,25 @@ def on_starting(server: Any) -> None:
 def when_ready(server: Any) -> None:
     """Take over the master's SIGTERM and SIGINT (kept: SIGQUIT, HUP, USR2, TTIN, ...)."""
     master = _require_master()
-    if not master.original:
+    if master.original is None:
+        _compat.check_arbiter(server)
         master.server = server
-        master.original = {"term": server.handle_term, "quit": server.handle_quit}
-        server.handle_term = lambda: _handle_term(server, master)
-        server.handle_int = lambda: _handle_int(server, master)
+        master.original = _compat.take_over_stop_handlers(
+            server, lambda: _handle_term(server, master), lambda: _handle_int(server, master)
+        )
+        master.listen()
     if master.lifecycle.phase is Phase.STARTING:
         master.lifecycle.mark_ready()
 
 
 def pre_fork(server: Any, worker: Any) -> None:
-    """Claim a shared slot for the worker about to be forked."""
-    index = _require_master().shared.claim()
+    """Claim a shared slot and a pipe for the worker about to be forked."""
+    master = _require_master()
+    index = master.shared.claim()
     if index is None:
         _log.error("no free graceful slot for a new worker: its readiness will be its own")
+    else:
+        master.bells.add_worker(index)
     worker.graceful_slot = index
 
 
@@ -145,43 +202,46 @@ def post_fork(server: Any, worker: Any) -> None:
     master = _require_master()
     index = getattr(worker, "graceful_slot", None)
     if index is not None:
-        _shared.become_worker(master.shared, index)
+        _shared.become_worker(master.shared, index, master.bells)
+    else:
+        master.bells.become_worker(-1)  # keeps no other process's pipe open
     # How many events streams this worker may hold (none for a sync worker), and the node's
     # count of them, so that the node-wide cap holds across workers.
-    decided, share = _events.gunicorn_share(worker)
+    decided, share = gunicorn_share(worker)
     streams = None if index is None else _shared.NodeStreams(master.shared, index)
     _events.PROCESS.join(share, streams, decided=decided)
-    if _is_uvicorn_worker(worker):
+    if _compat.is_uvicorn_worker(worker):
         # uvicorn-worker routes SIGQUIT to gunicorn's handle_exit, which only clears a flag
         # uvicorn never reads: the worker would wait out graceful_timeout. Stop it at once.
-        worker.handle_exit = _uvicorn_quick_exit
-
-
-def _is_uvicorn_worker(worker: Any) -> bool:
-    return any(cls.__name__ == "UvicornWorker" for cls in type(worker).__mro__)
+        _compat.replace_uvicorn_worker_quit(worker, _uvicorn_quick_exit)
 
 
 def _uvicorn_quick_exit(signum: int, frame: Any) -> None:
-    server = getattr(_signal.getsignal(_signal.SIGTERM), "__self__", None)
-    if server is not None and hasattr(server, "force_exit"):
-        server.should_exit = server.force_exit = True
+    import uvicorn  # a uvicorn-worker runs it
+
+    server = _compat.server_of_handler(_signal.getsignal(_signal.SIGTERM), uvicorn.Server)
+    if server is not None:
+        _compat.force_exit(server)
 
 
 def child_exit(server: Any, worker: Any) -> None:
     """In the master, after a worker has exited (however): clear its slot (its count of
-    requests served while draining stays in the node's total)."""
+    requests served while draining stays in the node's total) and close its pipe, then ring
+    the master's thread: the node's total may be zero now."""
     index = getattr(worker, "graceful_slot", None)
     if _master is not None and index is not None:
         _master.shared.release(index)
+        _master.bells.remove_worker(index)
+        _master.bells.ring_master()
     if _master is not None and worker.pid in _master.retired:
         _master.retired.discard(worker.pid)
-        server.num_workers -= 1  # retired once the delay was over: not to be replaced
+        _compat.forget_worker(server)  # retired once the delay was over: not to be replaced
 
 
 def pre_request(worker: Any, req: Any) -> None:
     """While draining, close keep-alive connections after each response."""
     if _shared.worker_announcing():
-        req.must_close = True
+        _compat.close_after_response(req)
 
 
 # -- the master's signal handling (runs in gunicorn's main loop, not in signal context) ----
@@ -225,36 +285,39 @@ def _retire(master: _Master) -> None:
     once: a gthread or asynchronous worker holds connections it accepted but has not started
     (kept-alive ones among them) that nothing in the shared slots shows, and stopping it would
     drop them.
+
+    It sleeps until the delay ends or the node has been quiet long enough, and otherwise until
+    a worker rings the master (its count dropped to zero: it may be idle now) or the stop ends.
     """
-    if not _is_sync(master.server):
+    if "SyncWorker" not in _compat.worker_class_names(master.server):
         return
     lifecycle, shared, server = master.lifecycle, master.shared, master.server
+    seen = master.wait_change(-1, 0)
     arrivals, quiet_since = shared.served_while_draining(), lifecycle.clock()
-    while not master.sequence.wait_stopped(_shared.POLL_INTERVAL):
-        now, seen = lifecycle.clock(), shared.served_while_draining()
-        if seen != arrivals:
-            arrivals, quiet_since = seen, now
+    while not master.sequence.wait_stopped(0):
+        now, served = lifecycle.clock(), shared.served_while_draining()
+        if served != arrivals:
+            arrivals, quiet_since = served, now
         end = lifecycle.delay_ends_at()
-        if (end is not None and now < end) or now - quiet_since < _QUIET:
+        look_at = max(now if end is None else end, quiet_since + _QUIET)
+        if now < look_at:
+            seen = master.wait_change(seen, look_at - now)
             continue
-        live = [
-            s for s in shared.workers() if s.pid in server.WORKERS and s.pid not in master.retired
+        live = set(_compat.worker_pids(server)) - master.retired
+        idle = [
+            s.pid
+            for s in shared.workers()
+            if s.pid in live and s.inflight == 0 and s.websockets == 0
         ]
-        idle = [s.pid for s in live if s.inflight == 0 and s.websockets == 0]
         for pid in idle[1:]:
             master.retired.add(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, _signal.SIGTERM)
+        seen = master.wait_change(seen, None)
 
 
 #: How long no request may have arrived on the node before idle workers are retired.
 _QUIET = 0.25
-
-
-def _is_sync(server: Any) -> bool:
-    worker_class = getattr(server, "worker_class", None)
-    mro = getattr(worker_class, "__mro__", ())
-    return any(cls.__name__ == "SyncWorker" for cls in mro)
 
 
 def _hand_over(master: _Master) -> None:
@@ -274,21 +337,25 @@ def _hand_over(master: _Master) -> None:
         _stop_workers(server, _signal.SIGTERM if graceful else _signal.SIGQUIT)
     except Exception:  # gunicorn's own stop below does it all again, the slow way
         _log.exception("graceful: could not stop gunicorn's workers quickly; gunicorn will")
+    if master.original is None:
+        raise _compat.GunicornInternalsError("gunicorn's stop handlers were never taken over")
+    term, quit_now = master.original
     if graceful:
-        master.original["term"]()  # raises StopIteration: gunicorn's graceful halt
-    master.original["quit"]()  # stops workers at once; raises StopIteration
+        term()  # raises StopIteration: gunicorn's graceful halt
+    quit_now()  # stops workers at once; raises StopIteration
 
 
 def _stop_workers(server: Any, signum: int) -> None:
     """Signal every worker, then reap each as it exits (bounded by ``graceful_timeout``)."""
-    server.kill_workers(signum)
+    _compat.signal_workers(server, signum)
     deadline = time.monotonic() + server.cfg.graceful_timeout
     while True:
-        server.reap_workers()  # clears each exited worker's slot through child_exit
+        _compat.reap_workers(server)  # clears each exited worker's slot through child_exit
         left = deadline - time.monotonic()
-        if not server.WORKERS or left <= 0:
+        pids = _compat.worker_pids(server)
+        if not pids or left <= 0:
             return
-        _wait_for_exit(list(server.WORKERS), min(left, _REAP_WAIT))
+        _wait_for_exit(pids, min(left, _REAP_WAIT))
 
 
 #: The longest the master sleeps between two looks at its workers while stopping them.

@@ -20,6 +20,11 @@ Every number is one aligned 8-byte word, read and written with a single load or 
 never a mix or a zero in between. ``struct.pack_into`` will not do: it zeroes its whole range
 before filling it in, and a master that read "0 in flight" there stopped a node mid-request.
 Texts (the drain reason, a request's method and path) are informative only and may tear.
+
+Nothing polls the map. A worker writes its in-flight count at every change (one word; while
+the node drains, its oldest request too); whoever changes the header, or a worker whose count
+drops to zero while the node drains, rings the others through the node's pipes
+(:mod:`graceful._servers.node_bells`), and they look again.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 
 from .._runtime.lifecycle import Lifecycle, Phase, get_lifecycle
+from .node_bells import Bells, wait_readable
 
 __all__ = [
     "NodeStreams",
@@ -69,7 +75,6 @@ _CODES = {phase: code for code, phase in enumerate(_PHASES)}
 _ANNOUNCING_CODES = frozenset({_CODES[Phase.DRAINING], _CODES[Phase.STOPPING]})
 
 DEFAULT_SLOTS = 128
-POLL_INTERVAL = 0.02
 #: How long a reader looks again while a release is under way (it takes microseconds; a master
 #: killed half-way must not hang a scrape).
 _RELEASE_WAIT = 0.1
@@ -257,6 +262,18 @@ class SharedNode:
                     count += words[base + _INFLIGHT]
         return count
 
+    def slot_words(self, index: int) -> tuple[memoryview, int]:
+        """The map's words and where slot ``index`` begins in them (for the hot path of the
+        slot's worker)."""
+        return self._words, self._base(index)
+
+    def set_inflight(self, index: int, count: int) -> None:
+        """The in-flight count of the worker in slot ``index`` (that worker only)."""
+        self._words[self._base(index) + _INFLIGHT] = count
+
+    def set_websockets(self, index: int, count: int) -> None:
+        self._words[self._base(index) + _WEBSOCKETS] = count
+
     def set_streams(self, index: int, count: int) -> None:
         """The open events streams of the worker in slot ``index`` (that worker only)."""
         self._words[self._base(index) + _STREAMS] = count
@@ -292,12 +309,15 @@ class SlotView:
     The :class:`~graceful._runtime.lifecycle.Node` of a gunicorn process.
 
     ``index`` is the worker's own slot, or None for the master, which serves nothing itself.
+    ``bells``: the node's pipes; a drain, resume or stop that starts here rings the other
+    processes (the master rings every worker; a worker rings the master, which passes it on).
+    Nothing polls: the other processes wake this one's lifecycle through its bell.
     """
 
-    def __init__(self, shared: SharedNode, index: int | None, poll_interval: float = POLL_INTERVAL):
+    def __init__(self, shared: SharedNode, index: int | None, bells: Bells | None = None):
         self.shared = shared
         self.index = index
-        self.poll_interval = poll_interval
+        self.bells = bells
 
     def others_inflight(self) -> int:
         return self.shared.total(exclude=self.index)
@@ -315,7 +335,7 @@ class SlotView:
     def announce(
         self, phase: Phase, reason: str, *, final: bool = False, since: float | None = None
     ) -> None:
-        """Write a phase that started in this process to the header.
+        """Write a phase that started in this process to the header, and ring the others.
 
         Only the master's stop is the node's: a worker's own stop (its process exits, say at
         ``max_requests``, where uvicorn's lifespan shutdown stops its lifecycle) is not
@@ -325,6 +345,11 @@ class SlotView:
             return
         header_phase = Phase.DRAINING if phase is Phase.DRAINED else phase
         self.shared.write_header(header_phase, reason, final=final and master, since=since)
+        if self.bells is not None:
+            if master:
+                self.bells.ring_workers()
+            else:
+                self.bells.ring_master()  # which rings every worker
 
     def drain_state(self) -> tuple[float | None, bool]:
         return self.shared.drain_state()
@@ -339,9 +364,12 @@ class SlotView:
 
 
 class WorkerFollower:
-    """A worker's daemon thread: publishes its counts, follows the node's drain state.
+    """Keeps a worker's slot up to date and its lifecycle in step with the node's drain state.
 
-    It looks every ``poll_interval`` (20 ms): the header is one read, the slot one write.
+    :meth:`start` makes the lifecycle's trackers publish every change of its counts into the
+    slot at once (one word; while the node drains, the oldest request too), and ring the master
+    when its in-flight count drops to zero then (the node's total may have reached zero).
+    :meth:`woken` is called by the worker's bell thread whenever the master rings it.
     """
 
     def __init__(
@@ -353,16 +381,24 @@ class WorkerFollower:
         self.lifecycle = lifecycle
         self.view = view
         self.on_deadline = on_deadline
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="graceful-node", daemon=True)
+        self._reported: float | None = None
+        self._generation = -1  # the header generation the last sync saw
+        self._words = view.shared.slot_words(0)[0]  # set for our own slot by start()
+        self._inflight_at = 0
 
     def start(self) -> WorkerFollower:
+        index = self.view.index
+        if index is not None:  # (the master serves nothing: it has no slot to publish in)
+            self._words, base = self.view.shared.slot_words(index)
+            self._inflight_at = base + _INFLIGHT
+            self.lifecycle.requests.on_change = self._requests_changed
+            self.lifecycle.websockets.on_change = self._websockets_changed
         self.sync()
-        self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        self.lifecycle.requests.on_change = None
+        self.lifecycle.websockets.on_change = None
 
     def sync(self) -> None:
         """Publish our counts; take on the node's state (a no-op when we already have it).
@@ -371,29 +407,131 @@ class WorkerFollower:
         when the drain began: it drains as soon as it turns ready.
         """
         view, lifecycle = self.view, self.lifecycle
+        generation, phase, reason = view.shared.header()
         if view.index is not None:
             view.shared.publish(view.index, lifecycle)
-        _generation, phase, reason = view.shared.header()
+            published = view.shared.slot(view.index).inflight
+            self._settle_websockets(view.index)
+            idle = self._settle_requests(view.index) == 0
+            # Ring when our count was stale (a request ended meanwhile), and once per new drain
+            # state: a request that ended as the drain began may have been counted as serving
+            # (no ring) after the master had read the total.
+            if idle and (published != 0 or generation != self._generation):
+                self._ring_if_announcing()
+        self._generation = generation
         since, final = view.shared.drain_state()
         lifecycle.follow(phase, reason, final=final, since=since)
 
-    def _run(self) -> None:
-        reported: float | None = None
-        while not self._stop.wait(self.view.poll_interval):
-            try:
-                self.sync()
-                deadline = self.lifecycle.drain_deadline()
-                if deadline is not None and deadline != reported and time.monotonic() > deadline:
-                    reported = deadline
-                    self.on_deadline(self.lifecycle)
-            except Exception:  # never let the follower die silently
-                logger.exception("graceful node follower failed; carrying on")
+    def woken(self, now: float) -> None:
+        """The master rang: the node's state changed, or its in-flight total may be zero."""
+        self.sync()
+        self.lifecycle.wake()
+        self.check_deadline(now)
+
+    def next_deadline(self) -> float | None:
+        """When this worker's drain timeout passes, unless already reported."""
+        deadline = self.lifecycle.drain_deadline()
+        return None if deadline == self._reported else deadline
+
+    def check_deadline(self, now: float) -> None:
+        """Past the drain timeout: log what is still in flight (once per drain)."""
+        deadline = self.next_deadline()
+        if deadline is not None and now > deadline:
+            self._reported = deadline
+            self.on_deadline(self.lifecycle)
+
+    def _requests_changed(self) -> None:
+        """After every begin and end of a request: the hot path, so while the node serves it
+        is one word read (the node's phase) and one written (our count)."""
+        if self._words[_PHASE] in _ANNOUNCING_CODES:
+            self._changed_while_draining()
+            return
+        words, at, requests = self._words, self._inflight_at, self.lifecycle.requests
+        count = len(requests)
+        words[at] = count
+        while len(requests) != count:  # see _settle_requests
+            count = len(requests)
+            words[at] = count
+
+    def _changed_while_draining(self) -> None:
+        index = self.view.index
+        if index is None:
+            return
+        self.view.shared.publish(index, self.lifecycle)  # the oldest request too, for the log
+        if self._settle_requests(index) == 0:  # of a drain that times out
+            self._ring_if_announcing()
+
+    def _websockets_changed(self) -> None:
+        if self.view.index is not None:
+            self._settle_websockets(self.view.index)
+
+    def _settle_requests(self, index: int) -> int:
+        """Write the in-flight count until it holds still: a thread that changed it meanwhile
+        may have written its count before ours, which would then be stale (and a stale count
+        above zero would hold the master until the drain timeout)."""
+        shared = self.view.shared
+        return _settle(self.lifecycle.requests, lambda count: shared.set_inflight(index, count))
+
+    def _settle_websockets(self, index: int) -> None:
+        shared = self.view.shared
+        _settle(self.lifecycle.websockets, lambda count: shared.set_websockets(index, count))
+
+    def _ring_if_announcing(self) -> None:
+        """This worker went idle while the node drains: the node's total may be zero."""
+        if self.view.bells is not None and self.view.shared.announcing():
+            self.view.bells.ring_master()
+
+
+class _WorkerLink:
+    """This process, a worker of a node: its slot, its bell, and a thread that waits on it.
+
+    The thread sleeps in ``poll`` on the worker's pipe until the master rings (or, while a
+    drain runs, until its drain timeout passes, to log what is stuck): an idle worker does not
+    wake up at all.
+    """
+
+    def __init__(self, shared: SharedNode, index: int, bell: int | None, bells: Bells | None):
+        self.shared, self.index, self.bell, self.bells = shared, index, bell, bells
+        self.followers: weakref.WeakKeyDictionary[Lifecycle, WorkerFollower] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._thread: threading.Thread | None = None
+
+    def link(self, lifecycle: Lifecycle) -> None:
+        if lifecycle in self.followers:
+            return
+        view = SlotView(self.shared, self.index, self.bells)
+        lifecycle.node = view
+        self.followers[lifecycle] = WorkerFollower(lifecycle, view, _log_stuck).start()
+        if self._thread is None and self.bell is not None:
+            self._thread = threading.Thread(
+                target=self._run, args=(self.bell,), name="graceful-node", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, bell: int) -> None:
+        while True:
+            followers = list(self.followers.values())
+            deadlines = [d for d in (f.next_deadline() for f in followers) if d is not None]
+            timeout = None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+            rung = wait_readable(bell, timeout)
+            if rung is None:
+                return  # the master is gone; gunicorn stops this worker
+            now = time.monotonic()
+            for follower in followers:
+                try:
+                    if rung:
+                        follower.woken(now)
+                    else:
+                        follower.check_deadline(now)
+                except Exception:  # never let the thread die silently
+                    logger.exception("graceful node follower failed; carrying on")
 
 
 # -- this process, when it is a worker of a node ------------------------------------------
 
 _worker: tuple[SharedNode, int] | None = None
-_linked: weakref.WeakKeyDictionary[Lifecycle, WorkerFollower] = weakref.WeakKeyDictionary()
+_link_of_process: _WorkerLink | None = None
 _adapted: weakref.WeakSet[Lifecycle] = weakref.WeakSet()
 
 
@@ -403,33 +541,26 @@ def _log_stuck(lifecycle: Lifecycle) -> None:
     log_stuck(lifecycle, f"drain timeout ({lifecycle.config.drain_timeout:g}s) passed")
 
 
-def _link(lifecycle: Lifecycle) -> None:
-    if _worker is None or lifecycle in _linked:
-        return
-    shared, index = _worker
-    view = SlotView(shared, index)
-    lifecycle.node = view
-    _linked[lifecycle] = WorkerFollower(lifecycle, view, _log_stuck).start()
-
-
-def become_worker(shared: SharedNode, index: int) -> None:
+def become_worker(shared: SharedNode, index: int, bells: Bells | None = None) -> None:
     """Called in a freshly forked worker: link the lifecycles it has and will have."""
-    global _worker
+    global _worker, _link_of_process
+    bell = None if bells is None else bells.become_worker(index)
     _worker = (shared, index)
-    _linked.clear()  # followers of the parent do not survive the fork
+    _link_of_process = _WorkerLink(shared, index, bell, bells)  # the parent's does not survive
     for lifecycle in [get_lifecycle(), *_adapted]:
-        _link(lifecycle)
+        _link_of_process.link(lifecycle)
 
 
 def link_if_worker(lifecycle: Lifecycle) -> None:
     """Called by the middleware: link its lifecycle now, or when this process forks a worker."""
     _adapted.add(lifecycle)
-    _link(lifecycle)
+    if _link_of_process is not None:
+        _link_of_process.link(lifecycle)
 
 
 def sync_now(lifecycle: Lifecycle) -> None:
     """Take on the node's drain state at once (before answering a probe)."""
-    follower = _linked.get(lifecycle)
+    follower = None if _link_of_process is None else _link_of_process.followers.get(lifecycle)
     if follower is not None:
         follower.sync()
 
@@ -443,3 +574,13 @@ def worker_announcing() -> bool:
     """
     worker = _worker
     return worker is not None and worker[0].announcing()
+
+
+def _settle(entries: Sized, write: Callable[[int], None]) -> int:
+    """Write ``len(entries)`` until it holds still (see ``_settle_requests``); the last count."""
+    count = len(entries)
+    write(count)
+    while len(entries) != count:
+        count = len(entries)
+        write(count)
+    return count

@@ -18,22 +18,21 @@ not handed back to uvicorn, which would re-raise it after shutting down: the exi
 Under gunicorn's uvicorn workers linked by ``graceful.gunicorn`` (``lifecycle.node`` set) the
 master drives the drain, so uvicorn's handler is left in place: no second delay.
 
-At the end of the delay the middleware ends open-ended HTTP responses (server-sent events and
-other chunked streams) through uvicorn's connection state, see :meth:`ServerLink.end_streams`.
-Relies on uvicorn's ``Server.handle_exit``, ``should_exit``, ``force_exit``,
-``config.timeout_graceful_shutdown`` and, for streams, ``server_state.connections`` and each
-HTTP/1.1 connection's ``cycle``. Needs uvicorn 0.30 or later; what differs between the
-versions it supports is kept in one place below ("uvicorn versions"), with the versions checked.
+At the end of the delay the middleware itself ends open-ended HTTP responses (server-sent
+events and other chunked streams) through ASGI, as under any server (see
+:mod:`graceful._adapters.goodbye`). What this module still needs of uvicorn beyond its public
+API (``Server.handle_exit`` as the SIGTERM handler, ``should_exit``, ``force_exit``,
+``capture_signals``, the supervisor's workers and signal queue) is reached only through the
+uvicorn section of :mod:`graceful._servers.compat`, with the versions it was checked on.
+Needs uvicorn 0.30 or later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -48,9 +47,11 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding uvicorn in 
         "graceful.uvicorn needs uvicorn; install it with: pip install 'graceful-drain[uvicorn]'"
     ) from exc
 
-from .._core.logsafe import escape
 from .._runtime.lifecycle import Lifecycle, get_lifecycle
 from .._runtime.shutdown import StopSequence, log_through
+from . import compat
+
+compat.check_uvicorn_version(uvicorn.__version__)
 
 __all__ = ["Server", "ServerLink", "attach", "run"]
 
@@ -67,53 +68,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 #: drain gave up, what is left was logged as stuck and uvicorn does not wait at all.
 HANDOVER_GRACE = 0.5
 
-#: Bound on ending one HTTP stream (a client that reads nothing holds uvicorn's send).
-_END_TIMEOUT = 1.0
-_LAST_CHUNK = {"type": "http.response.body", "body": b"", "more_body": False}
-
-
-# -- uvicorn versions ---------------------------------------------------------------------------
-# What differs between the uvicorn versions this module supports is handled here, and only here.
-# Checked on uvicorn 0.30.0 (the floor, run by tests/floors/), 0.35.0, 0.40.0, 0.45.0, 0.50.0,
-# 0.51.0 and 0.55.0.
-
-#: The oldest uvicorn that can drain. Before 0.29 uvicorn installs its signal handlers with
-#: ``loop.add_signal_handler``, where there is no handler to find and take over (SIGTERM then
-#: stops it at once: probes and requests refused); before 0.30 its supervisor (``--workers``)
-#: stops one worker after the other, each after its whole drain, so the others stay ready.
-MIN_UVICORN = (0, 30)
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
-
-
-if _version(uvicorn.__version__) < MIN_UVICORN:
-    raise ImportError(
-        f"graceful.uvicorn needs uvicorn >= 0.30, and {uvicorn.__version__} is installed: "
-        "upgrade it with: pip install -U 'graceful-drain[uvicorn]'"
-    )
-
-
 #: uvicorn's exit status when the server did not start (in ``uvicorn.config`` only from 0.50).
 STARTUP_FAILURE = 3
-
-
-def _new_supervisor(config: uvicorn.Config, sockets: list[Any]) -> Any:
-    """uvicorn's ``Multiprocess`` supervisor (before 0.51 it takes the workers' entry point)."""
-    from uvicorn.supervisors import Multiprocess
-
-    supervisor: Any = Multiprocess  # typed after the installed uvicorn; both forms are used
-    if "target" in inspect.signature(Multiprocess).parameters:
-        return supervisor(config, target=uvicorn.Server(config).run, sockets=sockets)
-    return supervisor(config, sockets=sockets)
-
-
-def _live_pid(worker: Any) -> int | None:
-    """The pid of a supervisor's worker that has not exited (``Process.exitcode``: 0.50 on)."""
-    process = worker.process  # multiprocessing's SpawnProcess, in every version
-    pid: int | None = process.pid
-    return pid if process.exitcode is None else None
 
 
 class ServerLink:
@@ -186,69 +142,14 @@ class ServerLink:
     def _stop(self) -> None:
         if self.grace is not None:
             # Past the bound, what is still in flight was logged and is stopped at once.
-            _set_timeout(self.server.config, 0 if self.sequence.gave_up else self.grace)
-        self.server.should_exit = True
+            compat.set_shutdown_timeout(
+                self.server.config, 0 if self.sequence.gave_up else self.grace
+            )
+        compat.request_exit(self.server)
 
     def _force(self) -> None:
-        _set_timeout(self.server.config, 0)
-        self.server.force_exit = True
-        self.server.should_exit = True
-
-    # -- streams ---------------------------------------------------------------------------
-
-    async def end_streams(self) -> int:
-        """End every open-ended HTTP/1.x response still streaming; how many were ended.
-
-        Open-ended: started, not complete, chunked (or HTTP/1.0, ended by closing). The last
-        chunk is sent through uvicorn's own ``send``, so the client sees a complete response;
-        then the request is marked disconnected, as uvicorn does when a client goes away: the
-        app's ``receive()`` answers ``http.disconnect`` and its further sends are dropped, so
-        server-sent-event handlers end. Responses with a Content-Length are left to finish.
-        """
-        cycles = [
-            cycle
-            for connection in list(self.server.server_state.connections)
-            if (cycle := getattr(connection, "cycle", None)) is not None and _open_ended(cycle)
-        ]
-        if not cycles:
-            return 0
-        ends = [asyncio.wait_for(_end(cycle), _END_TIMEOUT) for cycle in cycles]
-        results = await asyncio.gather(*ends, return_exceptions=True)
-        for cycle, result in zip(cycles, results, strict=True):
-            if isinstance(result, BaseException):
-                logger.debug("could not end the stream %s: %r", _describe(cycle), result)
-        ended = sum(1 for result in results if not isinstance(result, BaseException))
-        logger.info("ended %d open HTTP stream(s) at the end of the delay", ended)
-        return ended
-
-
-def _set_timeout(config: uvicorn.Config, seconds: float) -> None:
-    # Typed as int by uvicorn, used as any number (asyncio.wait_for's timeout).
-    config.timeout_graceful_shutdown = seconds  # type: ignore[assignment]
-
-
-def _open_ended(cycle: Any) -> bool:
-    if not getattr(cycle, "response_started", False):
-        return False
-    if getattr(cycle, "response_complete", True) or getattr(cycle, "disconnected", False):
-        return False
-    chunked = getattr(cycle, "chunked_encoding", None)  # httptools
-    if chunked is not None:
-        return bool(chunked)
-    writer = getattr(getattr(cycle, "conn", None), "_writer", None)  # h11
-    return type(writer).__name__ in ("ChunkedWriter", "Http10Writer")
-
-
-async def _end(cycle: Any) -> None:
-    await cycle.send(dict(_LAST_CHUNK))
-    # Then, as after a client disconnect: receive() answers http.disconnect, sends are dropped
-    # (an app sending its next event before it saw the disconnect does not fail).
-    cycle.disconnected = True
-
-
-def _describe(cycle: Any) -> str:
-    scope = getattr(cycle, "scope", {})
-    return f"{escape(str(scope.get('method', '?')), 20)} {escape(str(scope.get('path', '?')))}"
+        compat.set_shutdown_timeout(self.server.config, 0)
+        compat.force_exit(self.server)
 
 
 # -- the middleware's way in (plain ``uvicorn module:app``) -------------------------------------
@@ -264,11 +165,13 @@ def attach(lifecycle: Lifecycle) -> ServerLink | None:
     the main thread).
     """
     handler = signal.getsignal(signal.SIGTERM)
-    owner = getattr(handler, "__self__", None)
-    if isinstance(owner, ServerLink):
-        return owner
-    if not isinstance(owner, uvicorn.Server) or getattr(handler, "__name__", "") != "handle_exit":
+    link_owner = getattr(handler, "__self__", None)
+    if isinstance(link_owner, ServerLink):
+        return link_owner
+    owner = compat.server_of_handler(handler, uvicorn.Server)
+    if owner is None:
         return None
+    compat.check_server(owner)
     if isinstance(owner, Server) and owner.link is not None:
         return owner.link
     log_through(SERVER_LOGGER)
@@ -298,12 +201,13 @@ class Server(uvicorn.Server):
 
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle | None = None) -> None:
         super().__init__(config)  # uvicorn's Config has set up its logging by now
+        compat.check_server(self)
         log_through(SERVER_LOGGER)
         self.lifecycle = lifecycle if lifecycle is not None else get_lifecycle()
         self.link: ServerLink | None = None
         self._grace: float | None = None
         if config.timeout_graceful_shutdown is None:
-            _set_timeout(config, self.lifecycle.config.drain_timeout)
+            compat.set_shutdown_timeout(config, self.lifecycle.config.drain_timeout)
             self._grace = HANDOVER_GRACE
 
     @contextlib.contextmanager
@@ -333,14 +237,10 @@ def run(app: Any, *, lifecycle: Lifecycle | None = None, **options: Any) -> None
     signals reach the workers at once and as they are (see :func:`_supervise`).
     """
     config = uvicorn.Config(app, **options)
-    if (config.reload or config.workers > 1) and not isinstance(app, str):
-        logging.getLogger("uvicorn.error").warning(
-            "You must pass the application as an import string to enable 'reload' or 'workers'."
-        )
-        sys.exit(STARTUP_FAILURE)
-    if config.should_reload:
-        uvicorn.run(app, **options)
+    if config.reload or (config.workers > 1 and not isinstance(app, str)):
+        uvicorn.run(app, **options)  # uvicorn's own: the reloader, or its refusal of the app
         return
+    # What uvicorn.run does next, with graceful's server (or signals passed on to the workers).
     server = None if config.workers > 1 else Server(config, lifecycle)
     try:
         if server is None:
@@ -362,16 +262,18 @@ def _supervise(config: uvicorn.Config) -> None:
     delay. Here each signal goes on to the workers as it is, the moment it arrives; the
     supervisor then stops as usual (its own SIGTERM to the workers is ignored by then).
     """
-    supervisor = _new_supervisor(config, [config.bind_socket()])
-    if not hasattr(supervisor, "processes") or not hasattr(supervisor, "signal_queue"):
+    supervisor = compat.new_supervisor(config, [config.bind_socket()])
+    parts = compat.supervisor_parts(supervisor)
+    if parts is None:
         supervisor.run()  # a uvicorn whose supervisor we do not know: as it is
         return
+    processes, signal_queue = parts
 
     def forward(signum: int, frame: FrameType | None) -> None:
         # SIGQUIT is not one of the supervisor's own: it stops as on SIGINT.
-        supervisor.signal_queue.append(signal.SIGINT if signum == signal.SIGQUIT else signum)
-        for worker in list(supervisor.processes):
-            pid = _live_pid(worker)
+        signal_queue.append(signal.SIGINT if signum == signal.SIGQUIT else signum)
+        for worker in list(processes):
+            pid = compat.live_pid(worker)
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signum)

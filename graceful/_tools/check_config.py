@@ -33,10 +33,11 @@ import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._core import budget
 from .._core.config import ENV_PREFIX, Config, ConfigError
+from .._core.errors import GracefulError
 from .options import seconds_type
 
 __all__ = ["SERVER_KEEPALIVE", "Finding", "add_verb", "check", "run"]
@@ -52,13 +53,17 @@ NGINX_UPSTREAM_KEEPALIVE_TIMEOUT = 60.0
 RETRY_RULE = "proxy_next_upstream error timeout http_503;"
 
 
-class Unreadable(Exception):
+#: ``error``: a setting that loses requests; ``warning``: advice.
+Severity = Literal["error", "warning"]
+
+
+class Unreadable(GracefulError):
     """A file cannot be read or parsed; the message names it. Exit status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    severity: str  # "error" or "warning"
+    severity: Severity
     source: str  # "settings", or the file it is about
     message: str
 

@@ -11,10 +11,11 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import requests
-
+from .._core import protocol
+from .._core.errors import GracefulError
+from .._core.phases import Phase
 from .._core.surface import MAX_WAIT
-from . import check_config, demo
+from . import check_config, demo, fetch
 from .options import count_type, seconds_type
 
 __all__ = ["EXIT_CODES", "main"]
@@ -47,7 +48,9 @@ EXIT_CODES = {
 POLL_INTERVAL = 0.2
 
 
-class Failure(Exception):
+class Failure(GracefulError):
+    """The command cannot go on: ``code`` is its exit status, the message says why."""
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -102,25 +105,33 @@ class Client:
         self.readyz: str = args.readyz_path
         self.timeout: float = args.timeout
         self.token: str | None = _token(args.token or os.environ.get("GRACEFUL_TOKEN") or None)
-        self.session = requests.Session()
 
-    def request(self, method: str, path: str, *, control: bool, **kwargs: Any) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        control: bool,
+        timeout: float | None = None,
+        params: dict[str, str] | None = None,
+    ) -> fetch.Answer:
         headers = {}
         if control and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        timeout = kwargs.setdefault("timeout", self.timeout)
+        timeout = self.timeout if timeout is None else timeout
         try:
-            response = self.session.request(method, self.url + path, headers=headers, **kwargs)
-        except requests.Timeout:
+            response = fetch.request(
+                method, self.url + path, headers=headers, params=params, timeout=timeout
+            )
+        except fetch.NoAnswer:
             raise Failure(TIMED_OUT, f"{self.url}: no answer within {timeout:g}s") from None
-        except requests.RequestException as exc:
-            reason = type(exc).__name__
-            raise Failure(UNREACHABLE, f"{self.url}: cannot connect ({reason})") from None
+        except fetch.Unreachable as exc:
+            raise Failure(UNREACHABLE, f"{self.url}: cannot connect ({exc})") from None
         if control:
             self._check_control(response)
         return response
 
-    def _check_control(self, response: requests.Response) -> None:
+    def _check_control(self, response: fetch.Answer) -> None:
         if response.status_code == 401:
             hint = (
                 "wrong token"
@@ -144,34 +155,40 @@ class Client:
         return response.status_code, _body(response)
 
 
-def _body(response: requests.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+def _body(response: fetch.Answer) -> dict[str, Any]:
+    return response.json_object()
 
 
-def _output(response: requests.Response) -> str:
+def _output(response: fetch.Answer) -> str:
     return str(_body(response).get("output") or response.text[:200].strip() or response.reason)
 
 
-def _summary(status: dict[str, Any]) -> str:
-    parts = [f"phase={status.get('phase')}", f"inflight={status.get('inflight')}"]
-    if status.get("reason"):
-        parts.append(f"reason={status['reason']!r}")
-    if status.get("oldest_request_age") is not None:
-        parts.append(f"oldest={status['oldest_request_age']}s")
+def _status(client: Client, response: fetch.Answer) -> protocol.Status:
+    """The status document a control route answered, typed; FAILED when it is not one."""
+    try:
+        return protocol.Status.from_json(response.content)
+    except protocol.ProtocolError as exc:
+        raise Failure(FAILED, f"{client.url}: {response.status_code}: {exc}") from None
+
+
+def _summary(status: protocol.Status) -> str:
+    parts = [f"phase={status.phase}", f"inflight={status.inflight}"]
+    if status.reason:
+        parts.append(f"reason={status.reason!r}")
+    if status.oldest_request_age is not None:
+        parts.append(f"oldest={status.oldest_request_age}s")
     return " ".join(parts)
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    status = _body(client.request("GET", client.prefix + "/status", control=True))
-    print(
-        json.dumps(status, indent=2, sort_keys=True)
-        if args.json
-        else f"{client.url} {_summary(status)}"
+    response = client.request(
+        "GET", protocol.control_path(protocol.STATUS, client.prefix), control=True
     )
+    status = _status(client, response)  # refused when it is not a status document
+    if args.json:  # the whole document as the node sent it, newer fields included
+        print(json.dumps(_body(response), indent=2, sort_keys=True))
+    else:
+        print(f"{client.url} {_summary(status)}")
     return OK
 
 
@@ -186,9 +203,13 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
     params = {"wait": "1", "timeout": f"{args.timeout:g}"} if args.wait else None
     timeout = args.timeout + 5 if args.wait else args.timeout
     response = client.request(
-        "POST", client.prefix + "/drain", control=True, params=params, timeout=timeout
+        "POST",
+        protocol.control_path(protocol.DRAIN, client.prefix),
+        control=True,
+        params=params,
+        timeout=timeout,
     )
-    status = _body(response)
+    status = _status(client, response)
     if args.wait and response.status_code == 202:
         print(
             f"{client.url} still draining after {args.timeout:g}s: {_summary(status)}",
@@ -200,7 +221,8 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_resume(client: Client, args: argparse.Namespace) -> int:
-    status = _body(client.request("POST", client.prefix + "/resume", control=True))
+    path = protocol.control_path(protocol.RESUME, client.prefix)
+    status = _status(client, client.request("POST", path, control=True))
     print(f"{client.url} {_summary(status)}")
     return OK
 
@@ -211,7 +233,8 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     if args.target == "ready":
         want = lambda code, body: code == 200  # noqa: E731
     else:
-        want = lambda code, body: body.get("phase") in ("drained", "stopping")  # noqa: E731
+        done = (Phase.DRAINED.value, Phase.STOPPING.value)
+        want = lambda code, body: body.get("phase") in done  # noqa: E731
     last = "no answer yet"
     while True:
         remaining = deadline - time.monotonic()
@@ -232,6 +255,15 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
                 return OK
             last = f"{code} {body.get('output', '')}".strip()
         time.sleep(max(0.0, min(POLL_INTERVAL, deadline - time.monotonic())))
+
+
+def _route_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--prefix", type=_path, default=protocol.CONTROL_PREFIX, help="control route prefix"
+    )
+    sub.add_argument(
+        "--readyz-path", type=_path, default=protocol.READYZ_PATH, help="readiness route"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,8 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
             "url", type=_base_url, metavar="URL", help="the node, e.g. http://10.0.0.5:8000"
         )
         sub.add_argument("--token", help="bearer token (default: $GRACEFUL_TOKEN)")
-        sub.add_argument("--prefix", type=_path, default="/-/graceful", help="control route prefix")
-        sub.add_argument("--readyz-path", type=_path, default="/readyz", help="readiness route")
+        _route_options(sub)
         sub.add_argument(
             "--timeout",
             type=_seconds,
@@ -545,8 +576,7 @@ def _rollout_verb(verbs: Any, epilog: str | None) -> None:
         "checks to admit it before the next node (default 2 with --lb readiness, else 0: the "
         "rollout confirms nginx and haproxy itself)",
     )  # fmt: skip
-    sub.add_argument("--prefix", type=_path, default="/-/graceful", help="control route prefix")
-    sub.add_argument("--readyz-path", type=_path, default="/readyz", help="readiness route")
+    _route_options(sub)
     sub.add_argument("--dry-run", action="store_true", help="print the plan, touch nothing")
     sub.add_argument("--log-json", metavar="FILE", help="write a JSON timeline of every step")
     sub.set_defaults(run=cmd_rollout, needs_node=False)

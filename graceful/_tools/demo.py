@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import itertools
 import json
 import os
 import shutil
@@ -35,21 +34,27 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
-
-import requests
+from typing import TYPE_CHECKING, Any, Literal, TextIO, get_args
 
 from .._core.config import parse_count, parse_seconds
+from .._core.errors import GracefulError
+from ..testing import nginx_head, nginx_temp_paths
+from . import fetch
+
+if TYPE_CHECKING:
+    from .demo_load import Load, RoundResult
 
 __all__ = ["add_verb", "main", "run"]
 
-SERVERS = ("uvicorn", "gunicorn")
-INSTALL_HINT = "pip install 'graceful-drain[uvicorn]'"
+#: What the nodes run, and how the load reaches them.
+ServerName = Literal["uvicorn", "gunicorn"]
+Via = Literal["nginx", "pool"]
+SERVERS: tuple[ServerName, ...] = get_args(ServerName)
+#: The demo's callers use requests (the client extra) and its nodes a server.
+INSTALL_HINT = "pip install 'graceful-drain[client,uvicorn]'"
 DEFAULT_DURATION = 10.0
 DEFAULT_NODES = 3
 THREADS = 4
@@ -81,7 +86,7 @@ proxy_request_buffering on;
 PLAIN_PROXY = 'proxy_http_version 1.1;\nproxy_set_header Connection "";\n'
 
 
-class DemoError(Exception):
+class DemoError(GracefulError):
     """The demo cannot run; the message says why (exit status 2)."""
 
 
@@ -116,7 +121,7 @@ def installed(server: str) -> bool:
     return importlib.util.find_spec(server) is not None
 
 
-def default_server() -> str | None:
+def default_server() -> ServerName | None:
     return next((server for server in SERVERS if installed(server)), None)
 
 
@@ -174,7 +179,7 @@ def add_verb(
 # -- the nodes ----------------------------------------------------------------------------------
 
 
-def node_argv(server: str, graceful: bool, port: int) -> list[str]:
+def node_argv(server: ServerName, graceful: bool, port: int) -> list[str]:
     if server == "uvicorn":
         app = (
             "graceful._tools.demo_app:asgi_app"
@@ -271,7 +276,7 @@ class Node:
 
 class Cluster:
     def __init__(
-        self, processes: Processes, folder: Path, server: str, graceful: bool, count: int
+        self, processes: Processes, folder: Path, server: ServerName, graceful: bool, count: int
     ) -> None:
         self.processes = processes
         self.server = server
@@ -284,7 +289,6 @@ class Cluster:
             Node(index, port, folder / f"{kind}-node{index}.log")
             for index, port in enumerate(sorted(ports))
         ]
-        self.probe = requests.Session()
 
     def start(self, node: Node) -> None:
         env = child_env(GRACEFUL_ENV if self.graceful else {})
@@ -295,11 +299,9 @@ class Cluster:
     def ready(self, node: Node) -> bool:
         path = "/readyz" if self.graceful else "/items/ready"
         try:
-            response = self.probe.get(node.url + path, timeout=(1.0, 2.0))
-        except requests.RequestException:
+            return fetch.request("GET", node.url + path, timeout=2.0).status_code == 200
+        except (fetch.NoAnswer, fetch.Unreachable):
             return False
-        response.close()
-        return response.status_code == 200
 
     def wait_ready(self, node: Node, stop: threading.Event) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -362,23 +364,12 @@ class Nginx:
             proxy = f"include {SNIPPET};" if SNIPPET.is_file() else SNIPPET_DIRECTIVES
         else:
             proxy = PLAIN_PROXY
-        temp = " ".join(
-            f"{kind}_temp_path {site / kind};"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        user = "user root;" if os.geteuid() == 0 else ""
         conf = site / "nginx.conf"
         conf.write_text(f"""\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {site / "nginx.pid"};
-error_log {site / "error.log"} warn;
-events {{ worker_connections 1024; }}
+{nginx_head(site, error_level="warn")}
 http {{
     access_log off;
-    {temp}
+    {nginx_temp_paths(site)}
     upstream app {{
 {servers}
         keepalive 32;
@@ -401,137 +392,14 @@ http {{
             raise DemoError(f"nginx -t refused the demo's configuration:\n{checked.stderr}")
         proc = self.processes.start(args, site / "nginx.out", child_env({}))
         deadline = time.monotonic() + START_TIMEOUT
-        session = requests.Session()
         while True:
-            try:
-                if session.get(self.url + "/items/ready", timeout=(1.0, 2.0)).status_code == 200:
+            with contextlib.suppress(fetch.NoAnswer, fetch.Unreachable):
+                if fetch.request("GET", self.url + "/items/ready", timeout=2.0).status_code == 200:
                     break
-            except requests.RequestException:
-                pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise DemoError(f"nginx did not start:\n{tail(site / 'error.log')}")
             time.sleep(0.05)  # polling nginx's start-up
-        session.close()
         return proc
-
-
-# -- the load -----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Outcome:
-    seconds: float
-    failure: str | None
-
-
-def failure_kind(exc: BaseException) -> str:
-    from .._client.pool import NoNodeAvailable
-
-    if isinstance(exc, NoNodeAvailable):
-        return "no node available"
-    if isinstance(exc, requests.Timeout):
-        return "timeout"
-    if isinstance(exc, requests.ConnectionError):
-        text = repr(exc)
-        if "NewConnectionError" in text or "Connection refused" in text:
-            return "connection refused"
-        if "RemoteDisconnected" in text or "reset" in text.lower() or "Aborted" in text:
-            return "connection closed"
-        return "connection error"
-    return type(exc).__name__
-
-
-class Load:
-    """``THREADS`` callers, each alternating ``GET /items/<n>`` and ``POST /items`` (an id in
-    the body and an ``Idempotency-Key``), until :meth:`stop`."""
-
-    def __init__(self, call: Callable[[str, str, dict[str, Any]], requests.Response]) -> None:
-        self.call = call
-        self.outcomes: list[Outcome] = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.threads = [
-            threading.Thread(target=self._caller, args=(n,), name=f"demo-load-{n}", daemon=True)
-            for n in range(THREADS)
-        ]
-        self.started = 0.0
-        self.seconds = 0.0
-
-    def start(self) -> Load:
-        self.started = time.monotonic()
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def _caller(self, number: int) -> None:
-        for turn in itertools.count():
-            if self.stopping.is_set():
-                return
-            if turn % 2:
-                oid = uuid.uuid4().hex
-                method, path = "POST", "/items"
-                kwargs: dict[str, Any] = {
-                    "data": {"id": oid},
-                    "headers": {"Idempotency-Key": oid},
-                }
-            else:
-                method, path, kwargs = "GET", f"/items/{number}-{turn}", {}
-            began = time.monotonic()
-            failure: str | None = None
-            try:
-                response = self.call(method, path, kwargs)
-                response.close()
-                if response.status_code not in (200, 201):
-                    failure = f"HTTP {response.status_code}"
-            except Exception as exc:  # every failure is counted, by kind
-                failure = failure_kind(exc)
-            with self.lock:
-                self.outcomes.append(Outcome(time.monotonic() - began, failure))
-            self.stopping.wait(PACE)
-
-    def counts(self) -> tuple[int, int]:
-        with self.lock:
-            return len(self.outcomes), sum(1 for o in self.outcomes if o.failure)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(REQUEST_TIMEOUT[0] + REQUEST_TIMEOUT[1] + 5)
-        self.seconds = time.monotonic() - self.started
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-@dataclasses.dataclass
-class RoundResult:
-    sent: int
-    failed: int
-    failures: dict[str, int]
-    p50_ms: float
-    p99_ms: float
-    wall_s: float
-    restarts: int
-
-    @classmethod
-    def of(cls, load: Load, restarts: int) -> RoundResult:
-        with load.lock:
-            outcomes = list(load.outcomes)
-        kinds = Counter(o.failure for o in outcomes if o.failure)
-        latencies = [o.seconds * 1000 for o in outcomes]
-        return cls(
-            sent=len(outcomes),
-            failed=sum(kinds.values()),
-            failures=dict(kinds.most_common()),
-            p50_ms=round(percentile(latencies, 0.50), 1),
-            p99_ms=round(percentile(latencies, 0.99), 1),
-            wall_s=round(load.seconds, 1),
-            restarts=restarts,
-        )
 
 
 # -- progress ---------------------------------------------------------------------------------
@@ -606,110 +474,11 @@ class Progress:
 
 @dataclasses.dataclass
 class Settings:
-    server: str
+    server: ServerName
     nodes: int
     duration: float
-    via: str
+    via: Via
     nginx: str | None
-
-
-def run_round(
-    settings: Settings,
-    processes: Processes,
-    folder: Path,
-    graceful: bool,
-    progress: Progress,
-    interrupted: threading.Event,
-) -> RoundResult:
-    label = "graceful" if graceful else "naive"
-    cluster = Cluster(processes, folder, settings.server, graceful, settings.nodes)
-    progress.set(label, f"starting {settings.nodes} {settings.server} nodes")
-    for node in cluster.nodes:
-        cluster.start(node)
-    for node in cluster.nodes:
-        cluster.wait_ready(node, interrupted)
-    front: subprocess.Popen[bytes] | None = None
-    pool: Any = None
-    sessions: threading.local = threading.local()
-    if settings.via == "nginx" and settings.nginx is not None:
-        nginx = Nginx(processes, settings.nginx, folder)
-        progress.set(label, "starting nginx")
-        front = nginx.start(cluster.nodes, graceful)
-        base = nginx.url
-
-        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
-            session = getattr(sessions, "session", None)
-            if session is None:
-                session = sessions.session = requests.Session()
-            return session.request(method, base + path, timeout=REQUEST_TIMEOUT, **kwargs)
-
-    elif graceful:
-        from .._client.pool import Pool
-
-        pool = Pool(
-            [node.url for node in cluster.nodes],
-            probe_interval=0.2,
-            timeout=REQUEST_TIMEOUT,
-            max_attempts=settings.nodes + 1,
-        )
-
-        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
-            response: requests.Response = pool.request(method, path, **kwargs)
-            return response
-
-    else:
-        session = requests.Session()
-        session.mount("http://", requests.adapters.HTTPAdapter(max_retries=0, pool_maxsize=32))
-        turn = itertools.count()
-
-        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
-            node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin, no retries
-            return session.request(method, node.url + path, timeout=REQUEST_TIMEOUT, **kwargs)
-
-    load = Load(call).start()
-    restarts = 0
-    try:
-        started = time.monotonic()
-        progress.set(label, "load running", load)
-        warm_up = min(2.0, settings.duration * 0.15)
-        if interrupted.wait(warm_up):
-            raise KeyboardInterrupt
-        for node in cluster.nodes:
-            progress.set(label, f"restarting node {node.index + 1}/{settings.nodes}")
-            cluster.stop(node)
-            cluster.start(node)
-            cluster.wait_ready(node, interrupted)
-            if pool is not None:  # back in the pool's rotation before the next one goes
-                wait_in_service(pool, node.url, interrupted)
-            restarts += 1
-        progress.set(label, "every node restarted; load running")
-        left = max(1.0, settings.duration - (time.monotonic() - started))
-        if interrupted.wait(left):
-            raise KeyboardInterrupt
-    finally:
-        load.stop()
-        if pool is not None:
-            pool.close()
-        for node in cluster.nodes:
-            if node.proc is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(node.proc.pid, signal.SIGKILL)
-        if front is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(front.pid, signal.SIGKILL)
-    return RoundResult.of(load, restarts)
-
-
-def wait_in_service(pool: Any, url: str, interrupted: threading.Event) -> None:
-    from .._client.pool import NodeState
-
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        states = {status.url: status.state for status in pool.nodes}
-        if states.get(url) is NodeState.IN_SERVICE:
-            return
-        if interrupted.wait(0.05):
-            raise KeyboardInterrupt
 
 
 # -- the table ----------------------------------------------------------------------------------
@@ -781,11 +550,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     server = args.server or default_server()
     if server is None:
         raise DemoError(f"neither uvicorn nor gunicorn is installed; install one: {INSTALL_HINT}")
+    hint = INSTALL_HINT.replace("uvicorn", server)
     if not installed(server):
-        hint = INSTALL_HINT.replace("uvicorn", server)
         raise DemoError(f"--server {server}: {server} is not installed; install it: {hint}")
+    if not installed("requests"):
+        raise DemoError(f"the demo's callers need requests (the client extra); install: {hint}")
     nginx = nginx_binary()
-    via = args.via or ("nginx" if nginx else "pool")
+    via: Via = args.via or ("nginx" if nginx else "pool")
     if via == "nginx" and nginx is None:
         raise DemoError("--via nginx: nginx is not on the PATH; install it or use --via pool")
     return Settings(server, args.nodes, args.duration, via, nginx)
@@ -802,6 +573,8 @@ def run(args: argparse.Namespace) -> int:
     interrupted = threading.Event()
     processes = Processes()
     progress = Progress(sys.stderr, quiet=False)
+    from .demo_load import run_round  # needs requests: checked by settings_from
+
     results: dict[str, RoundResult] = {}
     with stop_signals(interrupted, processes):
         # Removed only after every process is gone: nginx writes into it until it exits.

@@ -41,17 +41,19 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol
-
-import requests
+from typing import IO, Any, Literal, Protocol, get_args
 
 from .._balancers import haproxy, nginx
+from .._core import protocol
+from .._core.errors import GracefulError
 from .._core.surface import MAX_WAIT
+from . import fetch
 
 __all__ = [
     "READINESS_SETTLE",
     "Balancer",
     "HAProxyBalancer",
+    "LoadBalancerKind",
     "NginxBalancer",
     "NoBalancer",
     "Node",
@@ -73,11 +75,11 @@ OUTPUT_LIMIT = 64 * 1024
 READINESS_SETTLE = 2.0
 
 
-class RolloutUsageError(ValueError):
+class RolloutUsageError(GracefulError, ValueError):
     """The rollout was asked for something it cannot do; nothing was touched."""
 
 
-class StepFailed(Exception):
+class StepFailed(GracefulError):
     """A step of the rollout failed; the message says what happened and what to check."""
 
     def __init__(self, step: str, message: str) -> None:
@@ -151,12 +153,23 @@ def check_template(option: str, template: str) -> str:
 # -- load balancers ----------------------------------------------------------------------------
 
 
+#: How traffic is cut (``--lb``): see the module doc.
+LoadBalancerKind = Literal["nginx", "haproxy", "readiness", "none"]
+#: The kinds with nothing to tell a load balancer.
+NoBalancerKind = Literal["readiness", "none"]
+
+
 class Balancer(Protocol):
     """Takes a node out of rotation and gives it back. Raises :class:`StepFailed`.
 
     ``preflight`` refuses (raises) what would fail, and returns warnings for the rest."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """One of :data:`LoadBalancerKind` for the built-in ones; a balancer of your own names
+        itself (``readiness`` is the one name that makes ``settle`` default to
+        :data:`READINESS_SETTLE`)."""
+        ...
 
     def preflight(self, nodes: Sequence[Node], batch: int) -> list[str]: ...
 
@@ -170,8 +183,10 @@ class Balancer(Protocol):
 class NoBalancer:
     """``readiness`` or ``none``: nothing to tell a load balancer."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: NoBalancerKind) -> None:
+        if name not in get_args(NoBalancerKind):
+            raise RolloutUsageError(f"--lb {name!r}: nothing to tell is 'readiness' or 'none'")
+        self.name: NoBalancerKind = name
 
     def preflight(self, nodes: Sequence[Node], batch: int) -> list[str]:
         return []
@@ -199,7 +214,7 @@ class NginxBalancer:
     requests to (502 for everyone): refused unless ``force``.
     """
 
-    name = "nginx"
+    name: Literal["nginx"] = "nginx"
 
     def __init__(self, controller: nginx.UpstreamController, *, force: bool = False) -> None:
         self.controller = controller
@@ -295,7 +310,7 @@ class HAProxyBalancer:
     Servers are found by address: the backend's server whose ``HOST:PORT`` is the node's.
     """
 
-    name = "haproxy"
+    name: Literal["haproxy"] = "haproxy"
 
     def __init__(
         self, api: haproxy.RuntimeAPI, backend: str, *, drain_timeout: float, ready_timeout: float
@@ -331,30 +346,40 @@ class HAProxyBalancer:
         return []
 
     def cut(self, node: Node) -> str:
-        server = self.names[node.address]
-        started = time.monotonic()
-        try:
-            self.api.set_state(self.backend, server, "drain")
+        def drained(server: str) -> None:
             self.api.wait_for_state(
                 self.backend, server, max_sessions=0, timeout=self.drain_timeout
             )
-        except haproxy.HAProxyError as exc:
-            raise StepFailed("cut", f"haproxy: {exc}") from None
-        took = time.monotonic() - started
-        return f"{self.backend}/{server} drain, no sessions left ({took:.2f}s)"
+
+        return self._set_state("cut", node, "drain", drained, "drain, no sessions left")
 
     def restore(self, node: Node) -> str:
-        server = self.names[node.address]
-        started = time.monotonic()
-        try:
-            self.api.set_state(self.backend, server, "ready")
+        def up(server: str) -> None:
             self.api.wait_for_state(
                 self.backend, server, admin="ready", operational="up", timeout=self.ready_timeout
             )
+
+        return self._set_state("restore", node, "ready", up, "ready and up")
+
+    def _set_state(
+        self,
+        step: str,
+        node: Node,
+        state: haproxy.AdminState,
+        wait: Callable[[str], None],
+        done: str,
+    ) -> str:
+        """Set ``node``'s server to ``state`` and ``wait`` for it; say it is ``done``, and how
+        long it took."""
+        server = self.names[node.address]
+        started = time.monotonic()
+        try:
+            self.api.set_state(self.backend, server, state)
+            wait(server)
         except haproxy.HAProxyError as exc:
-            raise StepFailed("restore", f"haproxy: {exc}") from None
+            raise StepFailed(step, f"haproxy: {exc}") from None
         took = time.monotonic() - started
-        return f"{self.backend}/{server} ready and up ({took:.2f}s)"
+        return f"{self.backend}/{server} {done} ({took:.2f}s)"
 
     def plan(self, node: Node) -> tuple[str, str]:
         server = f"{self.backend}/<server at {node.address}>"
@@ -394,8 +419,8 @@ class Rollout:
         ready_timeout: float = 60.0,
         restart_timeout: float = 120.0,
         settle: float | None = None,
-        prefix: str = "/-/graceful",
-        readyz: str = "/readyz",
+        prefix: str = protocol.CONTROL_PREFIX,
+        readyz: str = protocol.READYZ_PATH,
         out: Callable[[str], object] = print,
     ) -> None:
         if batch < 1:
@@ -433,7 +458,6 @@ class Rollout:
         self.events: list[Event] = []
         self.ok: bool | None = None
         self._old_pids: dict[int, set[str]] = {}  # per node: the processes it drained
-        self._session = requests.Session()
         self._started = time.monotonic()
 
     # -- plan --------------------------------------------------------------------------------
@@ -467,7 +491,8 @@ class Rollout:
         if self.token is None:
             return "drain: no token, the restart command's SIGTERM drains the node"
         return (
-            f"drain: POST {self.prefix}/drain?wait=1, wait until drained "
+            f"drain: POST {protocol.control_path(protocol.DRAIN, self.prefix)}?wait=1, "
+            "wait until drained "
             f"(at most {self.drain_timeout:g}s)"
         )
 
@@ -546,23 +571,28 @@ class Rollout:
         return f"{len(self.nodes)} node(s) ready"
 
     def _drain(self, node: Node) -> str:
-        url = f"{node.url}{self.prefix}/drain"
+        url = node.url + protocol.control_path(protocol.DRAIN, self.prefix)
         params = {"wait": "1", "timeout": f"{self.drain_timeout:g}"}
         headers = {"Authorization": f"Bearer {self.token}"}
         try:
-            response = self._session.post(
-                url, params=params, headers=headers, timeout=self.drain_timeout + REQUEST_TIMEOUT
+            response = fetch.request(
+                "POST",
+                url,
+                params=params,
+                headers=headers,
+                timeout=self.drain_timeout + REQUEST_TIMEOUT,
             )
-        except requests.RequestException as exc:
+        except (fetch.NoAnswer, fetch.Unreachable) as exc:
             raise StepFailed("drain", f"POST {url}: {_describe(exc)}") from None
         if response.status_code == 200:
-            self._old_pids[node.index] = _pids(_json(response))
-            return f"drained (in flight {_json(response).get('inflight', 0)})"
+            status = _status("drain", url, response)
+            self._old_pids[node.index] = _pids(status)
+            return f"drained (in flight {status.inflight})"
         if response.status_code == 202:
             raise StepFailed(
                 "drain",
                 f"still draining after {self.drain_timeout:g}s "
-                f"({_json(response).get('inflight')} in flight); raise --drain-timeout or "
+                f"({_status('drain', url, response).inflight} in flight); raise --drain-timeout or "
                 "look at what the node is stuck on (graceful status)",
             )
         hints = {
@@ -639,13 +669,13 @@ class Rollout:
         old = self._old_pids.get(node.index)
         if not old:
             return
-        url = f"{node.url}{self.prefix}/status"
+        url = node.url + protocol.control_path(protocol.STATUS, self.prefix)
         headers = {"Authorization": f"Bearer {self.token}"}
         try:
-            response = self._session.get(url, headers=headers, timeout=REQUEST_TIMEOUT)
-        except requests.RequestException as exc:
+            response = fetch.request("GET", url, headers=headers, timeout=REQUEST_TIMEOUT)
+        except (fetch.NoAnswer, fetch.Unreachable) as exc:
             raise StepFailed("ready", f"GET {url}: {_describe(exc)}") from None
-        still = old & _pids(_json(response))
+        still = old & _pids(_status("ready", url, response))
         if still:
             raise StepFailed(
                 "ready",
@@ -657,8 +687,8 @@ class Rollout:
     def _check(self, node: Node, path: str) -> str:
         url = node.url + path
         try:
-            response = self._session.get(url, timeout=REQUEST_TIMEOUT, allow_redirects=False)
-        except requests.RequestException as exc:
+            response = fetch.request("GET", url, timeout=REQUEST_TIMEOUT)
+        except (fetch.NoAnswer, fetch.Unreachable) as exc:
             raise StepFailed("verify", f"GET {url}: {_describe(exc)}") from None
         if not 200 <= response.status_code < 300:
             raise StepFailed(
@@ -669,8 +699,8 @@ class Rollout:
 
     def _readiness(self, node: Node) -> tuple[int | None, str]:
         try:
-            response = self._session.get(node.url + self.readyz, timeout=REQUEST_TIMEOUT)
-        except requests.RequestException as exc:
+            response = fetch.request("GET", node.url + self.readyz, timeout=REQUEST_TIMEOUT)
+        except (fetch.NoAnswer, fetch.Unreachable) as exc:
             return None, _describe(exc)
         output = _json(response).get("output")
         return response.status_code, f"{response.status_code}" + (f" {output}" if output else "")
@@ -724,30 +754,31 @@ class Rollout:
         Path(path).write_text(json.dumps(self.timeline(), indent=2) + "\n", encoding="utf-8")
 
 
-def _json(response: requests.Response) -> dict[str, Any]:
+def _json(response: fetch.Answer) -> dict[str, Any]:
+    return response.json_object()
+
+
+def _status(step: str, url: str, response: fetch.Answer) -> protocol.Status:
+    """The status document a control route answered; the step fails when it is not one."""
     try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+        return protocol.Status.from_json(response.content)
+    except protocol.ProtocolError as exc:
+        raise StepFailed(step, f"{url} answered {response.status_code}: {exc}") from None
 
 
-def _pids(status: dict[str, Any]) -> set[str]:
+def _pids(status: protocol.Status) -> set[str]:
     """The processes a status snapshot comes from: every worker of the node, and the one that
     answered."""
-    by_worker = status.get("inflight_by_worker")
-    pids = {str(pid) for pid in by_worker} if isinstance(by_worker, dict) else set()
-    if status.get("pid") is not None:
-        pids.add(str(status["pid"]))
+    pids = set(status.inflight_by_worker)
+    if status.pid is not None:
+        pids.add(str(status.pid))
     return pids
 
 
-def _describe(exc: requests.RequestException) -> str:
-    if isinstance(exc, requests.Timeout):
+def _describe(exc: fetch.NoAnswer | fetch.Unreachable) -> str:
+    if isinstance(exc, fetch.NoAnswer):
         return "no answer in time"
-    if isinstance(exc, requests.ConnectionError):
-        return "cannot connect"
-    return type(exc).__name__
+    return f"cannot connect ({exc})"
 
 
 def _read_tail(output: IO[bytes]) -> str:

@@ -19,7 +19,8 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from .._adapters.wsgi import WSGIMiddleware
-from .._core.surface import REJECTED_HEADER
+from .._core.errors import GracefulError
+from .._core.protocol import REJECTED_HEADER
 from .._core.types import Environ, ExcInfo, StartResponse
 from ._entry import COUNTED
 from ._settings import get_config
@@ -50,8 +51,14 @@ class _Call:
         return _no_write
 
 
+class WriteNotSupported(GracefulError, RuntimeError):
+    """A WSGI ``write()`` call: Django's responses are returned, never written."""
+
+
 def _no_write(data: bytes) -> object:
-    raise RuntimeError("graceful.django: write() is not supported")
+    raise WriteNotSupported(
+        "graceful.django: write() is not supported; return the response instead"
+    )
 
 
 def _django(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import requests
+from callers import may_send
 
 if TYPE_CHECKING:
     from conftest import Proc
@@ -281,10 +282,7 @@ class _Run:
     def take_ticket(self) -> bool:
         """May a caller send one more request? Counts it if so."""
         with self.lock:
-            if self.stop_sending.is_set() or self.sent >= self.max_requests:
-                return False
-            if time.monotonic() >= self.deadline:
-                self.stop_sending.set()
+            if not may_send(self.stop_sending, self.sent, self.max_requests, self.deadline):
                 return False
             self.sent += 1
             if self.signal_at is not None:

@@ -33,12 +33,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+from callers import get_once, may_send
 from conftest import child_env, unused_port
 
 from graceful._balancers.nginx import _children
+from graceful.testing import nginx_head, nginx_temp_paths
 
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil
+
+    from graceful.haproxy import RuntimeAPI
 
 APPS = Path(__file__).resolve().parent / "apps"
 if str(APPS) not in sys.path:
@@ -68,6 +73,16 @@ def find_binary(name: str) -> str | None:
     return found
 
 
+def required_binary(name: str) -> str:
+    """:func:`find_binary`; absent: a failure under CI (CI installs it), else a skip."""
+    found = find_binary(name)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; CI must install it (.ci/run)")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
 # -- the nodes ------------------------------------------------------------------------------
 
 
@@ -93,13 +108,7 @@ class Node:
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
         """``GET path`` straight to the node, on a fresh connection."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
+        return get_once(http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout), path)
 
     def version(self) -> tuple[str, int]:
         """What ``GET /version`` says: the version string and the pid that answered."""
@@ -306,24 +315,13 @@ PLAIN_PROXY = 'proxy_http_version 1.1; proxy_set_header Connection "";'
 
 def nginx_conf(site: Path, port: int, upstream_file: Path, *, snippet: bool = True) -> str:
     proxy = f"include {NGINX_SNIPPET};" if snippet else PLAIN_PROXY
-    temp = " ".join(
-        f"{kind}_temp_path {site / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    user = "user root;" if os.geteuid() == 0 else ""  # workers may then write under site/
     return f"""\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {site / "nginx.pid"};
-error_log {site / "error.log"} info;
-events {{ worker_connections 1024; }}
+{nginx_head(site)}
 http {{
     log_format upstreams '$msec $request_method $request_uri $status '
                          'addr=[$upstream_addr] statuses=[$upstream_status]';
     access_log {site / "access.log"} upstreams;
-    {temp}
+    {nginx_temp_paths(site)}
     include {upstream_file};
     server {{
         listen 127.0.0.1:{port};
@@ -409,21 +407,17 @@ def haproxy_config(example: str, *, frontend: int, nodes: list[Node], socket_pat
     return example
 
 
-def start_haproxy(
-    spawn: Spawn, wait_until: WaitUntil, binary: str, site: Path, nodes: list[Node]
-) -> HAProxyFront:
+def spawn_haproxy(
+    spawn: Spawn, wait_until: WaitUntil, binary: str, site: Path, text: str
+) -> tuple[Proc, RuntimeAPI]:
+    """Write ``text`` to ``site/haproxy.cfg`` (its runtime API socket: ``site/admin.sock``),
+    run HAProxy on it in the foreground, and wait until the runtime API answers."""
     from graceful.haproxy import RuntimeAPI
 
-    site.mkdir(parents=True, exist_ok=True)
-    port = unused_port()
     socket_path = site / "admin.sock"
     assert len(str(socket_path)) < 100, "a UNIX socket path must stay short"
     config = site / "haproxy.cfg"
-    config.write_text(
-        haproxy_config(
-            HAPROXY_EXAMPLE.read_text(), frontend=port, nodes=nodes, socket_path=socket_path
-        )
-    )
+    config.write_text(text)
     proc = spawn([binary, "-f", str(config), "-db"], name="haproxy")
     api = RuntimeAPI(str(socket_path))
     wait_until(
@@ -431,6 +425,19 @@ def start_haproxy(
         timeout=10,
         message=lambda: f"haproxy's socket:\n{proc.output()[-3000:]}",
     )
+    return proc, api
+
+
+def start_haproxy(
+    spawn: Spawn, wait_until: WaitUntil, binary: str, site: Path, nodes: list[Node]
+) -> HAProxyFront:
+    site.mkdir(parents=True, exist_ok=True)
+    port = unused_port()
+    socket_path, config = site / "admin.sock", site / "haproxy.cfg"
+    text = haproxy_config(
+        HAPROXY_EXAMPLE.read_text(), frontend=port, nodes=nodes, socket_path=socket_path
+    )
+    proc, api = spawn_haproxy(spawn, wait_until, binary, site, text)
     servers = {node.index: f"node{node.index + 1}" for node in nodes}
     for name in servers.values():
         api.wait_for_state(BACKEND, name, admin="ready", operational="up", timeout=15)
@@ -597,10 +604,7 @@ class Load:
 
     def _ticket(self, kind: str) -> bool:
         with self.lock:
-            if self.stopping.is_set() or self.sent >= self.max_requests:
-                return False
-            if time.monotonic() >= self.deadline:
-                self.stopping.set()
+            if not may_send(self.stopping, self.sent, self.max_requests, self.deadline):
                 return False
             self.sent += 1
             self.by_kind[kind] += 1

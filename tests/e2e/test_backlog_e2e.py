@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-import requests
 from conftest import unused_port
+
+from graceful.testing import wait_answering
 
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil
@@ -86,17 +87,25 @@ def post_once(port: int, order: str, hold: threading.Event | None = None) -> Out
             sock.connect(("127.0.0.1", port))
         except (ConnectionRefusedError, TimeoutError) as exc:
             return Outcome(order, "refused", type(exc).__name__, time.monotonic() - started)
-        sock.settimeout(READ_TIMEOUT)
-        try:
-            sock.sendall(line)
-            if hold is not None:
-                hold.wait(MAX_SECONDS)
-            sock.sendall(rest)
-            return read_response(sock, order)
-        except OSError as exc:
-            return Outcome(order, "reset", f"{type(exc).__name__}: {exc}")
+        return send_parts(sock, order, line, rest, hold)
     finally:
         sock.close()
+
+
+def send_parts(
+    sock: socket.socket, order: str, line: bytes, rest: bytes, hold: threading.Event | None
+) -> Outcome:
+    """Send the request line, then (once ``hold`` is set, when given) the rest, on a connected
+    ``sock``; what came back."""
+    sock.settimeout(READ_TIMEOUT)
+    try:
+        sock.sendall(line)
+        if hold is not None:
+            hold.wait(MAX_SECONDS)
+        sock.sendall(rest)
+        return read_response(sock, order)
+    except OSError as exc:
+        return Outcome(order, "reset", f"{type(exc).__name__}: {exc}")
 
 
 def read_response(sock: socket.socket, order: str) -> Outcome:
@@ -201,11 +210,7 @@ def start_node(
         *("--graceful-timeout", "20", "--chdir", str(APPS), "nginx_ledger_app:app"),
     ]
     proc = spawn(argv, env=env, name="node")
-    wait_until(
-        lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200,
-        timeout=30,
-        message=lambda: f"gunicorn ready:\n{proc.output()}",
-    )
+    wait_answering(port, timeout=30, process=proc)
     return proc, port
 
 
@@ -307,14 +312,7 @@ def post_on_unix(path: Path, order: str, hold: threading.Event | None) -> Outcom
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(READ_TIMEOUT)
         sock.connect(str(path))
-        try:
-            sock.sendall(line)
-            if hold is not None:
-                hold.wait(MAX_SECONDS)
-            sock.sendall(rest)
-            return read_response(sock, order)
-        except OSError as exc:
-            return Outcome(order, "reset", f"{type(exc).__name__}: {exc}")
+        return send_parts(sock, order, line, rest, hold)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the listen queue is served on Linux only")

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 import requests
-from conftest import unused_port
+from conftest import closed_at_end, unused_port
 
 from graceful.client import NodeState, Pool
+from graceful.testing import wait_answering
 
 if TYPE_CHECKING:
     from conftest import Spawn, WaitUntil
@@ -38,7 +39,7 @@ StartNode = Callable[..., str]
 
 
 @pytest.fixture
-def start_node(spawn: Spawn, tmp_path: Path, wait_until: WaitUntil) -> StartNode:
+def start_node(spawn: Spawn, tmp_path: Path) -> StartNode:
     def start(*worker: str) -> str:
         port = unused_port()
         argv = [
@@ -48,30 +49,16 @@ def start_node(spawn: Spawn, tmp_path: Path, wait_until: WaitUntil) -> StartNode
         ]
         env = {"GRACEFUL_TOKEN": TOKEN, "LEDGER_DIR": str(tmp_path)}
         proc = spawn(argv, env=env, name="gunicorn")
-        url = f"http://127.0.0.1:{port}"
-        wait_until(
-            lambda: requests.get(url + "/readyz", timeout=5).status_code == 200,
-            timeout=30,
-            message=lambda: f"gunicorn ready:\n{proc.output()}",
-        )
-        return url
+        wait_answering(port, timeout=30, process=proc)
+        return f"http://127.0.0.1:{port}"
 
     return start
 
 
 @pytest.fixture
 def pools() -> Iterator[Callable[[str], Pool]]:
-    made: list[Pool] = []
-
-    def make(url: str) -> Pool:
-        made.append(Pool([url]))  # the defaults: watch=True
-        return made[-1]
-
-    try:
+    with closed_at_end(lambda url: Pool([url])) as make:  # the defaults: watch=True
         yield make
-    finally:
-        for pool in made:
-            pool.close()
 
 
 def assert_everything_answers(url: str, pools: list[Pool]) -> None:
@@ -80,6 +67,22 @@ def assert_everything_answers(url: str, pools: list[Pool]) -> None:
             response = pool.get(f"/orders/{n}", timeout=CALL_TIMEOUT)
             assert (response.status_code, response.text) == (200, f"order {n}\n")
         assert requests.get(url + "/readyz", timeout=CALL_TIMEOUT).status_code == 200
+
+
+def two_pools_watching(
+    url: str, pools: Callable[[str], Pool], wait_until: WaitUntil, mode: str
+) -> tuple[Pool, Pool]:
+    """Two default pools over ``url``, once each one's events watch is in ``mode`` and every
+    call through them answers."""
+    first, second = pools(url), pools(url)
+    for pool in (first, second):
+        wait_until(
+            lambda: pool._watches[url].mode == mode,  # noqa: B023 - called here
+            timeout=20,
+            message=lambda: f"events {mode}: {pool._watches[url]}",  # noqa: B023
+        )
+    assert_everything_answers(url, [first, second])
+    return first, second
 
 
 @pytest.mark.parametrize(
@@ -94,15 +97,7 @@ def test_two_default_pools_hold_no_worker_that_cannot_spare_a_thread(
     wait_until: WaitUntil,
 ) -> None:
     url = start_node(*worker)
-    first, second = pools(url), pools(url)
-
-    for pool in (first, second):
-        wait_until(
-            lambda: pool._watches[url].mode == "off",  # noqa: B023 - called here
-            timeout=20,
-            message=lambda: f"events off: {pool._watches[url]}",  # noqa: B023
-        )
-    assert_everything_answers(url, [first, second])
+    first, second = two_pools_watching(url, pools, wait_until, "off")
     assert [watch.mode for pool in (first, second) for watch in pool._watches.values()] == [
         "off",
         "off",
@@ -113,14 +108,7 @@ def test_two_default_pools_stream_from_gthread_with_threads_to_spare_and_hear_a_
     start_node: StartNode, pools: Callable[[str], Pool], wait_until: WaitUntil
 ) -> None:
     url = start_node("-k", "gthread", "--threads", "8")
-    first, second = pools(url), pools(url)
-    for pool in (first, second):
-        wait_until(
-            lambda: pool._watches[url].mode == "streaming",  # noqa: B023 - called here
-            timeout=20,
-            message=lambda: f"streaming: {pool._watches[url]}",  # noqa: B023
-        )
-    assert_everything_answers(url, [first, second])
+    first, second = two_pools_watching(url, pools, wait_until, "streaming")
 
     drained = requests.post(
         url + "/-/graceful/drain", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10

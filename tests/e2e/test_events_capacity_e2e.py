@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Protocol
 import pytest
 import requests
 
+from graceful.testing import wait_answering
+
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil
 
@@ -365,11 +367,7 @@ def test_threaded_wsgiref_closed_stream_frees_its_slot_within_seconds(
     env = {"GRACEFUL_TOKEN": TOKEN, "GRACEFUL_EVENTS_HEARTBEAT": "15"}
     proc = spawn([sys.executable, str(script), str(free_port)], env=env, name="wsgiref")
     url = f"http://127.0.0.1:{free_port}"
-    wait_until(
-        lambda: requests.get(url + "/readyz", timeout=2).status_code == 200,
-        timeout=30,
-        message=lambda: f"wsgiref ready:\n{proc.output()}",
-    )
+    wait_answering(free_port, timeout=30, process=proc)
     opened = streams(free_port)
     for _ in range(3):
         assert opened.request().status == 200
@@ -386,11 +384,7 @@ def test_single_threaded_wsgiref_answers_204(
     argv = [sys.executable, str(APPS / "load_app.py"), "--port", str(free_port)]
     proc = spawn(argv, env=env, name="wsgiref")
     url = f"http://127.0.0.1:{free_port}"
-    wait_until(
-        lambda: requests.get(url + "/readyz", timeout=2).status_code == 200,
-        timeout=30,
-        message=lambda: f"wsgiref ready:\n{proc.output()}",
-    )
+    wait_answering(free_port, timeout=30, process=proc)
     answer = streams(free_port).request()
     assert answer.status == 204, answer
     assert answer.headers.get("graceful-events") == "off", answer.headers

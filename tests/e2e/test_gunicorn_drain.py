@@ -6,6 +6,7 @@ load-balancer-like harness in ``drain_harness.py``.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -18,12 +19,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import pytest
 import requests
+from callers import get_once
 from drain_harness import (
     assert_livez_held,
     assert_lossless,
     probe_readyz_after_signal,
     sigterm_under_load,
 )
+
+from graceful.testing import free_port
 
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil
@@ -198,10 +202,8 @@ def test_a_stuck_request_does_not_hold_the_master_past_the_deadline(
     start_node: StartNode, wait_until: WaitUntil
 ) -> None:
     node: Node = start_node(SYNC, workers=2, env={"GRACEFUL_DRAIN_TIMEOUT": "2"})
-    stuck = _Background(node.url, "/slow?seconds=30")
-    wait_until(lambda: _inflight(node) == 1, message="the stuck request in flight")
-    sent = time.monotonic()
-    node.proc.send_signal(signal.SIGTERM)
+    stuck = _in_flight(node, wait_until, 30)
+    sent = _signal(node, signal.SIGTERM)
     assert node.proc.wait(15) == 0
     took = time.monotonic() - sent
     assert DELAY + 2.0 - 0.3 <= took <= DELAY + 2.0 + 2.0, took
@@ -215,13 +217,11 @@ def test_a_worker_killed_mid_drain_does_not_leave_its_count(
     start_node: StartNode, wait_until: WaitUntil
 ) -> None:
     node: Node = start_node(SYNC, workers=2, env={"GRACEFUL_DRAIN_TIMEOUT": "20"})
-    busy = _Background(node.url, "/slow?seconds=30")
-    wait_until(lambda: _inflight(node) == 1, message="the slow request in flight")
+    busy = _in_flight(node, wait_until, 30)
     by_worker = _status(node)["inflight_by_worker"]
     assert isinstance(by_worker, dict)
     (holder,) = [int(pid) for pid, count in by_worker.items() if count == 1]
-    sent = time.monotonic()
-    node.proc.send_signal(signal.SIGTERM)
+    sent = _signal(node, signal.SIGTERM)
     wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
     os.kill(holder, signal.SIGKILL)
     assert node.proc.wait(15) == 0
@@ -234,10 +234,8 @@ def test_sigint_stops_without_the_delay_after_in_flight_work(
     start_node: StartNode, wait_until: WaitUntil
 ) -> None:
     node: Node = start_node(GTHREAD, workers=1, env={"GRACEFUL_DELAY": "10"})
-    slow = _Background(node.url, "/slow?seconds=1")
-    wait_until(lambda: _inflight(node) == 1, message="the slow request in flight")
-    sent = time.monotonic()
-    node.proc.send_signal(signal.SIGINT)
+    slow = _in_flight(node, wait_until, 1)
+    sent = _signal(node, signal.SIGINT)
     assert node.proc.wait(10) == 0
     assert time.monotonic() - sent < 3.0
     assert slow.join() == 200
@@ -251,8 +249,7 @@ def test_second_sigint_or_sigquit_stops_at_once(
     node: Node = start_node(
         kind, workers=2, env={"GRACEFUL_DELAY": "30", "GRACEFUL_INTERRUPT_TIMEOUT": "30"}
     )
-    _Background(node.url, "/slow?seconds=30")
-    wait_until(lambda: _inflight(node) == 1, message="the slow request in flight")
+    _in_flight(node, wait_until, 30)
     sent = time.monotonic()
     for name in signals:
         node.proc.send_signal(getattr(signal, name))
@@ -267,10 +264,8 @@ def test_a_second_sigterm_is_ignored_and_the_drain_runs_to_its_end(
 ) -> None:
     delay = 3.0  # long enough to see the node still serving after the second SIGTERM
     node: Node = start_node(kind, workers=2, env={"GRACEFUL_DELAY": str(delay)})
-    slow = _Background(node.url, "/slow?seconds=2")
-    wait_until(lambda: _inflight(node) == 1, message="the slow request in flight")
-    sent = time.monotonic()
-    node.proc.send_signal(signal.SIGTERM)
+    slow = _in_flight(node, wait_until, 2)
+    sent = _signal(node, signal.SIGTERM)
     wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
     node.proc.send_signal(signal.SIGTERM)  # impatient deploy tooling
     wait_until(
@@ -306,8 +301,7 @@ def test_sigterm_while_the_workers_are_still_starting_drains_and_none_answers_re
     )
     waiting = _Background(node.url, "/ping")  # in the backlog: no worker accepts yet
     assert "slow_start_app: imported" not in node.proc.output(), "a worker was already up"
-    sent = time.monotonic()
-    node.proc.send_signal(signal.SIGTERM)
+    sent = _signal(node, signal.SIGTERM)
     answers: list[str] = []
 
     def probe_until_exit() -> bool:
@@ -392,7 +386,49 @@ def test_warns_once_when_gunicorn_runs_without_the_hooks(
     assert "-c python:graceful.gunicorn" in log
 
 
+def test_an_idle_node_wakes_up_no_more_often_than_plain_gunicorn(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    """Nothing of graceful polls: the master and its workers sleep until something happens
+    (a worker following the drain state every 20 ms woke up 50 times a second)."""
+    graceful = start_node(GTHREAD, workers=2)
+    port = free_port()
+    plain = start_node(GTHREAD, workers=2, hooks=False, bind=f"127.0.0.1:{port}")
+    wait_until(lambda: _get(f"http://127.0.0.1:{port}", "/ping").status_code == 200, timeout=30)
+    before = [_tree_wake_ups(node.proc.pid) for node in (graceful, plain)]
+    time.sleep(2.0)  # a window to measure, not to synchronise
+    after = [_tree_wake_ups(node.proc.pid) for node in (graceful, plain)]
+    woke_graceful, woke_plain = (a - b for a, b in zip(after, before, strict=True))
+    assert woke_graceful <= woke_plain + 10, (woke_graceful, woke_plain)
+
+
+def _tree_wake_ups(pid: int) -> int:
+    """Context switches of every thread of ``pid`` and its children: each wake-up adds one."""
+    total = 0
+    for process in (pid, *_children(pid)):
+        for task in Path(f"/proc/{process}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for line in (task / "status").read_text().splitlines():
+                    if "ctxt_switches" in line:
+                        total += int(line.split()[1])
+    return total
+
+
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _signal(node: Node, signum: int) -> float:
+    """Send ``signum`` to ``node``'s master; when (``time.monotonic()``) it was sent."""
+    sent = time.monotonic()
+    node.proc.send_signal(signum)
+    return sent
+
+
+def _in_flight(node: Node, wait_until: WaitUntil, seconds: int) -> _Background:
+    """``GET /slow?seconds=N`` sent to ``node`` in a thread, once the node counts it in flight."""
+    request = _Background(node.url, f"/slow?seconds={seconds}")
+    wait_until(lambda: _inflight(node) == 1, message=f"a {seconds}s request in flight")
+    return request
 
 
 class _Background:
@@ -460,18 +496,12 @@ def _unix_get(path: Path, target: str) -> tuple[int, bytes]:
     sock.connect(str(path))
     connection = http.client.HTTPConnection("localhost")
     connection.sock = sock
-    try:
-        connection.request("GET", target)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    return get_once(connection, target)
 
 
 def test_uvicorn_workers_add_no_second_delay(start_node: StartNode) -> None:
     node = start_node(UVICORN, workers=2, env={"GRACEFUL_DELAY": "2"})
-    sent = time.monotonic()
-    node.proc.send_signal(signal.SIGTERM)
+    sent = _signal(node, signal.SIGTERM)
     assert node.proc.wait(15) == 0
     took = time.monotonic() - sent
     # The master's delay once (2 s), then gunicorn and uvicorn's own stop: not a second delay.

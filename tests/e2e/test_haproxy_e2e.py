@@ -10,9 +10,7 @@ Without the ``haproxy`` binary these tests skip, except under CI (``CI`` set), w
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import pytest
 import requests
 from conftest import unused_port
+from rollout_harness import required_binary, spawn_haproxy
 
 from graceful._tools import cli as cli
 from graceful.haproxy import RuntimeAPI
@@ -46,15 +45,7 @@ NAMES = ("node1", "node2")
 
 @pytest.fixture(scope="module")
 def haproxy_bin() -> str:
-    found = shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)),
-        None,
-    )
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy is not installed; CI must install it (.ci/run)")
-        pytest.skip("haproxy is not installed")
-    return found
+    return required_binary("haproxy")
 
 
 @dataclass
@@ -138,23 +129,11 @@ def start_site(haproxy_bin: str, spawn: Spawn, tmp_path: Path, wait_until: WaitU
             nodes[name] = Node(name, proc, f"http://127.0.0.1:{port}", record_dir)
         for node in nodes.values():
             wait_until(node.ready, timeout=20, message=node.describe)
-        socket_path = tmp_path / "admin.sock"
-        assert len(str(socket_path)) < 100, "a UNIX socket path must stay short"
-        config = tmp_path / "haproxy.cfg"
-        config.write_text(
-            site_config(
-                EXAMPLE.read_text(), frontend=frontend, nodes=ports, socket_path=socket_path
-            )
+        text = site_config(
+            EXAMPLE.read_text(), frontend=frontend, nodes=ports, socket_path=tmp_path / "admin.sock"
         )
-        haproxy = spawn([haproxy_bin, "-f", str(config), "-db"], name="haproxy")
-        site = Site(
-            f"http://127.0.0.1:{frontend}", RuntimeAPI(str(socket_path)), nodes, haproxy, config
-        )
-        wait_until(
-            lambda: socket_path.exists() and site.api.command("show info").startswith("Name"),
-            timeout=10,
-            message=lambda: f"haproxy's socket:\n{haproxy.output()}",
-        )
+        haproxy, api = spawn_haproxy(spawn, wait_until, haproxy_bin, tmp_path, text)
+        site = Site(f"http://127.0.0.1:{frontend}", api, nodes, haproxy, tmp_path / "haproxy.cfg")
         for name in NAMES:
             site.wait_in_rotation(name)
         return site

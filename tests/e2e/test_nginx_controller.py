@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 from conftest import unused_port
+from rollout_harness import required_binary
 
 from graceful._balancers import nginx as nginx
 from graceful._tools import cli as cli
@@ -36,14 +37,7 @@ NAMES = ("a", "b", "c")
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
-    )
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed (CI installs it: .ci/run)")
-        pytest.skip("nginx is not installed")
-    return found
+    return required_binary("nginx")
 
 
 @dataclass

@@ -18,20 +18,21 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import requests
+from callers import Callers
 from conftest import unused_port
+from rollout_harness import required_binary
+
+from graceful.testing import nginx_head, nginx_temp_paths
 
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil
@@ -54,14 +55,7 @@ MAX_SECONDS = 90.0
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
-    )
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed; CI must install it (Debian package nginx)")
-        pytest.skip("nginx is not installed")
-    return found
+    return required_binary("nginx")
 
 
 @dataclasses.dataclass
@@ -119,23 +113,13 @@ class Site:
 
 def nginx_conf(site_dir: Path, port: int, nodes: list[Node], proxy: str, extra: str) -> str:
     servers = "".join(f"        server 127.0.0.1:{node.port} max_fails=0;\n" for node in nodes)
-    temp = " ".join(
-        f"{kind}_temp_path {site_dir / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    user = "user root;" if os.geteuid() == 0 else ""
     return f"""\
-daemon off;
-worker_processes 1;
-{user}
-pid {site_dir / "nginx.pid"};
-error_log {site_dir / "error.log"} info;
-events {{ worker_connections 512; }}
+{nginx_head(site_dir, connections=512)}
 http {{
     log_format upstreams '$request_method $request_uri $status '
                          'addr=[$upstream_addr] statuses=[$upstream_status]';
     access_log {site_dir / "access.log"} upstreams;
-    {temp}
+    {nginx_temp_paths(site_dir)}
     upstream app {{
 {servers}        keepalive 16;
         keepalive_timeout 4s;
@@ -283,60 +267,21 @@ def test_the_old_rule_with_non_idempotent_runs_those_posts_on_every_node(
 
 
 @dataclasses.dataclass
-class Load:
+class Load(Callers):
     """Callers through nginx: POST /orders (unique ids) and GET /ping in turn, keep-alive,
     never resent by the client; bounded in count and time."""
 
-    url: str
-    deadline: float
-    tag: str = dataclasses.field(default_factory=lambda: secrets.token_hex(3))
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
-    sent: int = 0
-    acked: list[str] = dataclasses.field(default_factory=list)
     failed_posts: dict[str, str] = dataclasses.field(default_factory=dict)
     failed_gets: list[str] = dataclasses.field(default_factory=list)
-    threads: list[threading.Thread] = dataclasses.field(default_factory=list)
 
-    def start(self, callers: int) -> None:
-        for number in range(callers):
-            thread = threading.Thread(target=self.caller, args=(number,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
+    max_requests = MAX_REQUESTS
+    finish_slack = 40.0
 
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(max(0.0, self.deadline - time.monotonic()) + 40.0)
-        assert not any(t.is_alive() for t in self.threads), "a caller never finished"
-
-    def acked_count(self) -> int:
-        with self.lock:
-            return len(self.acked)
-
-    def ticket(self) -> bool:
-        with self.lock:
-            if self.stop.is_set() or self.sent >= MAX_REQUESTS:
-                return False
-            if time.monotonic() >= self.deadline:
-                self.stop.set()
-                return False
-            self.sent += 1
-            return True
-
-    def caller(self, number: int) -> None:
-        session = requests.Session()
-        session.trust_env = False
-        sequence = 0
-        try:
-            while self.ticket():
-                sequence += 1
-                if sequence % 2:
-                    self.get(session)
-                else:
-                    self.post(session, f"{self.tag}-{number}-{sequence}")
-        finally:
-            session.close()
+    def call(self, session: requests.Session, sequence: int, order: str) -> None:
+        if sequence % 2:
+            self.get(session)
+        else:
+            self.post(session, order)
 
     def get(self, session: requests.Session) -> None:
         try:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import http.client
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +24,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 import requests
+from callers import Callers
 from conftest import unused_port
+from rollout_harness import required_binary
 
 if TYPE_CHECKING:
     from conftest import Proc, Spawn, WaitUntil
@@ -45,14 +45,7 @@ MAX_SECONDS = 40.0
 
 def nginx_binary() -> str:
     """The nginx binary; absent: a failure under CI (CI installs it), a skip elsewhere."""
-    found = shutil.which("nginx")
-    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
-        found = "/usr/sbin/nginx"
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed; CI must install it (Debian package nginx)")
-        pytest.skip("nginx is not installed")
-    return found
+    return required_binary("nginx")
 
 
 @dataclass
@@ -163,77 +156,36 @@ http {{
 
 
 @dataclass
-class Load:
+class Load(Callers):
     """Callers through nginx: GET /ping and POST /orders (unique ids) in turn, keep-alive,
     never retried by the client; bounded in count and time."""
 
-    url: str
-    deadline: float
-    tag: str = field(default_factory=lambda: secrets.token_hex(3))
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    stop: threading.Event = field(default_factory=threading.Event)
-    sent: int = 0
     failures: list[str] = field(default_factory=list)
-    acked: list[str] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
 
-    def start(self, callers: int) -> None:
-        for number in range(callers):
-            thread = threading.Thread(target=self.caller, args=(number,), daemon=True)
-            thread.start()
-            self.threads.append(thread)
+    max_requests = MAX_REQUESTS
 
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(max(0.0, self.deadline - time.monotonic()) + 20.0)
-        assert not any(t.is_alive() for t in self.threads), "a caller never finished"
-
-    def acked_count(self) -> int:
-        with self.lock:
-            return len(self.acked)
-
-    def ticket(self) -> bool:
-        with self.lock:
-            if self.stop.is_set() or self.sent >= MAX_REQUESTS:
-                return False
-            if time.monotonic() >= self.deadline:
-                self.stop.set()
-                return False
-            self.sent += 1
-            return True
-
-    def caller(self, number: int) -> None:
-        session = requests.Session()
-        session.trust_env = False  # straight to 127.0.0.1, never through a proxy
-        sequence = 0
+    def call(self, session: requests.Session, sequence: int, order: str) -> None:
+        method, path, form, expect = (
+            ("GET", "/ping", None, 200) if sequence % 2 else ("POST", "/orders", order, 201)
+        )
         try:
-            while self.ticket():
-                sequence += 1
-                oid = f"{self.tag}-{number}-{sequence}"
-                method, path, form, expect = (
-                    ("GET", "/ping", None, 200) if sequence % 2 else ("POST", "/orders", oid, 201)
+            reply = session.request(
+                method,
+                self.url + path,
+                data=None if form is None else {"id": form},
+                timeout=(5, 15),
+            )
+        except requests.RequestException as exc:
+            with self.lock:
+                self.failures.append(f"{method} {path}: {type(exc).__name__}: {exc}")
+            return
+        with self.lock:
+            if reply.status_code != expect:
+                self.failures.append(
+                    f"{method} {path}: status {reply.status_code} {reply.text[:80]!r}"
                 )
-                try:
-                    reply = session.request(
-                        method,
-                        self.url + path,
-                        data=None if form is None else {"id": form},
-                        timeout=(5, 15),
-                    )
-                except requests.RequestException as exc:
-                    with self.lock:
-                        self.failures.append(f"{method} {path}: {type(exc).__name__}: {exc}")
-                    continue
-                with self.lock:
-                    if reply.status_code != expect:
-                        self.failures.append(
-                            f"{method} {path}: status {reply.status_code} {reply.text[:80]!r}"
-                        )
-                    elif form is not None:
-                        self.acked.append(form)
-        finally:
-            session.close()
+            elif form is not None:
+                self.acked.append(form)
 
 
 def direct_rejection(node: Node) -> dict[str, str] | None:

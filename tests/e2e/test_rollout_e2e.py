@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-import os
 import socket
 import struct
 import sys
@@ -44,10 +43,12 @@ from rollout_harness import (
     LoadReport,
     RolloutRun,
     answered_retries,
-    find_binary,
     run_rollout,
     start_haproxy,
     start_nginx,
+)
+from rollout_harness import (
+    required_binary as binary,
 )
 
 from graceful._balancers import nginx as nginx_ctl
@@ -72,16 +73,6 @@ NODE_ENV = {
     "GRACEFUL_TOKEN": TOKEN,
 }
 REJECT_ENV = {**NODE_ENV, "GRACEFUL_REJECT_WHEN_DRAINING": "1"}
-
-
-def binary(name: str) -> str:
-    """The nginx or haproxy binary; absent: a failure under CI (CI installs it), else a skip."""
-    found = find_binary(name)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed; CI must install it (.ci/run)")
-        pytest.skip(f"{name} is not installed")
-    return found
 
 
 MakeCluster = Callable[[str, dict[str, str]], Cluster]
@@ -160,6 +151,48 @@ def assert_in_rotation_after(cluster: Cluster, report: LoadReport, since: int) -
         assert late & cluster.ids_of(node), f"node {node.index} got no POST after the rollout"
 
 
+def roll_under_load(
+    label: str,
+    cluster: Cluster,
+    url: str,
+    lb_args: list[str],
+    tmp_path: Path,
+    wait_until: WaitUntil,
+    *,
+    extra_context: Callable[[], str],
+    after_rollout: Callable[[], None] = lambda: None,
+) -> tuple[RolloutRun, LoadReport]:
+    """Roll every node of ``cluster`` (``graceful rollout`` with ``lb_args``, each node
+    verified on ``/version``) while :class:`Load` calls ``url``, and assert the rollout was
+    lossless: it went through, no call failed, every acknowledged POST ran exactly once, every
+    node runs a new version in a new process and is back in rotation. ``after_rollout`` runs
+    once the rollout went through, before the cool-down; ``extra_context`` is added to the
+    assertion messages; the FIGURES line is labelled ``label``."""
+    before, masters = cluster.versions(), [node.pid() for node in cluster.nodes]
+    load = Load(url).start()
+    try:
+        wait_acked(load, wait_until, WARM_UP, "before the rollout")
+        run = run_rollout(
+            cluster, lb_args, tmp_path / "rollout.json", token=TOKEN, extra=["--verify", "/version"]
+        )
+        if run.returncode == 0:
+            after_rollout()
+        acked_at_end = load.acked_count()
+        if run.returncode == 0:
+            wait_acked(load, wait_until, COOL_DOWN, "after the rollout")
+    finally:
+        report = load.stop()
+    figures(label, report, run)
+    context = f"{run.describe()}\n{report.summary()}\n{extra_context()}"
+    assert run.returncode == 0, context
+    assert report.failures == [], context
+    assert_exactly_once(cluster, report)
+    assert_new_versions(cluster, before, masters)
+    assert_in_rotation_after(cluster, report, acked_at_end)
+    assert run.log is not None and run.log.get("ok") is True, run.log
+    return run, report
+
+
 # -- 1. without the library: the harness sees the failures ---------------------------------
 
 
@@ -226,27 +259,17 @@ def test_a_rollout_behind_nginx_under_load_fails_nothing_and_processes_every_pos
     front = start_nginx(spawn, wait_until, nginx, tmp_path / "nginx", cluster.nodes)
     upstream_before = front.upstream_file.read_text()
     workers_before = front.workers()
-    before, masters = cluster.versions(), [node.pid() for node in cluster.nodes]
     lb_args = front.rollout_args() if mode == "nginx" else ["--lb", "none"]
-    load = Load(front.url).start()
-    try:
-        wait_acked(load, wait_until, WARM_UP, "before the rollout")
-        run = run_rollout(
-            cluster, lb_args, tmp_path / "rollout.json", token=TOKEN, extra=["--verify", "/version"]
-        )
-        acked_at_end = load.acked_count()
-        if run.returncode == 0:
-            wait_acked(load, wait_until, COOL_DOWN, "after the rollout")
-    finally:
-        report = load.stop()
-    figures(f"rollout --lb {'none' if mode == 'reject' else mode}, {kind}", report, run)
+    run, report = roll_under_load(
+        f"rollout --lb {'none' if mode == 'reject' else mode}, {kind}",
+        cluster,
+        front.url,
+        lb_args,
+        tmp_path,
+        wait_until,
+        extra_context=lambda: f"nginx errors:\n{front.errors()}",
+    )
     context = f"{run.describe()}\n{report.summary()}\nnginx errors:\n{front.errors()}"
-    assert run.returncode == 0, context
-    assert report.failures == [], context
-    assert_exactly_once(cluster, report)
-    assert_new_versions(cluster, before, masters)
-    assert_in_rotation_after(cluster, report, acked_at_end)
-    assert run.log is not None and run.log.get("ok") is True, run.log
     if mode == "nginx":
         print(f"stale-connection retries after nginx reloads: {len(report.retries)}")
         assert answered_retries(report.retries) == [], context  # all unanswered, all reused
@@ -278,32 +301,25 @@ def test_a_rollout_behind_haproxy_under_load_fails_nothing_and_processes_every_p
     cluster = make_cluster("gunicorn", NODE_ENV)
     front = start_haproxy(spawn, wait_until, haproxy, tmp_path / "haproxy", cluster.nodes)
     api = RuntimeAPI(str(front.socket))
-    before, masters = cluster.versions(), [node.pid() for node in cluster.nodes]
     lb_args = ["--lb", lb]
     if lb == "haproxy":
         lb_args += ["--haproxy-socket", str(front.socket), "--haproxy-backend", BACKEND]
-    load = Load(front.url).start()
-    try:
-        wait_acked(load, wait_until, WARM_UP, "before the rollout")
-        run = run_rollout(
-            cluster, lb_args, tmp_path / "rollout.json", token=TOKEN, extra=["--verify", "/version"]
-        )
-        if run.returncode == 0:
-            for name in front.servers.values():  # readiness: the last node rises on its own
-                api.wait_for_state(BACKEND, name, admin="ready", operational="up", timeout=10)
-        acked_at_end = load.acked_count()
-        if run.returncode == 0:
-            wait_acked(load, wait_until, COOL_DOWN, "after the rollout")
-    finally:
-        report = load.stop()
-    figures(f"rollout --lb {lb}, gunicorn, haproxy", report, run)
-    context = f"{run.describe()}\n{report.summary()}\nhaproxy:\n{front.proc.output()[-3000:]}"
-    assert run.returncode == 0, context
-    assert report.failures == [], context
-    assert_exactly_once(cluster, report)
-    assert_new_versions(cluster, before, masters)
-    assert_in_rotation_after(cluster, report, acked_at_end)
-    assert run.log is not None and run.log.get("ok") is True, run.log
+
+    def all_up() -> None:
+        for name in front.servers.values():  # readiness: the last node rises on its own
+            api.wait_for_state(BACKEND, name, admin="ready", operational="up", timeout=10)
+
+    run, _ = roll_under_load(
+        f"rollout --lb {lb}, gunicorn, haproxy",
+        cluster,
+        front.url,
+        lb_args,
+        tmp_path,
+        wait_until,
+        extra_context=lambda: f"haproxy:\n{front.proc.output()[-3000:]}",
+        after_rollout=all_up,
+    )
+    assert run.log is not None
     # readiness: after each node, time for HAProxy's rise 2 x inter 500ms before the next one.
     events = run.log["events"]
     assert isinstance(events, list)

@@ -2,8 +2,10 @@
 
 ``uvicorn[standard]``, what most users install, brings ``httptools``, ``websockets`` and
 ``uvloop``, and uvicorn picks them over ``h11``, ``wsproto`` and ``asyncio`` (``auto``). The
-middleware reaches into uvicorn's HTTP connection state to end streams, and the goodbye to
-websockets goes through uvicorn's websocket protocol, so each combination is run for real:
+middleware ends streams through ASGI alone (the last ``http.response.body``, then
+``http.disconnect`` for the app), which each HTTP implementation turns into bytes its own way,
+and the goodbye to websockets goes through uvicorn's websocket protocol, so each combination
+is run for real:
 plain ``uvicorn load_app:asgi_app --http H --ws W --loop L`` with a websocket and a server-sent
 events stream open, SIGTERM under load (``drain_harness.py``). Nothing is lost, the websocket is
 closed with 1012, the stream ends with its last chunk, and the process exits 0.
@@ -102,6 +104,7 @@ class EventStream(threading.Thread):
         self.response = self.connection.getresponse()  # the headers: the stream is open
         self.body = b""
         self.error: BaseException | None = None
+        self.ended_at: float | None = None
         self.start()
 
     def run(self) -> None:
@@ -110,6 +113,7 @@ class EventStream(threading.Thread):
         except (OSError, http.client.HTTPException) as exc:
             self.error = exc
         finally:
+            self.ended_at = time.monotonic()
             self.connection.close()
 
 
@@ -153,6 +157,25 @@ def test_sigterm_drains_with_every_uvicorn_implementation(
     assert stream.error is None, stream.error
     assert b"data: tick" in stream.body
     assert records(tmp_path, "ws") == [str(GOODBYE)]
+    assert records(tmp_path, "streams") == ["stream-ended"]
+
+
+@pytest.mark.parametrize("http_impl", HTTP)
+def test_a_chunked_stream_ends_cleanly_at_the_end_of_the_delay(
+    spawn: Spawn, wait_until: WaitUntil, free_port: int, tmp_path: Path, http_impl: str
+) -> None:
+    # Ended by the middleware through ASGI: the last chunk, then http.disconnect for the app.
+    proc = start(spawn, wait_until, free_port, tmp_path, (http_impl, "wsproto", "asyncio"))
+    stream = EventStream(free_port)
+    assert stream.response.getheader("Transfer-Encoding") == "chunked"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stream.join(15)
+    assert stream.ended_at is not None, "the stream never ended"
+    assert stream.error is None, stream.error  # a complete chunked body, not a cut one
+    assert b"data: tick" in stream.body
+    assert DELAY * 0.9 <= stream.ended_at - sent < DELAY + 2.0
+    assert proc.wait(10) == 0
     assert records(tmp_path, "streams") == ["stream-ended"]
 
 

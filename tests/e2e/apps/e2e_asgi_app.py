@@ -11,17 +11,12 @@ from urllib.parse import parse_qs
 
 import graceful
 from graceful._core.types import Receive, Scope, Send
+from graceful.testing import serve_lifespan
 
 
 async def inner(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await serve_lifespan(receive, send)
     if scope["type"] != "http":
         return
     if scope["path"] == "/slow":

@@ -43,6 +43,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 import graceful
 from graceful._adapters.lazy import lazy_middleware
 from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
+from graceful.testing import append_line, read_body, serve_lifespan
 
 MAX_SLOW = 60.0
 MAX_CHUNKS = 600  # GET /stream?count=N: at most a minute
@@ -53,12 +54,7 @@ TEXT = "text/plain; charset=utf-8"
 
 def record(kind: str, line: str) -> None:
     """Append one line to ``$LOAD_RECORD_DIR/<pid>.<kind>`` with a single ``write``."""
-    path = os.path.join(os.environ["LOAD_RECORD_DIR"], f"{os.getpid()}.{kind}")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(os.path.join(os.environ["LOAD_RECORD_DIR"], f"{os.getpid()}.{kind}"), line)
 
 
 def order_id(body: bytes) -> str | None:
@@ -136,7 +132,7 @@ def wsgi_routes(environ: Environ, start_response: StartResponse) -> Iterable[byt
 async def asgi_routes(scope: Scope, receive: Receive, send: Send) -> None:
     kind = scope["type"]
     if kind == "lifespan":
-        await lifespan(receive, send)
+        await serve_lifespan(receive, send)
     elif kind == "websocket":
         await echo(receive, send)
     elif kind == "http" and (scope["method"], scope["path"]) == ("GET", "/stream"):
@@ -147,16 +143,6 @@ async def asgi_routes(scope: Scope, receive: Receive, send: Send) -> None:
             await bounded_stream(count, send)
     elif kind == "http":
         await http(scope, receive, send)
-
-
-async def lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def http(scope: Scope, receive: Receive, send: Send) -> None:
@@ -180,18 +166,6 @@ async def http(scope: Scope, receive: Receive, send: Send) -> None:
     headers = [(b"content-type", TEXT.encode()), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
 
 
 async def echo(receive: Receive, send: Send) -> None:

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 
 import graceful
 from graceful._core.types import Environ, StartResponse
+from graceful.testing import append_line
 
 HEADERS = ("Host", "X-Forwarded-For", "X-Real-IP", "X-Forwarded-Proto", "X-From-Server")
 TEXT = "text/plain; charset=utf-8"
@@ -33,12 +34,7 @@ TEXT = "text/plain; charset=utf-8"
 
 def ledger(order: str) -> None:
     """Append one line to ``$LEDGER_DIR/<pid>.ran`` with a single ``write``."""
-    path = os.path.join(os.environ["LEDGER_DIR"], f"{os.getpid()}.ran")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{order}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(os.path.join(os.environ["LEDGER_DIR"], f"{os.getpid()}.ran"), order)
 
 
 def orders(environ: Environ) -> tuple[str, bytes]:

@@ -29,18 +29,14 @@ from urllib.parse import parse_qs
 import graceful
 from graceful._adapters.lazy import lazy_middleware
 from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
+from graceful.testing import append_line, read_body, serve_lifespan
 
 TEXT = "text/plain; charset=utf-8"
 
 
 def record(kind: str, line: str) -> None:
     """Append one line to ``$POOL_RECORD_DIR/<pid>.<kind>`` with a single ``write``."""
-    path = os.path.join(os.environ["POOL_RECORD_DIR"], f"{os.getpid()}.{kind}")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{line}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(os.path.join(os.environ["POOL_RECORD_DIR"], f"{os.getpid()}.{kind}"), line)
 
 
 def served(sent_at: str | None, method: str, path: str) -> None:
@@ -75,28 +71,14 @@ def wsgi_routes(environ: Environ, start_response: StartResponse) -> Iterable[byt
 
 async def asgi_routes(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await serve_lifespan(receive, send)
     if scope["type"] != "http":
         return
     method, path = scope["method"], scope["path"]
     headers = dict(scope["headers"])
     sent_at = headers.get(b"x-sent-at")
     served(None if sent_at is None else sent_at.decode("latin-1"), method, path)
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    status, body = answer(method, path, b"".join(chunks))
+    status, body = answer(method, path, await read_body(receive))
     response_headers = [
         (b"content-type", TEXT.encode()),
         (b"content-length", str(len(body)).encode()),

@@ -26,18 +26,14 @@ from urllib.parse import parse_qs
 import graceful
 from graceful._adapters.lazy import lazy_middleware
 from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
+from graceful.testing import append_line, read_body, serve_lifespan
 
 TEXT = "text/plain; charset=utf-8"
 
 
 def ledger(order: str) -> None:
     """Append one line to ``$LEDGER_DIR/<pid>.ran`` with a single ``write``."""
-    path = os.path.join(os.environ["LEDGER_DIR"], f"{os.getpid()}.ran")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{order}\n".encode())
-    finally:
-        os.close(fd)
+    append_line(os.path.join(os.environ["LEDGER_DIR"], f"{os.getpid()}.ran"), order)
 
 
 def answer(method: str, path: str, body: bytes) -> tuple[int, bytes, list[tuple[str, str]]]:
@@ -75,22 +71,10 @@ def wsgi_routes(environ: Environ, start_response: StartResponse) -> Iterable[byt
 
 async def asgi_routes(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await serve_lifespan(receive, send)
     if scope["type"] != "http":
         return
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            break
-    status, text, extra = answer(scope["method"], scope["path"], b"".join(chunks))
+    status, text, extra = answer(scope["method"], scope["path"], await read_body(receive))
     headers = [(b"content-type", TEXT.encode()), (b"content-length", str(len(text)).encode())]
     headers += [(name.lower().encode(), value.encode()) for name, value in extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -1,0 +1,255 @@
+"""The load and the rounds of ``graceful demo`` (:mod:`graceful._tools.demo`): callers through
+requests, the client pool or nginx, and what they saw.
+
+Imported only when the demo runs: it needs requests (``pip install 'graceful-drain[client]'``),
+which a server's install does not bring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from .demo import (
+    PACE,
+    REQUEST_TIMEOUT,
+    START_TIMEOUT,
+    THREADS,
+    Cluster,
+    Nginx,
+    Processes,
+    Progress,
+    Settings,
+)
+
+__all__ = ["Load", "RoundResult", "failure_kind", "run_round", "wait_in_service"]
+
+# -- the load -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    seconds: float
+    failure: str | None
+
+
+def failure_kind(exc: BaseException) -> str:
+    from .._client.pool import NoNodeAvailable
+
+    if isinstance(exc, NoNodeAvailable):
+        return "no node available"
+    if isinstance(exc, requests.Timeout):
+        return "timeout"
+    if isinstance(exc, requests.ConnectionError):
+        text = repr(exc)
+        if "NewConnectionError" in text or "Connection refused" in text:
+            return "connection refused"
+        if "RemoteDisconnected" in text or "reset" in text.lower() or "Aborted" in text:
+            return "connection closed"
+        return "connection error"
+    return type(exc).__name__
+
+
+class Load:
+    """``THREADS`` callers, each alternating ``GET /items/<n>`` and ``POST /items`` (an id in
+    the body and an ``Idempotency-Key``), until :meth:`stop`."""
+
+    def __init__(self, call: Callable[[str, str, dict[str, Any]], requests.Response]) -> None:
+        self.call = call
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._caller, args=(n,), name=f"demo-load-{n}", daemon=True)
+            for n in range(THREADS)
+        ]
+        self.started = 0.0
+        self.seconds = 0.0
+
+    def start(self) -> Load:
+        self.started = time.monotonic()
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def _caller(self, number: int) -> None:
+        for turn in itertools.count():
+            if self.stopping.is_set():
+                return
+            if turn % 2:
+                oid = uuid.uuid4().hex
+                method, path = "POST", "/items"
+                kwargs: dict[str, Any] = {
+                    "data": {"id": oid},
+                    "headers": {"Idempotency-Key": oid},
+                }
+            else:
+                method, path, kwargs = "GET", f"/items/{number}-{turn}", {}
+            began = time.monotonic()
+            failure: str | None = None
+            try:
+                response = self.call(method, path, kwargs)
+                response.close()
+                if response.status_code not in (200, 201):
+                    failure = f"HTTP {response.status_code}"
+            except Exception as exc:  # every failure is counted, by kind
+                failure = failure_kind(exc)
+            with self.lock:
+                self.outcomes.append(Outcome(time.monotonic() - began, failure))
+            self.stopping.wait(PACE)
+
+    def counts(self) -> tuple[int, int]:
+        with self.lock:
+            return len(self.outcomes), sum(1 for o in self.outcomes if o.failure)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(REQUEST_TIMEOUT[0] + REQUEST_TIMEOUT[1] + 5)
+        self.seconds = time.monotonic() - self.started
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclasses.dataclass
+class RoundResult:
+    sent: int
+    failed: int
+    failures: dict[str, int]
+    p50_ms: float
+    p99_ms: float
+    wall_s: float
+    restarts: int
+
+    @classmethod
+    def of(cls, load: Load, restarts: int) -> RoundResult:
+        with load.lock:
+            outcomes = list(load.outcomes)
+        kinds = Counter(o.failure for o in outcomes if o.failure)
+        latencies = [o.seconds * 1000 for o in outcomes]
+        return cls(
+            sent=len(outcomes),
+            failed=sum(kinds.values()),
+            failures=dict(kinds.most_common()),
+            p50_ms=round(percentile(latencies, 0.50), 1),
+            p99_ms=round(percentile(latencies, 0.99), 1),
+            wall_s=round(load.seconds, 1),
+            restarts=restarts,
+        )
+
+
+def run_round(
+    settings: Settings,
+    processes: Processes,
+    folder: Path,
+    graceful: bool,
+    progress: Progress,
+    interrupted: threading.Event,
+) -> RoundResult:
+    label = "graceful" if graceful else "naive"
+    cluster = Cluster(processes, folder, settings.server, graceful, settings.nodes)
+    progress.set(label, f"starting {settings.nodes} {settings.server} nodes")
+    for node in cluster.nodes:
+        cluster.start(node)
+    for node in cluster.nodes:
+        cluster.wait_ready(node, interrupted)
+    front: subprocess.Popen[bytes] | None = None
+    pool: Any = None
+    sessions: threading.local = threading.local()
+    if settings.via == "nginx" and settings.nginx is not None:
+        nginx = Nginx(processes, settings.nginx, folder)
+        progress.set(label, "starting nginx")
+        front = nginx.start(cluster.nodes, graceful)
+        base = nginx.url
+
+        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
+            session = getattr(sessions, "session", None)
+            if session is None:
+                session = sessions.session = requests.Session()
+            return session.request(method, base + path, timeout=REQUEST_TIMEOUT, **kwargs)
+
+    elif graceful:
+        from .._client.pool import Pool
+
+        pool = Pool(
+            [node.url for node in cluster.nodes],
+            probe_interval=0.2,
+            timeout=REQUEST_TIMEOUT,
+            max_attempts=settings.nodes + 1,
+        )
+
+        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
+            response: requests.Response = pool.request(method, path, **kwargs)
+            return response
+
+    else:
+        session = requests.Session()
+        session.mount("http://", requests.adapters.HTTPAdapter(max_retries=0, pool_maxsize=32))
+        turn = itertools.count()
+
+        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
+            node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin, no retries
+            return session.request(method, node.url + path, timeout=REQUEST_TIMEOUT, **kwargs)
+
+    load = Load(call).start()
+    restarts = 0
+    try:
+        started = time.monotonic()
+        progress.set(label, "load running", load)
+        warm_up = min(2.0, settings.duration * 0.15)
+        if interrupted.wait(warm_up):
+            raise KeyboardInterrupt
+        for node in cluster.nodes:
+            progress.set(label, f"restarting node {node.index + 1}/{settings.nodes}")
+            cluster.stop(node)
+            cluster.start(node)
+            cluster.wait_ready(node, interrupted)
+            if pool is not None:  # back in the pool's rotation before the next one goes
+                wait_in_service(pool, node.url, interrupted)
+            restarts += 1
+        progress.set(label, "every node restarted; load running")
+        left = max(1.0, settings.duration - (time.monotonic() - started))
+        if interrupted.wait(left):
+            raise KeyboardInterrupt
+    finally:
+        load.stop()
+        if pool is not None:
+            pool.close()
+        for node in cluster.nodes:
+            if node.proc is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(node.proc.pid, signal.SIGKILL)
+        if front is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(front.pid, signal.SIGKILL)
+    return RoundResult.of(load, restarts)
+
+
+def wait_in_service(pool: Any, url: str, interrupted: threading.Event) -> None:
+    from .._client.pool import NodeState
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        states = {status.url: status.state for status in pool.nodes}
+        if states.get(url) is NodeState.IN_SERVICE:
+            return
+        if interrupted.wait(0.05):
+            raise KeyboardInterrupt
