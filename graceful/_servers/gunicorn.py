@@ -119,7 +119,8 @@ class _Master:
             self._listener.start()
 
     def _listen(self) -> None:
-        while wait_readable(self.bells.master_fd, None) is not None:
+        fd = self.bells.master_fd  # the pipe this thread was started for, to its end
+        while wait_readable(fd, None) is not None:
             try:
                 self._rang()
             except Exception:  # never let the thread die silently

@@ -20,7 +20,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[2]
 FLOORS = Path(__file__).resolve().parent
 #: They lint the code and are not run by the floors run (the main run lints with the newest).
-LINT_TOOLS = frozenset({"mypy", "ruff"})
+LINT_TOOLS = frozenset({"import-linter", "mypy", "ruff"})
 
 
 def declared_requirements() -> list[Requirement]:
