@@ -476,6 +476,54 @@ def test_on_an_asgi_2_4_server_a_send_after_the_goodbye_raises_oserror() -> None
     assert isinstance(app.late_error, OSError)
 
 
+class SlowLastChunk(SendRecorder):
+    """A server whose socket is slow to take the last body: it waits for ``written``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = asyncio.Event()
+        self.written = asyncio.Event()
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.writing.set()
+            await self.written.wait()
+        await super().__call__(message)
+
+
+def test_a_send_while_the_last_body_is_being_written_never_raises_even_under_asgi_2_4() -> None:
+    """An error then would have the server close the connection under the last body (seen
+    with uvicorn 0.30, which says ASGI 2.4: the client read an incomplete response)."""
+
+    async def scenario() -> None:
+        lc = new_lifecycle(delay=0.05, drain_timeout=10)
+        lc.mark_ready()
+        sent_meanwhile: list[BaseException | None] = []
+
+        async def ticker(scope: Scope, receive: Receive, send: Send) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"tick", "more_body": True})
+            await server.writing.wait()  # the goodbye is writing the last body now
+            try:
+                await send({"type": "http.response.body", "body": b"tick", "more_body": True})
+                sent_meanwhile.append(None)
+            except OSError as exc:
+                sent_meanwhile.append(exc)
+            server.written.set()
+
+        server = SlowLastChunk()
+        scope = http_scope(path="/ticks")
+        scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
+        running = asyncio.ensure_future(_middleware(ticker, lc)(scope, FakeReceive(), server))
+        await wait_until_async(lambda: len(server.messages) == 2, what="the stream under way")
+        lc.drain("test")
+        await asyncio.wait_for(running, 10)
+        assert sent_meanwhile == [None]
+        assert server.finished, "the last body went out"
+
+    asyncio.run(scenario())
+
+
 def test_a_resume_before_the_end_of_the_delay_leaves_streams_open() -> None:
     async def scenario() -> None:
         lc = new_lifecycle(delay=30.0)

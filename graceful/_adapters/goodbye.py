@@ -238,14 +238,17 @@ class Exchange:
     async def end(self) -> bool:
         """Finish the response with its last (empty) body, then disconnect the app's
         ``receive()``; whether the last body went out in time. What the app sends from now on
-        is dropped (on an ASGI 2.4 server: ``OSError``, as after a client disconnect)."""
-        self._send = self._dropped
+        is dropped (on an ASGI 2.4 server: ``OSError``, as after a client disconnect), but
+        only once the last body is out: an error raised while it is still being written would
+        have the server close the connection under it (uvicorn 0.30, which says 2.4)."""
+        self._send = _drop_quietly
         sent = True
         try:
             await asyncio.wait_for(self._server_send(dict(_LAST_CHUNK)), END_TIMEOUT)
         except Exception as exc:  # the client went away, or reads nothing
             logger.debug("could not end an HTTP stream: %r", exc)
             sent = False
+        self._send = self._dropped
         if self._ended is None:
             self._ended = asyncio.Event()
         self._ended.set()
@@ -254,6 +257,10 @@ class Exchange:
 
 async def _nothing() -> None:
     return None
+
+
+def _drop_quietly(message: Message) -> Awaitable[None]:
+    return _nothing()
 
 
 async def _refuse() -> None:
