@@ -35,6 +35,7 @@ from _apps import FakeReceive, Message, Receive, Scope, Send, http_scope, wait_u
 import graceful
 import graceful.uvicorn
 from graceful._servers.uvicorn import HANDOVER_GRACE, ServerLink, attach
+from graceful.testing import serve_lifespan
 
 Phase = graceful.Phase
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -308,13 +309,7 @@ class _StubNode:
 async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
     """``/slow?seconds=N`` answers after N seconds; anything else at once; lifespan supported."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await serve_lifespan(receive, send)
     if scope["type"] != "http":
         return
     if scope["path"] == "/slow":

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs
 
 from .._adapters.lazy import lazy_middleware
 from .._core.types import Environ, Receive, Scope, Send, StartResponse
+from ..testing import serve_lifespan
 
 #: Seconds of "work" per request (a sleep: the work IS the behaviour being drained).
 WORK = 0.005
@@ -60,13 +61,7 @@ def wsgi_plain(environ: Environ, start_response: StartResponse) -> Iterable[byte
 
 async def asgi_plain(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        return await serve_lifespan(receive, send)
     if scope["type"] != "http":
         return
     chunks: list[bytes] = []
