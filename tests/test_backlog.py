@@ -3,6 +3,7 @@ out what it had queued, lets no new connection in, and says how many wait."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -242,6 +243,67 @@ def test_serve_queued_stops_waiting_when_told_to(listener: socket.socket) -> Non
     with connected(listener):
         wait_until(lambda: _backlog.queued(listener) == 1, timeout=5)
         assert _backlog.serve_queued([listener], lambda: 0, timeout=30, abort=lambda: True) is False
+
+
+@linux
+def test_serve_queued_async_serves_the_queue_then_closes_then_waits_for_the_work() -> None:
+    """On an event loop the wait yields to the loop, which accepts what is queued; the
+    listener is closed as soon as nothing is queued (new connections refused, not dropped),
+    and the wait goes on for the work in flight."""
+    steps: list[str] = []
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        address = listening.getsockname()
+        with connected(listening, 3) as clients:
+            for number, client in enumerate(clients):
+                client.sendall(f"request {number}".encode())
+            wait_until(lambda: _backlog.queued(listening) == 3, timeout=5)
+
+            async def accept_and_serve() -> bool:
+                served: list[bytes] = []
+                inflight = [1]  # a request still running: the wait outlasts the close
+
+                async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                    served.append(await reader.read(64))
+                    writer.write(b"done")
+                    await writer.drain()
+                    writer.close()
+
+                def close() -> None:
+                    steps.append(f"closed after serving {len(served)}")
+                    server.close()
+                    asyncio.get_running_loop().call_later(0.2, inflight.clear)
+
+                server = await asyncio.start_server(serve, sock=listening)
+                done = await _backlog.serve_queued_async(
+                    server.sockets, close, lambda: len(inflight), timeout=10
+                )
+                steps.append(f"done with {len(inflight)} in flight")
+                assert sorted(served) == [f"request {n}".encode() for n in range(3)]
+                return done
+
+            assert asyncio.run(accept_and_serve()) is True
+            assert [client.recv(10) for client in clients] == [b"done"] * 3
+    assert steps[-1] == "done with 0 in flight"
+    assert connects(address, timeout=2) == "refused"
+
+
+@linux
+def test_serve_queued_async_gives_up_at_its_bound() -> None:
+    async def scenario() -> tuple[bool, list[str]]:
+        closed: list[str] = []
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        try:
+            done = await _backlog.serve_queued_async(
+                server.sockets, lambda: closed.append("closed"), lambda: 1, timeout=0.2
+            )
+        finally:
+            server.close()
+        return done, closed
+
+    assert asyncio.run(scenario()) == (False, ["closed"])
 
 
 # -- gunicorn's arbiter: only listeners this master alone holds ----------------------------

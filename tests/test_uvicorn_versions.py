@@ -6,6 +6,7 @@ run (``tests/floors/run``); these tests cover both sides of each difference in o
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import uvicorn
 import uvicorn.supervisors
 
 from graceful._servers import compat
+from graceful.testing import poll_until_async
 
 IMPORT_AS = (
     "import uvicorn; uvicorn.__version__ = {version!r}\n"
@@ -147,3 +149,54 @@ def test_the_version_floor_is_the_one_the_floors_run_pins() -> None:
     ]
     assert pinned == [compat.UVICORN_CHECKED[0]]
     assert compat._release(pinned[0])[:2] == compat.UVICORN_FLOOR
+
+
+async def _plain_app(scope: Any, receive: Any, send: Any) -> None:
+    return None
+
+
+def listeners_while_serving(
+    server: uvicorn.Server, sockets: list[socket] | None = None
+) -> list[Any]:
+    """The addresses of ``compat.own_listeners(server)`` while it serves (on a new loop)."""
+
+    async def scenario() -> list[Any]:
+        task = asyncio.create_task(server.serve(sockets=sockets))
+        await poll_until_async(lambda: server.started, timeout=10, message="uvicorn started")
+        try:
+            return [sock.getsockname() for sock in compat.own_listeners(server)]
+        finally:
+            server.should_exit = True
+            await task
+
+    return asyncio.run(scenario())
+
+
+def config(**options: Any) -> uvicorn.Config:
+    return uvicorn.Config(_plain_app, host="127.0.0.1", port=0, lifespan="off", **options)
+
+
+def test_a_server_that_bound_its_listener_itself_owns_it() -> None:
+    server = uvicorn.Server(config())
+    (address,) = listeners_while_serving(server)
+    assert address[0] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "setting", [{"workers": 2}, {"reload": True}, {"fd": 3}], ids=["workers", "reload", "fd"]
+)
+def test_listeners_another_process_holds_are_not_the_servers_own(setting: dict[str, Any]) -> None:
+    server = uvicorn.Server(config())
+    server.config.__dict__.update(setting)  # as a supervisor's worker, a reloader's child, --fd
+    assert compat.own_listeners(server) == []
+
+
+def test_sockets_handed_to_graceful_s_server_are_not_its_own() -> None:
+    from graceful.uvicorn import Server
+
+    with socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        server = Server(config())
+        assert listeners_while_serving(server, [sock]) == []
+        assert server.graceful_sockets_handed

@@ -17,7 +17,11 @@ So before a server's listeners close:
    retries safely. (A filter that drops everything also drops that last ACK: the client, which
    had its SYN-ACK, sends its request, gets no answer, and is reset once the listener closes.)
 2. :func:`serve_queued` waits until every listener's queue is empty (:func:`queued`: the accept
-   queue and the handshakes under way) and nothing is in flight, bounded.
+   queue and the handshakes under way) and nothing is in flight, bounded (gunicorn's master,
+   which cannot close its workers' copies of the listeners). :func:`serve_queued_async`, for
+   a server that accepts on an event loop of this process (uvicorn), closes the listeners as
+   soon as the queue is empty, so that new clients are refused at once rather than after
+   their SYN's retry, then waits for what is in flight.
 
 Linux only; elsewhere nothing is attached or counted (the queue is lost, as before). UNIX
 listeners cannot be filtered: their queue is waited for when the kernel can count it
@@ -26,6 +30,7 @@ listeners cannot be filtered: their queue is waited for when the kernel can coun
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -34,7 +39,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from . import compat as _compat
@@ -45,6 +50,8 @@ __all__ = [
     "queued",
     "serve_gunicorn_backlog",
     "serve_queued",
+    "serve_queued_async",
+    "socket_copies",
 ]
 
 logger = logging.getLogger("graceful")
@@ -143,34 +150,108 @@ def serve_queued(
     nothing is :func:`queued` on any of them and ``inflight()`` is 0, for :data:`SETTLE`
     seconds in a row. True when it got there; False when it gave up (logged, with what is
     left), when ``abort()`` turned true, or when no queue could be counted (not Linux)."""
+    counted, blocked = _block_and_count(listeners)
+    if not counted:
+        return False
+    started = time.monotonic()
+    first = _waiting(counted, inflight)
+    polls = _quiet(lambda: _waiting(counted, inflight), timeout, abort, SETTLE)
+    try:
+        while True:
+            next(polls)
+            time.sleep(POLL_INTERVAL)  # polling the kernel's counts, bounded by the timeout
+    except StopIteration as done:
+        if done.value:
+            _log_served(first, time.monotonic() - started, blocked)
+        served: bool = done.value
+        return served
+
+
+async def serve_queued_async(
+    listeners: Sequence[Any],
+    close: Callable[[], object],
+    inflight: Callable[[], int],
+    timeout: float,
+    *,
+    abort: Callable[[], bool] = lambda: False,
+) -> bool:
+    """:func:`serve_queued` for an asyncio server, whose event loop goes on accepting and
+    serving meanwhile. Once the queue is empty ``close()`` closes the listeners (the kernel
+    refuses new connections from then on; until then it drops them, and a client waits a
+    second for its retry), then in-flight work is waited for as in :func:`serve_queued`."""
+    started = time.monotonic()
+    with socket_copies(listeners) as socks:  # closed before close(): the copies hold the port
+        counted, blocked = _block_and_count(socks)
+        if not counted:
+            return False
+        first = _waiting(counted, inflight)
+        queue = _quiet(lambda: (_waiting(counted, lambda: 0)[0], 0), timeout, abort, 0.0)
+        if not await _polled(queue):
+            return False
+    close()
+    work = _quiet(lambda: (0, inflight()), timeout - (time.monotonic() - started), abort, SETTLE)
+    if not await _polled(work):
+        return False
+    _log_served(first, time.monotonic() - started, blocked)
+    return True
+
+
+async def _polled(polls: Generator[None, None, bool]) -> bool:
+    try:
+        while True:
+            next(polls)
+            await asyncio.sleep(POLL_INTERVAL)  # polling the kernel's counts, bounded
+    except StopIteration as done:
+        result: bool = done.value
+        return result
+
+
+def _block_and_count(
+    listeners: Sequence[socket.socket],
+) -> tuple[list[socket.socket], list[socket.socket]]:
+    """Block new connections on ``listeners``: the ones whose queue can be counted, and the
+    ones blocked."""
     blocked = [sock for sock in listeners if block_new_connections(sock)]
     counted = [sock for sock in listeners if queued(sock) is not None]
     if not counted:
         why = "not Linux" if not _linux() else "no listener whose queue can be counted"
         logger.debug("the listen queue is not served before the listeners close (%s)", why)
-        return False
     unblocked = [_name(sock) for sock in listeners if sock not in blocked]
-    if unblocked:
+    if counted and unblocked:
         logger.debug("new connections keep arriving on %s: only TCP can be blocked", unblocked)
+    return counted, blocked
+
+
+def _log_served(first: tuple[int, int], took: float, blocked: Sequence[socket.socket]) -> None:
+    logger.info(
+        "listen queue served before the listeners close: %d queued connections and "
+        "%d requests in flight at the stop, done in %.2fs%s",
+        first[0],
+        first[1],
+        took,
+        " (new connections refused meanwhile)" if blocked else "",
+    )
+
+
+def _quiet(
+    waiting: Callable[[], tuple[int, int]],
+    timeout: float,
+    abort: Callable[[], bool],
+    settle: float,
+) -> Generator[None, None, bool]:
+    """Until ``waiting()`` (queued connections, requests in flight) is (0, 0) for ``settle``
+    seconds: yields before each next poll; True once quiet, False when ``abort()`` turned true
+    or ``timeout`` passed (logged, with what is left)."""
     started = time.monotonic()
-    first = _waiting(counted, inflight)
     quiet_since: float | None = None
     while True:
         now = time.monotonic()
-        left, busy = _waiting(counted, inflight)
+        left, busy = waiting()
         if left or busy:
             quiet_since = None
         elif quiet_since is None:
             quiet_since = now
-        elif now - quiet_since >= SETTLE:
-            logger.info(
-                "listen queue served before the listeners close: %d queued connections and "
-                "%d requests in flight at the stop, done in %.2fs%s",
-                first[0],
-                first[1],
-                now - started,
-                " (new connections refused meanwhile)" if blocked else "",
-            )
+        if quiet_since is not None and now - quiet_since >= settle:
             return True
         if abort():
             return False
@@ -183,7 +264,7 @@ def serve_queued(
                 busy,
             )
             return False
-        time.sleep(POLL_INTERVAL)  # polling the kernel's counts, bounded by the timeout above
+        yield
 
 
 def _waiting(listeners: Sequence[socket.socket], inflight: Callable[[], int]) -> tuple[int, int]:
@@ -215,14 +296,14 @@ def serve_gunicorn_backlog(
             "another process holds the listeners" if ours is False else "no listeners",
         )
         return False
-    with _sockets(listeners) as socks:
+    with socket_copies(listeners) as socks:
         return serve_queued(socks, inflight, min(WAIT_LIMIT, budget), abort=abort)
 
 
 @contextlib.contextmanager
-def _sockets(listeners: Sequence[Any]) -> Iterator[list[socket.socket]]:
-    """Python sockets on duplicates of ``listeners``' descriptors (gunicorn wraps its sockets);
-    closing a duplicate leaves the socket open."""
+def socket_copies(listeners: Sequence[Any]) -> Iterator[list[socket.socket]]:
+    """Python sockets on duplicates of ``listeners``' descriptors (gunicorn and asyncio wrap
+    their sockets); closing a duplicate leaves the socket open."""
     socks: list[socket.socket] = []
     try:
         for listener in listeners:

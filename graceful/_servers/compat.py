@@ -102,11 +102,38 @@ def force_exit(server: Any) -> None:
     server.should_exit = True
 
 
+def forcing_exit(server: Any) -> bool:
+    """Whether the server was told to shut down without waiting (``force_exit``)."""
+    return bool(_need(server, "force_exit", "Server"))
+
+
 def set_shutdown_timeout(config: Any, seconds: float | None) -> None:
     """How long the server's shutdown waits for connections (``timeout_graceful_shutdown``,
     a documented setting, read only when the shutdown starts, so it can change until then)."""
     _need(config, "timeout_graceful_shutdown", "Config")
     config.timeout_graceful_shutdown = seconds
+
+
+def own_listeners(server: Any) -> list[Any]:
+    """The listening sockets of a ``uvicorn.Server`` that this process alone holds: those of
+    ``Server.servers`` (its asyncio servers, set by ``startup``) when uvicorn bound them
+    itself. None when it was handed them (``--fd``, a supervisor's worker under
+    ``--workers`` or ``--reload``, ``Server.serve(sockets=...)`` flagged by
+    ``graceful.uvicorn.Server``): another process keeps those open, and a filter attached to
+    one would outlive this server (see :mod:`graceful._servers.backlog`). A program that hands
+    a plain ``uvicorn.Server`` sockets it keeps using after the stop is not told apart."""
+    config = _need(server, "config", "Server")
+    handed = getattr(server, "graceful_sockets_handed", False)
+    if handed or config.fd is not None or config.workers > 1 or config.reload:
+        return []
+    return [sock for each in getattr(server, "servers", ()) for sock in each.sockets or ()]
+
+
+def close_listeners(server: Any) -> None:
+    """Stop the server's asyncio servers listening now (``asyncio.Server.close``; uvicorn's
+    own shutdown closes them again, which does nothing, up to a tick of its main loop later)."""
+    for each in getattr(server, "servers", ()):
+        each.close()
 
 
 def new_supervisor(config: Any, sockets: list[Any]) -> Any:

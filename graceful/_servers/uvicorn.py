@@ -15,6 +15,13 @@ through the delay, in-flight work is awaited up to the drain timeout, then uvico
 stops without the delay; a second SIGINT, or SIGQUIT, stops at once (``force_exit``). The signal is
 not handed back to uvicorn, which would re-raise it after shutting down: the exit status is 0.
 
+Before ``should_exit`` the link serves what the kernel queued on the listening sockets the
+server bound itself: new connection attempts are dropped (the client's retry finds the port
+closed: a refusal, on which nothing was sent) while uvicorn accepts the queued ones, which
+closing the listener would reset after a proxy had written its request on them; then the
+listeners close and the requests in flight finish (:mod:`graceful._servers.backlog`, Linux; at
+most two seconds).
+
 Under gunicorn's uvicorn workers linked by ``graceful.gunicorn`` (``lifecycle.node`` set) the
 master drives the drain, so uvicorn's handler is left in place: no second delay.
 
@@ -22,8 +29,8 @@ At the end of the delay the middleware itself ends open-ended HTTP responses (se
 events and other chunked streams) through ASGI, as under any server (see
 :mod:`graceful._adapters.goodbye`). What this module still needs of uvicorn beyond its public
 API (``Server.handle_exit`` as the SIGTERM handler, ``should_exit``, ``force_exit``,
-``capture_signals``, the supervisor's workers and signal queue) is reached only through the
-uvicorn section of :mod:`graceful._servers.compat`, with the versions it was checked on.
+``capture_signals``, ``servers``, the supervisor's workers and signal queue) is reached only
+through the uvicorn section of :mod:`graceful._servers.compat`, with the versions it was checked on.
 Needs uvicorn 0.30 or later.
 """
 
@@ -34,6 +41,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -49,6 +57,7 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding uvicorn in 
 
 from .._runtime.lifecycle import Lifecycle, get_lifecycle
 from .._runtime.shutdown import StopSequence, log_through
+from . import backlog as _backlog
 from . import compat
 
 compat.check_uvicorn_version(uvicorn.__version__)
@@ -145,7 +154,29 @@ class ServerLink:
             compat.set_shutdown_timeout(
                 self.server.config, 0 if self.sequence.gave_up else self.grace
             )
-        compat.request_exit(self.server)
+        listeners = [] if self.lifecycle.node is not None else compat.own_listeners(self.server)
+        if not listeners:
+            compat.request_exit(self.server)
+            return
+        task = self.loop.create_task(self._serve_queue_then_exit(listeners))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_queue_then_exit(self, listeners: list[Any]) -> None:
+        """What the kernel queued on the listeners is served before uvicorn closes them (a
+        closing listener resets it: a proxy that wrote a POST there answers 502), for at most
+        :data:`backlog.WAIT_LIMIT` seconds."""
+        gave_up = self.sequence.gave_up  # what is stuck in flight is not waited for again
+        try:
+            await _backlog.serve_queued_async(
+                listeners,
+                lambda: compat.close_listeners(self.server),
+                (lambda: 0) if gave_up else (lambda: self.lifecycle.inflight),
+                _backlog.WAIT_LIMIT,
+                abort=lambda: compat.forcing_exit(self.server),
+            )
+        finally:
+            compat.request_exit(self.server)
 
     def _force(self) -> None:
         compat.set_shutdown_timeout(self.server.config, 0)
@@ -206,6 +237,7 @@ class Server(uvicorn.Server):
         self.lifecycle = lifecycle if lifecycle is not None else get_lifecycle()
         self.link: ServerLink | None = None
         self._grace: float | None = None
+        self.graceful_sockets_handed = False
         if config.timeout_graceful_shutdown is None:
             compat.set_shutdown_timeout(config, self.lifecycle.config.drain_timeout)
             self._grace = HANDOVER_GRACE
@@ -221,6 +253,11 @@ class Server(uvicorn.Server):
             yield
         finally:
             self.link.uninstall()
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # Sockets handed in are someone else's too: their listen queue is left alone.
+        self.graceful_sockets_handed = sockets is not None
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.link is None:

@@ -6,6 +6,9 @@
 
 ``wsgi_app`` and ``asgi_app`` are the same routes behind ``graceful.WSGIMiddleware`` and
 ``graceful.ASGIMiddleware``, each built on first access (see ``load_app.py``).
+``asgi_app_blocking_at_stop`` is ``asgi_app`` whose event loop is blocked for
+``$BLOCK_AT_STOP`` seconds once the node is stopping (a burst of CPU-bound work in an async app,
+made to come at that moment): meanwhile the server accepts no connection.
 
 - ``POST /orders`` with the form body ``id=<id>`` (and ``fail=1``, ``forge=1``): appends the id
   as one line to ``$LEDGER_DIR/<pid>.ran`` first (the ledger is what the app ran), then answers
@@ -19,7 +22,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Iterable
 from urllib.parse import parse_qs
 
@@ -81,6 +86,25 @@ async def asgi_routes(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": text})
 
 
+async def asgi_routes_blocking_at_stop(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "lifespan":
+        return await asgi_routes(scope, receive, send)
+    blocker = asyncio.get_running_loop().create_task(block_at_stop())
+    try:
+        await serve_lifespan(receive, send)
+    finally:
+        blocker.cancel()
+
+
+async def block_at_stop() -> None:
+    lifecycle = graceful.get_lifecycle()
+    while lifecycle.phase is not graceful.Phase.STOPPING:
+        await asyncio.sleep(0.001)
+    time.sleep(float(os.environ["BLOCK_AT_STOP"]))  # blocks the event loop: the point
+
+
 __getattr__ = lazy_middleware(
-    __name__, wsgi={"wsgi_app": wsgi_routes}, asgi={"asgi_app": asgi_routes}
+    __name__,
+    wsgi={"wsgi_app": wsgi_routes},
+    asgi={"asgi_app": asgi_routes, "asgi_app_blocking_at_stop": asgi_routes_blocking_at_stop},
 )
