@@ -1,6 +1,8 @@
 """uvicorn: SIGTERM drains instead of stopping at once.
 
-The public face of :mod:`graceful._servers.uvicorn`, where the code lives."""
+The public face of :mod:`graceful._servers.uvicorn`, where the code lives.
+``python -m graceful.uvicorn app:app [uvicorn's options]`` is uvicorn's command line with
+graceful's stop (:mod:`graceful._servers.uvicorn_cli`)."""
 
 from __future__ import annotations
 
@@ -23,3 +25,9 @@ __all__ = [
     "attach",
     "run",
 ]
+
+
+if __name__ == "__main__":
+    from ._servers.uvicorn_cli import main
+
+    main()

@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import logging
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -710,3 +711,23 @@ def test_importing_graceful_uvicorn_without_uvicorn_names_the_extra(
     monkeypatch.delitem(sys.modules, "graceful._servers.uvicorn")
     with pytest.raises(ImportError, match=r"pip install 'graceful-drain\[uvicorn\]'"):
         importlib.import_module("graceful.uvicorn")
+
+
+def test_the_command_line_takes_uvicorns_options_and_answers_nonsense_as_uvicorn_does() -> None:
+    def command(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    helped = command("graceful.uvicorn", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("Usage: python -m graceful.uvicorn [OPTIONS] APP")
+    assert "--workers" in helped.stdout and "--timeout-graceful-shutdown" in helped.stdout
+    for args in (("app:app", "--workers", "many"), ("no_such_module_anywhere:app", "--port", "0")):
+        ours, uvicorns = command("graceful.uvicorn", *args), command("uvicorn", *args)
+        assert ours.returncode == uvicorns.returncode != 0, (ours, uvicorns)
+        assert ours.stderr.splitlines()[-1] == uvicorns.stderr.splitlines()[-1]

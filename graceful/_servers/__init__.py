@@ -1,4 +1,4 @@
-"""The server shims (gunicorn, uvicorn) and what they share.
+"""The server shims (gunicorn, uvicorn, Hypercorn) and what they share.
 
 Importing this package plugs them into the adapters (:data:`graceful._adapters.servers.HOOKS`),
 which cannot import a server themselves: the package root does it.
@@ -13,14 +13,21 @@ from .._runtime.lifecycle import Lifecycle
 from . import node_shm as _node_shm
 
 
-def _find_uvicorn(lifecycle: Lifecycle) -> LoopServer | None:
-    if "uvicorn.server" not in sys.modules:  # only then can uvicorn be the server
-        return None
-    from . import uvicorn
+def _find_loop_server(lifecycle: Lifecycle) -> LoopServer | None:
+    # A server's module is in sys.modules only when it may be the one running.
+    if "uvicorn.server" in sys.modules:
+        from . import uvicorn
 
-    return uvicorn.attach(lifecycle)
+        link = uvicorn.attach(lifecycle)
+        if link is not None:
+            return link
+    if "hypercorn.asyncio.run" in sys.modules:
+        from . import hypercorn
+
+        return hypercorn.attach(lifecycle)
+    return None
 
 
 HOOKS.link_node = _node_shm.link_if_worker
 HOOKS.sync_node = _node_shm.sync_now
-HOOKS.find_loop_server = _find_uvicorn
+HOOKS.find_loop_server = _find_loop_server

@@ -47,6 +47,7 @@ from . import compat as _compat
 __all__ = [
     "WAIT_LIMIT",
     "block_new_connections",
+    "close_then_settle_async",
     "queued",
     "serve_gunicorn_backlog",
     "serve_queued",
@@ -188,12 +189,27 @@ async def serve_queued_async(
         queue = _quiet(lambda: (_waiting(counted, lambda: 0)[0], 0), timeout, abort, 0.0)
         if not await _polled(queue):
             return False
-    close()
-    work = _quiet(lambda: (0, inflight()), timeout - (time.monotonic() - started), abort, SETTLE)
-    if not await _polled(work):
+    if not await close_then_settle_async(
+        close, inflight, timeout - (time.monotonic() - started), abort=abort
+    ):
         return False
     _log_served(first, time.monotonic() - started, blocked)
     return True
+
+
+async def close_then_settle_async(
+    close: Callable[[], object],
+    inflight: Callable[[], int],
+    timeout: float,
+    *,
+    abort: Callable[[], bool] = lambda: False,
+) -> bool:
+    """``close()`` this process's listeners, then wait (at most ``timeout`` seconds) until
+    ``inflight()`` has been 0 for :data:`SETTLE` seconds: a connection the server accepted
+    just before has sent its request by then, and is served rather than closed unread. For
+    listeners other processes keep open (their queue is theirs to serve)."""
+    close()
+    return await _polled(_quiet(lambda: (0, inflight()), timeout, abort, SETTLE))
 
 
 async def _polled(polls: Generator[None, None, bool]) -> bool:

@@ -8,10 +8,13 @@ its adapter instead.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.metadata
 import inspect
 import re
-from collections.abc import Callable
+import struct
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from .._core.errors import GracefulError
@@ -134,6 +137,25 @@ def close_listeners(server: Any) -> None:
     own shutdown closes them again, which does nothing, up to a tick of its main loop later)."""
     for each in getattr(server, "servers", ()):
         each.close()
+
+
+@contextlib.contextmanager
+def uvicorn_command_running(run: Callable[..., None]) -> Iterator[Any]:
+    """uvicorn's command line (``uvicorn.main``, a click command), whose options end in a call
+    of ``run`` instead of ``uvicorn.run``: the command calls the ``run`` of its own module
+    (``uvicorn.main``, shadowed in the package by the command), which is swapped meanwhile."""
+    import uvicorn
+
+    module: Any = importlib.import_module("uvicorn.main")
+    command = uvicorn.main
+    if not callable(getattr(command, "main", None)) or not callable(getattr(module, "run", None)):
+        raise _uvicorn_lacks("the click command uvicorn.main calling uvicorn.main.run")
+    original = module.run
+    module.run = run
+    try:
+        yield command
+    finally:
+        module.run = original
 
 
 def new_supervisor(config: Any, sockets: list[Any]) -> Any:
@@ -322,3 +344,155 @@ def replace_uvicorn_worker_quit(worker: Any, handler: Callable[[int, Any], None]
     if not hasattr(worker, "handle_exit"):
         raise _gunicorn_lacks("Worker.handle_exit")
     worker.handle_exit = handler
+
+
+# -- hypercorn ---------------------------------------------------------------------------------
+
+#: The Hypercorn releases every accessor below was read against: the floor pinned in
+#: tests/floors/constraints.txt and the newest one tested. What ``graceful.hypercorn`` uses
+#: beyond ``hypercorn.config.Config``:
+#:
+#: - ``hypercorn.__main__``: ``main(args)`` parses Hypercorn's command line into a ``Config``
+#:   and calls the module's ``run(config)``, which the runner swaps for its own;
+#: - ``hypercorn.asyncio.run.worker_serve(app, config, sockets=, shutdown_trigger=)``: what the
+#:   public ``hypercorn.asyncio.serve`` calls, taking the supervisor's sockets as well;
+#: - ``hypercorn.utils.load_application(path, wsgi_max_body_size)``: the app, as a worker
+#:   loads it (an ASGI or WSGI wrapper);
+#: - ``hypercorn.protocol.h2.H2Protocol``, each HTTP/2 connection: ``__init__`` (to know them),
+#:   ``stream_send`` given ``hypercorn.protocol.events.StreamClosed`` (a stream ended),
+#:   ``_handle_events`` (the ``h2`` events of what arrived), ``idle``, ``closed``, ``connection``
+#:   (its ``h2.connection.H2Connection``) and ``send``, which writes raw bytes
+#:   (``hypercorn.events.RawData``) under the connection's send lock.
+HYPERCORN_CHECKED = ("0.17.0", "0.18.0")
+
+
+class HypercornInternalsError(GracefulError, RuntimeError):
+    """The installed Hypercorn lacks an internal that ``graceful.hypercorn`` relies on."""
+
+
+def _hypercorn_lacks(what: str) -> HypercornInternalsError:
+    version = importlib.metadata.version("hypercorn")
+    first, last = HYPERCORN_CHECKED
+    return HypercornInternalsError(
+        f"graceful.hypercorn needs {what}, which Hypercorn {version} does not have (it was "
+        f"checked against Hypercorn {first} to {last}): install one in that range "
+        f"(pip install 'hypercorn>={first},<={last}'), or a graceful-drain release that "
+        f"supports Hypercorn {version}"
+    )
+
+
+def _hypercorn_part(module_name: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        raise _hypercorn_lacks(f"{module_name}.{name}") from None
+
+
+@contextlib.contextmanager
+def hypercorn_command_running(run: Callable[[Any], int]) -> Iterator[Callable[..., int]]:
+    """Hypercorn's command line (``hypercorn.__main__.main``), ending in ``run(config)``."""
+    module: Any = importlib.import_module("hypercorn.__main__")
+    command = _hypercorn_part("hypercorn.__main__", "main")
+    original = _hypercorn_part("hypercorn.__main__", "run")
+    module.run = run
+    try:
+        yield command
+    finally:
+        module.run = original
+
+
+def hypercorn_run(config: Any) -> int:
+    """Hypercorn's own ``run(config)``: its supervisor and workers, as they are."""
+    run: Callable[[Any], int] = _hypercorn_part("hypercorn.run", "run")
+    return run(config)
+
+
+def hypercorn_worker_serve(app: Any, config: Any, sockets: Any, trigger: Any) -> Any:
+    """A worker's server, until ``trigger()`` returns (then Hypercorn's own stop)."""
+    serve = _hypercorn_part("hypercorn.asyncio.run", "worker_serve")
+    return serve(app, config, sockets=sockets, shutdown_trigger=trigger)
+
+
+def hypercorn_load_app(config: Any) -> Any:
+    load = _hypercorn_part("hypercorn.utils", "load_application")
+    return load(config.application_path, config.wsgi_max_body_size)
+
+
+#: Set on an HTTP/2 connection once graceful sent its GOAWAY: the last stream id it carried.
+_GOAWAY_LAST_STREAM = "_graceful_goaway_last_stream"
+
+
+def track_hypercorn_h2(
+    connections: Any, after_stream_closed: Callable[[Any], Awaitable[None]]
+) -> None:
+    """Add every HTTP/2 connection Hypercorn makes from now on to ``connections`` (a
+    ``WeakSet``), await ``after_stream_closed(connection)`` each time one of its streams has
+    closed (``H2Protocol.stream_send`` given a ``StreamClosed``), and ignore the streams
+    opened above the last stream id of graceful's GOAWAY (``H2Protocol._handle_events``).
+    Once per process."""
+    protocol = _hypercorn_part("hypercorn.protocol.h2", "H2Protocol")
+    stream_closed = _hypercorn_part("hypercorn.protocol.events", "StreamClosed")
+    if getattr(protocol, "_graceful_tracked", False):
+        return
+    original_init, original_stream_send = protocol.__init__, protocol.stream_send
+    original_handle_events = getattr(protocol, "_handle_events", None)
+    if original_handle_events is None:
+        raise _hypercorn_lacks("hypercorn.protocol.h2.H2Protocol._handle_events")
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        connections.add(self)
+
+    async def stream_send(self: Any, event: Any) -> None:
+        await original_stream_send(self, event)
+        if isinstance(event, stream_closed):
+            await after_stream_closed(self)
+
+    async def handle_events(self: Any, events: list[Any]) -> None:
+        last = getattr(self, _GOAWAY_LAST_STREAM, None)
+        if last is not None:
+            events = [event for event in events if not _ignored(self, event, last)]
+        await original_handle_events(self, events)
+
+    protocol.__init__ = init
+    protocol.stream_send = stream_send
+    protocol._handle_events = handle_events
+    protocol._graceful_tracked = True
+
+
+def _ignored(connection: Any, event: Any, last: int) -> bool:
+    """RFC 9113, 6.8: after its GOAWAY a server ignores what comes on a stream above the last
+    stream id (unprocessed: the client sends it again on another connection). No
+    ``RST_STREAM`` either: a client on the ``h2`` library fails on any frame after a GOAWAY."""
+    stream_id = getattr(event, "stream_id", None)
+    if not stream_id or stream_id <= last:
+        return False
+    length = getattr(event, "flow_controlled_length", None)
+    if length:  # the connection's flow-control window is given back all the same
+        connection.connection.acknowledge_received_data(length, stream_id)
+    return True
+
+
+def hypercorn_h2_open(connection: Any) -> bool:
+    """Whether an HTTP/2 connection is open and has had no GOAWAY."""
+    import h2.connection
+
+    if connection.closed or getattr(connection, _GOAWAY_LAST_STREAM, None) is not None:
+        return False
+    return connection.connection.state_machine.state is not h2.connection.ConnectionState.CLOSED
+
+
+async def hypercorn_h2_goaway_if_idle(connection: Any) -> bool:
+    """Send GOAWAY on an HTTP/2 connection that has no open stream, with the last stream id it
+    processed. The connection stays open: a stream the client opens before it reads the
+    GOAWAY is ignored, unprocessed, and the client sends it again elsewhere; Hypercorn's own
+    GOAWAY follows at its stop. False when the connection is busy,
+    closed, or has had its GOAWAY."""
+    if not hypercorn_h2_open(connection) or not connection.idle:
+        return False
+    last: int = connection.connection.highest_inbound_stream_id
+    setattr(connection, _GOAWAY_LAST_STREAM, last)
+    frame = struct.pack("!HBBBLLL", 0, 8, 0x7, 0, 0, last & 0x7FFFFFFF, 0)
+    raw_data = _hypercorn_part("hypercorn.events", "RawData")
+    await connection.send(raw_data(data=frame))
+    return True

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -154,26 +155,31 @@ class ServerLink:
             compat.set_shutdown_timeout(
                 self.server.config, 0 if self.sequence.gave_up else self.grace
             )
-        listeners = [] if self.lifecycle.node is not None else compat.own_listeners(self.server)
-        if not listeners:
+        if self.lifecycle.node is not None:  # gunicorn's master serves the listen queue
             compat.request_exit(self.server)
             return
-        task = self.loop.create_task(self._serve_queue_then_exit(listeners))
+        task = self.loop.create_task(self._serve_queue_then_exit())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve_queue_then_exit(self, listeners: list[Any]) -> None:
-        """What the kernel queued on the listeners is served before uvicorn closes them (a
-        closing listener resets it: a proxy that wrote a POST there answers 502), for at most
+    async def _serve_queue_then_exit(self) -> None:
+        """Before uvicorn's own stop: what the kernel queued on the listeners this server bound
+        itself is served (closing them would reset it: a proxy that wrote a POST there answers
+        502); listeners other processes share (``--workers``, ``--fd``) stop accepting here
+        first. Either way what the server accepted last is served, not closed unread. At most
         :data:`backlog.WAIT_LIMIT` seconds."""
         gave_up = self.sequence.gave_up  # what is stuck in flight is not waited for again
+        inflight = (lambda: 0) if gave_up else (lambda: self.lifecycle.inflight)
+        close = functools.partial(compat.close_listeners, self.server)
+        abort = functools.partial(compat.forcing_exit, self.server)
         try:
-            await _backlog.serve_queued_async(
-                listeners,
-                lambda: compat.close_listeners(self.server),
-                (lambda: 0) if gave_up else (lambda: self.lifecycle.inflight),
-                _backlog.WAIT_LIMIT,
-                abort=lambda: compat.forcing_exit(self.server),
+            listeners = compat.own_listeners(self.server)
+            if listeners and await _backlog.serve_queued_async(
+                listeners, close, inflight, _backlog.WAIT_LIMIT, abort=abort
+            ):
+                return
+            await _backlog.close_then_settle_async(
+                close, inflight, _backlog.WAIT_LIMIT, abort=abort
             )
         finally:
             compat.request_exit(self.server)
@@ -273,6 +279,9 @@ def run(app: Any, *, lifecycle: Lifecycle | None = None, **options: Any) -> None
     string) uvicorn's supervisor runs the workers, each one draining through the middleware;
     signals reach the workers at once and as they are (see :func:`_supervise`).
     """
+    app_dir = options.pop("app_dir", None)
+    if app_dir is not None:  # as uvicorn.run does: where the app's module is imported from
+        sys.path.insert(0, app_dir)
     config = uvicorn.Config(app, **options)
     if config.reload or (config.workers > 1 and not isinstance(app, str)):
         uvicorn.run(app, **options)  # uvicorn's own: the reloader, or its refusal of the app

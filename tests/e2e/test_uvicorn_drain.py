@@ -7,7 +7,9 @@ Real processes on 127.0.0.1 serving ``tests/e2e/apps/load_app.py:asgi_app``, sta
 - ``workers``: the same with ``--workers 2`` (uvicorn's supervisor passes SIGTERM on to each
   worker and waits for them; each worker drains);
 - ``run``: ``graceful.uvicorn.run("load_app:asgi_app", ...)``, and ``run-workers`` with
-  ``workers=2`` (its supervisor passes signals on to the workers at once, as they are).
+  ``workers=2`` (its supervisor passes signals on to the workers at once, as they are);
+- ``cli``: ``python -m graceful.uvicorn load_app:asgi_app`` with uvicorn's options, and
+  ``cli-workers`` with ``--workers 2`` (the same runner as ``run``).
 
 Load tests use the load-balancer-like harness in ``drain_harness.py``.
 """
@@ -45,7 +47,7 @@ APPS = Path(__file__).parent / "apps"
 DELAY = 1.0
 TOKEN = "uvicorn-e2e-Token-51c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-KINDS = ("uvicorn", "workers", "run", "run-workers")
+KINDS = ("uvicorn", "workers", "run", "run-workers", "cli", "cli-workers")
 #: uvicorn's own supervisor (``--workers``) looks at signals every 0.5 s: SIGTERM reaches its
 #: workers up to that late. Signalling the process group (systemd does) or
 #: ``graceful.uvicorn.run(workers=N)`` avoids it.
@@ -82,9 +84,10 @@ class StartNode(Protocol):
 def argv_for(kind: str, port: int, extra: tuple[str, ...]) -> list[str]:
     if kind.startswith("run"):
         return [sys.executable, "-c", RUN, str(APPS), str(port), str(workers_of(kind))]
-    argv = [sys.executable, "-m", "uvicorn", "load_app:asgi_app", "--app-dir", str(APPS)]
+    module = "graceful.uvicorn" if kind.startswith("cli") else "uvicorn"
+    argv = [sys.executable, "-m", module, "load_app:asgi_app", "--app-dir", str(APPS)]
     argv += ["--host", "127.0.0.1", "--port", str(port), *extra]
-    return argv + (["--workers", "2"] if kind == "workers" else [])
+    return argv + (["--workers", "2"] if kind.endswith("workers") else [])
 
 
 def workers_of(kind: str) -> int:
@@ -208,6 +211,7 @@ def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, 
     [
         ("uvicorn", 0.2),
         ("run-workers", 0.2),
+        ("cli-workers", 0.2),  # to the supervisor alone, as in a container (PID 1)
         ("workers-group", 0.2),  # SIGTERM to the process group, as systemd and Ctrl-C send it
         ("workers", 0.2 + SUPERVISOR_POLL),  # to uvicorn's supervisor alone: its 0.5 s poll
     ],
@@ -286,7 +290,7 @@ def holder_of_the_request(node: Node, wait_until: WaitUntil) -> int:
     return wait_until(holder, timeout=10, message="the worker holding the request")
 
 
-@pytest.mark.parametrize("kind", ["uvicorn", "workers", "run-workers"])
+@pytest.mark.parametrize("kind", ["uvicorn", "workers", "run-workers", "cli-workers"])
 def test_sigint_stops_without_the_delay_after_in_flight_work(
     start_node: StartNode, kind: str, wait_until: WaitUntil
 ) -> None:

@@ -1,0 +1,436 @@
+"""Hypercorn with ``graceful.ASGIMiddleware`` in the app: ``python -m graceful.hypercorn`` drains.
+
+Real processes on 127.0.0.1 serving ``tests/e2e/apps/load_app.py``'s ``asgi_app``, started as
+``python -m graceful.hypercorn load_app_asgi:asgi_app`` with ``--workers 0`` (the server in the
+foreground), ``--workers 1`` (Hypercorn's default: one worker under a supervisor) and
+``--workers 2``; the signal goes to the process started, as a container runtime sends it. The
+same app under plain ``hypercorn`` is the control: it stops at once, so the same test fails.
+
+HTTP/2 (h2c with prior knowledge): a GOAWAY with the last stream id 2^31-1 comes while the
+node still serves, and every stream finishes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+import requests
+from drain_harness import (
+    assert_livez_held,
+    assert_lossless,
+    probe_readyz_after_signal,
+    sigterm_under_load,
+)
+from ws_client import WebSocket
+
+from graceful.testing import poll_until
+
+if TYPE_CHECKING:
+    from conftest import Proc, Spawn, WaitUntil
+
+pytest.importorskip("hypercorn", reason="pip install 'graceful-drain[hypercorn]'")
+h2_connection = pytest.importorskip("h2.connection", reason="HTTP/2 tests need h2")
+h2_config = pytest.importorskip("h2.config")
+h2_events = pytest.importorskip("h2.events")
+
+pytestmark = pytest.mark.e2e
+
+APPS = Path(__file__).parent / "apps"
+DELAY = 1.0
+WORKERS = {"foreground": 0, "one-worker": 1, "two-workers": 2}
+GOAWAY_LAST_STREAM = 2**31 - 1
+TOKEN = "hypercorn-e2e-Token-7d1"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class Node:
+    proc: Proc
+    url: str
+    port: int
+    record_dir: Path
+
+    def records(self, kind: str) -> list[str]:
+        return [
+            line
+            for path in sorted(self.record_dir.glob(f"*.{kind}"))
+            for line in path.read_text().splitlines()
+        ]
+
+
+class StartNode(Protocol):
+    def __call__(self, kind: str = ..., *, graceful: bool = ...) -> Node: ...
+
+
+@pytest.fixture
+def start_node(spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUntil) -> StartNode:
+    def start(kind: str = "one-worker", *, graceful: bool = True) -> Node:
+        record_dir = tmp_path / f"record-{time.monotonic_ns()}"
+        record_dir.mkdir()
+        env = {
+            "GRACEFUL_DELAY": str(DELAY),
+            "GRACEFUL_DRAIN_TIMEOUT": "5",
+            "LOAD_RECORD_DIR": str(record_dir),
+            "PYTHONPATH": str(APPS),
+            "GRACEFUL_TOKEN": TOKEN,
+        }
+        command = ["-m", "graceful.hypercorn"] if graceful else ["-m", "hypercorn"]
+        argv = [sys.executable, *command, "load_app_asgi:asgi_app"]
+        argv += ["--bind", f"127.0.0.1:{free_port}", "--workers", str(WORKERS[kind])]
+        proc = spawn(argv, env=env, name=f"hypercorn-{kind}")
+        node = Node(proc, f"http://127.0.0.1:{free_port}", free_port, record_dir)
+        started = max(1, WORKERS[kind])
+
+        def ready() -> bool:
+            if not proc.alive():
+                pytest.fail(f"{kind} exited with {proc.popen.returncode}:\n{proc.output()}")
+            # Every worker has started (each says where it runs once its lifespan completed).
+            if proc.output().count("Running on") < started:
+                return False
+            return requests.get(node.url + "/readyz", timeout=5).status_code == 200
+
+        wait_until(ready, timeout=30, message=lambda: f"{kind} ready:\n{proc.output()}")
+        return node
+
+    return start
+
+
+@pytest.mark.parametrize("kind", list(WORKERS))
+def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, kind: str) -> None:
+    node = start_node(kind)
+    slow_seconds = 2.0
+
+    report = sigterm_under_load(
+        node.proc, node.url, node.record_dir, slow_requests=3, slow_seconds=slow_seconds
+    )
+
+    summary = report.summary()
+    print(summary)
+    assert_lossless(report)
+    assert report.readyz_failed_with == "status 503", summary
+    assert report.readyz_ok_after_failure == 0, summary
+    # An upper bound: it includes up to one probe interval (100 ms) and the probe itself.
+    assert report.readyz_reaction is not None and report.readyz_reaction < 0.3, summary
+    assert report.livez_ok_until is not None and report.last_response_at is not None, summary
+    assert report.livez_ok_until - report.signal_at >= DELAY, summary
+    assert_livez_held(report)
+    assert report.exit_code == 0, summary
+    after_last = report.exit_after_last_response
+    assert after_last is not None and 0 <= after_last < 1.0, summary
+    after_signal = report.exit_after_signal
+    assert after_signal is not None, summary
+    assert slow_seconds * 0.8 <= after_signal <= DELAY + slow_seconds + 1.0, summary
+
+
+def test_plain_hypercorn_does_not_drain_and_says_so_at_start_up(start_node: StartNode) -> None:
+    """The control: the same app and load under Hypercorn's own command. Readiness never
+    fails (the listener closes at once) and the middleware said so when it started."""
+    node = start_node(graceful=False)
+    assert "plain hypercorn stops at once on SIGTERM" in node.proc.output()
+
+    report = sigterm_under_load(node.proc, node.url, node.record_dir, slow_requests=0)
+
+    print(report.summary())
+    assert report.readyz_failed_with != "status 503", report.summary()
+    assert report.livez_ok_until is None or report.livez_ok_until - report.signal_at < DELAY
+
+
+@pytest.mark.parametrize("kind", ["foreground", "two-workers"])
+def test_sigint_fails_readiness_at_once_and_stops_without_the_delay_after_in_flight_work(
+    start_node: StartNode, kind: str, wait_until: WaitUntil
+) -> None:
+    node = start_node(kind)
+    slow = Slow(node.port, 1.0)
+    wait_until(lambda: inflight(node) >= 1, timeout=10, message="a request in flight")
+
+    node.proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+
+    first_fail, answers = probe_readyz_after_signal(node.url, sent, within=0.5, after_failure=3)
+    assert first_fail is not None and first_fail < 0.2, (first_fail, answers)
+    assert node.proc.wait(10) == 0
+    assert time.monotonic() - sent < DELAY + 1.0  # no delay: only the request in flight
+    slow.join(5)
+    assert slow.status == 200, slow.error
+
+
+class Slow(threading.Thread):
+    """``GET /slow?seconds=N`` in a thread; ``status`` (or ``error``) once answered."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.connection.request("GET", f"/slow?seconds={seconds:g}")  # written before we go on
+        self.status: int | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            response = self.connection.getresponse()
+            response.read()
+            self.status = response.status
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = exc
+        finally:
+            self.connection.close()
+
+
+def inflight(node: Node) -> int:
+    """What one worker has in flight (fresh connections are spread over the workers)."""
+    answer = requests.get(node.url + "/-/graceful/status", headers=AUTH, timeout=5)
+    return int(answer.json()["inflight"]) if answer.status_code == 200 else 0
+
+
+def test_a_worker_that_dies_stops_the_others_with_a_drain_and_the_status_says_so(
+    start_node: StartNode, wait_until: WaitUntil
+) -> None:
+    node = start_node("two-workers")
+    pids = wait_until(lambda: worker_pids(node) if len(worker_pids(node)) == 2 else None)
+    victim, survivor = sorted(pids)
+
+    os.kill(victim, signal.SIGKILL)
+
+    assert node.proc.wait(15) == 128 + signal.SIGKILL
+    output = node.proc.output()
+    assert f"worker {victim} exited with -9: the others drain and stop" in output
+    assert f"[{survivor}] [INFO] phase serving -> draining (SIGTERM)" in output
+
+
+def worker_pids(node: Node) -> set[int]:
+    """The workers seen answering (fresh connections are spread over them)."""
+    seen = set()
+    for _ in range(20):
+        seen.add(int(requests.get(node.url + "/version", timeout=5).json()["pid"]))
+    return seen
+
+
+# -- the goodbye at the end of the delay -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["foreground", "one-worker"])
+def test_websocket_gets_1012_and_event_stream_ends_at_the_end_of_the_delay(
+    start_node: StartNode, kind: str
+) -> None:
+    node = start_node(kind)
+    ws = WebSocket(node.port, "/ws")
+    stream = EventStream(node.port)
+    try:
+        ws.send(0x1, b"hello")
+        assert ws.receive() == (0x1, b"hello")
+        sent = time.monotonic()
+
+        node.proc.send_signal(signal.SIGTERM)
+
+        opcode, payload = ws.receive()
+        closed_after = time.monotonic() - sent
+        ws.send(0x8, payload[:2])
+    finally:
+        ws.close()
+    assert opcode == 0x8
+    assert struct.unpack("!H", payload[:2])[0] == 1012
+    assert DELAY * 0.9 <= closed_after < DELAY + 1.0
+    stream.join(10)
+    assert stream.error is None, stream.error
+    assert stream.ended_at is not None and DELAY * 0.9 <= stream.ended_at - sent < DELAY + 1.0
+    assert b"data: tick" in stream.body and stream.body.endswith(b"0\r\n\r\n"), stream.body[-80:]
+    assert node.proc.wait(10) == 0
+    # The app saw the end (Hypercorn tells it 1000 for a close the server side began).
+    assert len(node.records("ws")) == 1
+    assert node.records("streams") == ["stream-ended"]
+
+
+class EventStream(threading.Thread):
+    """``GET /stream`` (server-sent events, chunked) read raw to its end: a clean end is the
+    last chunk, a cut one is a connection closed before it."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.sock.sendall(b"GET /stream HTTP/1.1\r\nHost: node\r\n\r\n")
+        self.body = b""
+        self.ended_at: float | None = None
+        self.error: BaseException | None = None
+        self.body = self.sock.recv(65536)  # the head: the stream is open
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while not self.body.endswith(b"0\r\n\r\n"):
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed before the last chunk")
+                self.body += chunk
+            self.ended_at = time.monotonic()
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self.sock.close()
+
+
+# -- HTTP/2 ------------------------------------------------------------------------------------
+
+
+class H2Client:
+    """One HTTP/2 connection (h2c, prior knowledge) and its streams, read in a thread."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.conn = h2_connection.H2Connection(h2_config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.lock = threading.Lock()
+        self.flush()
+        self.statuses: dict[int, int] = {}
+        self.ended: dict[int, float] = {}
+        self.goaway: tuple[float, int] | None = None
+        self.closed_at: float | None = None
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def flush(self) -> None:
+        with self.lock:
+            self.sock.sendall(self.conn.data_to_send())
+
+    def get(self, path: str) -> int:
+        with self.lock:
+            stream_id: int = self.conn.get_next_available_stream_id()
+            self.conn.send_headers(
+                stream_id,
+                [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "n")],
+                end_stream=True,
+            )
+            self.sock.sendall(self.conn.data_to_send())
+        return stream_id
+
+    def read(self) -> None:
+        try:
+            while data := self.sock.recv(65536):
+                with self.lock:
+                    events = self.conn.receive_data(data)
+                    self.sock.sendall(self.conn.data_to_send())
+                for event in events:
+                    self.on(event)
+        except OSError:
+            pass
+        self.closed_at = time.monotonic()
+
+    def on(self, event: Any) -> None:
+        if isinstance(event, h2_events.ResponseReceived):
+            self.statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+        elif isinstance(event, h2_events.StreamEnded):
+            self.ended[event.stream_id] = time.monotonic()
+        elif isinstance(event, h2_events.DataReceived):
+            with self.lock:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2_events.ConnectionTerminated) and self.goaway is None:
+            self.goaway = (time.monotonic(), event.last_stream_id)
+
+
+@pytest.mark.parametrize("kind", ["foreground", "two-workers"])
+def test_http2_connections_get_goaway_once_idle_while_the_node_serves_and_lose_no_stream(
+    start_node: StartNode, kind: str
+) -> None:
+    """An idle connection gets its GOAWAY at once; a busy one once its streams have finished
+    (clients on the ``h2`` library fail open streams on any GOAWAY): both within the delay."""
+    node = start_node(kind)
+    idle, busy = H2Client(node.port), H2Client(node.port)
+    pings = [idle.get("/ping"), busy.get("/ping")]
+    poll_until(lambda: pings[0] in idle.ended and pings[1] in busy.ended, message="pings")
+    slow = [busy.get("/slow?seconds=0.5") for _ in range(3)]
+    poll_until(lambda: inflight(node) >= 1, timeout=10, message="the slow streams running")
+    sent = time.monotonic()
+
+    node.proc.send_signal(signal.SIGTERM)
+
+    poll_until(lambda: idle.goaway and busy.goaway, timeout=5, message="both GOAWAYs")
+    assert idle.goaway is not None and busy.goaway is not None
+    # While the node still serves: readiness fails, new connections are answered.
+    assert requests.get(node.url + "/readyz", timeout=5).status_code == 503
+    assert requests.get(node.url + "/ping", timeout=5).status_code == 200
+    assert idle.goaway[0] - sent < 0.5
+    assert busy.goaway[0] >= max(busy.ended[s] for s in slow)  # after its streams, not before
+    assert busy.goaway[0] - sent < DELAY
+    assert (idle.goaway[1], busy.goaway[1]) == (pings[0], max(slow))  # the last it processed
+    assert {s: busy.statuses.get(s) for s in slow} == dict.fromkeys(slow, 200)
+    assert node.proc.wait(15) == 0
+
+
+@pytest.mark.parametrize("kind", ["foreground", "two-workers"])
+def test_httpx_over_http2_through_a_drain_loses_nothing_and_runs_each_post_once(
+    start_node: StartNode, kind: str
+) -> None:
+    """Callers each with an ``httpx`` client (HTTP/2, prior knowledge) GET and POST through
+    the delay. A GOAWAY comes between two requests; a request the client sent before it read
+    the GOAWAY is refused unprocessed, and httpx sends it again on a new connection.
+
+    One client per caller: an ``httpx`` client shared by threads fails the requests of the
+    threads that race any server's GOAWAY (httpcore reads it in one thread while another
+    starts a stream: ``RemoteProtocolError``), graceful's or the server's own at its stop."""
+    httpx = pytest.importorskip("httpx")
+    node = start_node(kind)
+    failures: list[str] = []
+    acked: list[str] = []
+    stop_at: list[float] = []
+
+    def caller(number: int) -> None:
+        with httpx.Client(base_url=node.url, http1=False, http2=True, timeout=10) as client:
+            for sent in range(2000):  # bounded; the load stops at stop_at
+                if stop_at and time.monotonic() > stop_at[0]:
+                    return
+                order = f"h2-{number}-{sent}"
+                try:
+                    if sent % 2:
+                        answer = client.post("/orders", content=f"id={order}")
+                        if answer.status_code == 201:
+                            acked.append(order)
+                    else:
+                        answer = client.get("/ping")
+                    if answer.status_code not in (200, 201):
+                        failures.append(f"{order}: status {answer.status_code}")
+                except httpx.HTTPError as exc:
+                    failures.append(f"{order}: {exc!r}")
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    poll_until(lambda: len(acked) >= 50, timeout=30, message="answers before the signal")
+    node.proc.send_signal(signal.SIGTERM)
+    stop_at.append(time.monotonic() + DELAY * 0.7)  # within the delay: the node serves
+    for thread in threads:
+        thread.join(30)
+    assert node.proc.wait(15) == 0
+    assert not failures, failures[:10]
+    recorded = node.records("ids")
+    assert sorted(recorded) == sorted(set(recorded)), "a POST ran twice"
+    assert set(acked) <= set(recorded)
+    assert "GOAWAY sent on" in node.proc.output()
+
+
+def test_the_runner_refuses_a_worker_class_it_cannot_run_and_answers_help() -> None:
+    import subprocess
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "graceful.hypercorn", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    helped = command("--help")
+    assert helped.returncode == 0 and "--workers" in helped.stdout, helped.stderr
+    trio = command("app:app", "--worker-class", "trio")
+    assert trio.returncode == 2
+    assert "--worker-class trio: graceful.hypercorn runs asyncio and uvloop" in trio.stderr
