@@ -22,6 +22,7 @@ time of each node's whole process tree over the same ``--idle-seconds`` (30).
 
     python benchmarks/throughput.py [--rounds 15] [--seconds 0.5] [--connections 8]
                                     [--idle-seconds 30] [--idle-workers 4] [--control]
+                                    [--servers uvicorn,gunicorn-gthread,hypercorn,granian]
 
 ``--control`` is an A/A run throughout: the "graceful" servers serve the plain app too.
 Goals: >= 0.99x in requests per second and CPU per request for each server; the graceful
@@ -52,6 +53,9 @@ GOAL = 0.99
 IDLE_GOAL = 0.01  # the graceful node's idle CPU at most 1 % above the plain one's
 HERE = Path(__file__).resolve().parent
 SERVERS = ("uvicorn", "gunicorn-gthread")
+#: Measured when asked for (``--servers``): graceful's runner (Hypercorn) and Granian's plain
+#: command, each against the same server without the library.
+MORE_SERVERS = ("hypercorn", "granian")
 REQUEST = b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 # -- the apps the servers load ---------------------------------------------------------------
@@ -106,6 +110,22 @@ def argv_for(server: str, variant: str, port: int, *, workers: int = 1) -> list[
             *("--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port)),
             *("--lifespan", "on", "--log-level", "warning", "--no-access-log"),
             *("--timeout-keep-alive", "60"),
+        ]
+    if server == "hypercorn":
+        # Hypercorn evaluates the name in the module's namespace: the lazy attribute is built
+        # by the module's __getattr__; the runner only where graceful is measured.
+        command = "graceful.hypercorn" if variant == "graceful" else "hypercorn"
+        name = '__getattr__("graceful_asgi")' if variant == "graceful" else "plain_asgi"
+        return [
+            *(sys.executable, "-m", command, f"{HERE}/throughput:{name}"),
+            *("--bind", f"127.0.0.1:{port}", "--workers", "1", "--keep-alive", "60"),
+            *("--log-level", "warning"),
+        ]
+    if server == "granian":
+        return [
+            *(sys.executable, "-m", "granian", "--interface", "asgi", f"throughput:{app}_asgi"),
+            *("--working-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port)),
+            *("--log-level", "warning"),
         ]
     shims = ["-c", "python:graceful.gunicorn"] if variant == "graceful" else []
     return [
@@ -275,7 +295,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seconds", type=float, default=0.5, help="per slice")
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"comma-separated, from {', '.join(SERVERS + MORE_SERVERS)}",
+    )
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="0: no idle figure")
     parser.add_argument("--idle-workers", type=int, default=4)
     parser.add_argument(
@@ -285,9 +309,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     servers = [name for name in args.servers.split(",") if name]
-    unknown = set(servers) - set(SERVERS)
+    unknown = set(servers) - set(SERVERS + MORE_SERVERS)
     if unknown:
-        parser.error(f"unknown servers: {sorted(unknown)}; known: {', '.join(SERVERS)}")
+        known = ", ".join(SERVERS + MORE_SERVERS)
+        parser.error(f"unknown servers: {sorted(unknown)}; known: {known}")
     pairs = pairs_for(servers)
     figures = {pair.label: Figures() for pair in pairs}
     idle: dict[str, float] = {}

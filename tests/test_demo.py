@@ -155,12 +155,13 @@ def test_a_graceful_restart_through_the_client_pool_fails_no_request(
     wait_until(lambda: not marked.pids(), timeout=10, message="no process left behind")
 
 
+@pytest.mark.parametrize("server", servers())
 def test_a_graceful_restart_through_nginx_fails_no_request_and_the_table_shows_both_rounds(
-    marked: Marked, wait_until: WaitUntil
+    server: str, marked: Marked, wait_until: WaitUntil
 ) -> None:
     """nginx must be installed (as the other nginx tests require): a missing one fails."""
     assert demo.nginx_binary() is not None, "nginx is not on the PATH"
-    done = run_demo(marked, "--duration", "3", "--nodes", "2", "--via", "nginx")
+    done = run_demo(marked, "--duration", "3", "--nodes", "2", "--via", "nginx", "--server", server)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert "through nginx" in lines[0]

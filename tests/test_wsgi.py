@@ -13,6 +13,7 @@ from _apps import (
     Environ,
     FakeClock,
     StartResponse,
+    StartResponseRecorder,
     WSGIApp,
     WSGIStream,
     hello_wsgi,
@@ -48,6 +49,22 @@ def test_list_response_is_in_flight_until_close_then_released() -> None:
         stream.close()
         assert lc.inflight == 0
     assert stream.start.status == "200 OK"
+
+
+def test_under_granian_a_list_response_is_not_a_list_so_that_close_is_called() -> None:
+    """Granian sends a list (a subclass too) without calling ``close()``: there the response
+    is an iterator, whose ``close()`` Granian calls, so the request is released."""
+    lc = new_lifecycle()
+    environ = make_environ()
+    environ["SERVER_SOFTWARE"] = "Granian"
+    start = StartResponseRecorder()
+
+    result = _middleware(hello_wsgi, lc)(environ, start)
+
+    assert not isinstance(result, list)
+    assert b"".join(result) == b"hello" and lc.inflight == 1
+    getattr(result, "close")()  # noqa: B009 - what the server calls
+    assert lc.inflight == 0
 
 
 def test_app_raising_before_start_response_releases_and_propagates() -> None:

@@ -39,6 +39,11 @@ _STATUS_TEXT = {
 }
 
 
+#: The ``SERVER_SOFTWARE`` of a server that sends a list (a subclass too) without calling its
+#: ``close()`` (Granian 2.x, against PEP 3333): a list response is wrapped in an iterator there.
+_LIST_CLOSE_SKIPPED = "Granian"
+
+
 class _ReleasedList(list[bytes]):
     """A list response (most are), releasing its in-flight entry on ``close``.
 
@@ -162,7 +167,7 @@ class WSGIMiddleware(AdapterBase):
         except BaseException:
             end(token)
             raise
-        if type(result) is list:
+        if type(result) is list and environ.get("SERVER_SOFTWARE") != _LIST_CLOSE_SKIPPED:
             released = _ReleasedList(result)
             released._end, released._token = end, token
             return released

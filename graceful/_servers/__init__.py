@@ -1,4 +1,4 @@
-"""The server shims (gunicorn, uvicorn, Hypercorn) and what they share.
+"""The server shims (gunicorn, uvicorn, Hypercorn, Granian) and what they share.
 
 Importing this package plugs them into the adapters (:data:`graceful._adapters.servers.HOOKS`),
 which cannot import a server themselves: the package root does it.
@@ -18,9 +18,15 @@ def _find_loop_server(lifecycle: Lifecycle) -> LoopServer | None:
     if "uvicorn.server" in sys.modules:
         from . import uvicorn
 
-        link = uvicorn.attach(lifecycle)
-        if link is not None:
-            return link
+        found: LoopServer | None = uvicorn.attach(lifecycle)
+        if found is not None:
+            return found
+    if "granian" in sys.modules:
+        from . import granian
+
+        found = granian.attach(lifecycle)
+        if found is not None:
+            return found
     if "hypercorn.asyncio.run" in sys.modules:
         from . import hypercorn
 
@@ -28,6 +34,16 @@ def _find_loop_server(lifecycle: Lifecycle) -> LoopServer | None:
     return None
 
 
+def _wrap_granian() -> None:
+    """In a Granian worker (which loads the app, and graceful, before it installs its signal
+    handlers), put graceful's stop in front of Granian's."""
+    if "granian.server" in sys.modules:
+        from . import granian
+
+        granian.wrap_signal_installers()
+
+
 HOOKS.link_node = _node_shm.link_if_worker
 HOOKS.sync_node = _node_shm.sync_now
 HOOKS.find_loop_server = _find_loop_server
+_wrap_granian()

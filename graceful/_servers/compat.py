@@ -496,3 +496,56 @@ async def hypercorn_h2_goaway_if_idle(connection: Any) -> bool:
     raw_data = _hypercorn_part("hypercorn.events", "RawData")
     await connection.send(raw_data(data=frame))
     return True
+
+
+# -- granian -----------------------------------------------------------------------------------
+
+#: The Granian releases the accessors below were read against: the floor pinned in
+#: tests/floors/constraints.txt and the newest one tested. ``granian._signals``'
+#: ``set_loop_signals(loop)`` (an ASGI or RSGI worker's SIGINT and SIGTERM handlers on its loop)
+#: and ``set_sync_signals()`` (a WSGI worker's, with ``signal.signal``) each return the
+#: worker's stop signal, whose ``set()`` stops its Rust server; a worker imports them from the
+#: module when it starts (``granian.server.mp``, process workers), after loading the app (2.3
+#: on: 2.0 to 2.2 import them first, so the app's graceful comes too late to wrap them). The
+#: floor is 2.8.9: with 2.3 to 2.8.7 the end-to-end tests fail (a websocket's 1012 close frame
+#: lost at the stop, an ended event stream kept in flight, and before 2.8 a WSGI request that
+#: waits behind another).
+GRANIAN_CHECKED = ("2.8.9", "2.8.9")
+
+
+class GranianInternalsError(GracefulError, RuntimeError):
+    """The installed Granian lacks an internal that graceful relies on under Granian."""
+
+
+def wrap_granian_signal_installers(
+    on_loop: Callable[[Any, Any], None], on_sync: Callable[[Any], None]
+) -> None:
+    """After Granian's own installer ran in a worker: ``on_loop(loop, stop_signal)`` (ASGI) or
+    ``on_sync(stop_signal)`` (WSGI), in the worker's main thread. Once per process."""
+    module: Any = importlib.import_module("granian._signals")
+    if getattr(module, "_graceful_wrapped", False):
+        return
+    loop_installer = getattr(module, "set_loop_signals", None)
+    sync_installer = getattr(module, "set_sync_signals", None)
+    if loop_installer is None or sync_installer is None:
+        version = importlib.metadata.version("granian")
+        first, last = GRANIAN_CHECKED
+        raise GranianInternalsError(
+            f"graceful needs granian._signals.set_loop_signals and set_sync_signals, which "
+            f"Granian {version} does not have (checked against Granian {first} to {last}): "
+            f"install one in that range (pip install 'granian>={first},<={last}')"
+        )
+
+    def set_loop_signals(loop: Any) -> Any:
+        stop_signal = loop_installer(loop)
+        on_loop(loop, stop_signal)
+        return stop_signal
+
+    def set_sync_signals() -> Any:
+        stop_signal = sync_installer()
+        on_sync(stop_signal)
+        return stop_signal
+
+    module.set_loop_signals = set_loop_signals
+    module.set_sync_signals = set_sync_signals
+    module._graceful_wrapped = True

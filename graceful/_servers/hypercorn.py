@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import ssl
 import weakref
-from collections.abc import Coroutine
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -48,8 +49,9 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding hypercorn i
 from .. import signals
 from .._core.errors import GracefulError
 from .._runtime.lifecycle import Lifecycle, get_lifecycle
-from .._runtime.shutdown import StopSequence, log_through
-from . import compat
+from .._runtime.shutdown import log_through
+from . import backlog, compat
+from .loop_link import SIGNALS, LoopLink
 
 __all__ = ["RunnerError", "WorkerLink", "attach", "run", "serve_worker"]
 
@@ -57,7 +59,6 @@ logger = logging.getLogger("graceful")
 
 #: Where graceful's lines go under Hypercorn (unless the ``graceful`` logger is handled).
 SERVER_LOGGER = "hypercorn.error"
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 #: The worker classes the runner can run (Hypercorn's trio workers need trio's own loop).
 WORKER_CLASSES = ("asyncio", "uvloop")
 
@@ -72,59 +73,88 @@ class RunnerError(GracefulError, ValueError):
     """A Hypercorn setting the runner cannot honour; the message says what to do."""
 
 
-class WorkerLink:
+class WorkerLink(LoopLink):
     """One worker's stop: its signals run a stop sequence on its loop, whose end sets
     :attr:`stopped`, the worker's ``shutdown_trigger``."""
 
-    def __init__(self, lifecycle: Lifecycle, loop: asyncio.AbstractEventLoop, config: Any) -> None:
-        self.lifecycle = lifecycle
-        self.loop = loop
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        loop: asyncio.AbstractEventLoop,
+        config: Any,
+        listeners: list[socket.socket],
+        *,
+        alone: bool,
+        node_stopping: Any = None,
+    ) -> None:
+        super().__init__(lifecycle, loop, self._stop, self._force)
         self.config = config
-        self.sequence = StopSequence(lifecycle, self._stop, self._force)
+        #: The worker's listening sockets; whether this process alone holds them; the
+        #: supervisor's event, set once the whole node stops (then the listeners' queue may be
+        #: served with new connections dropped: no worker will take them over).
+        self.listeners, self.alone, self.node_stopping = listeners, alone, node_stopping
         self.stopped = asyncio.Event()
+        self.forced = False
         #: An HTTP/2 connection gets its GOAWAY when its last open stream closes (a drain).
         self.goaway_when_idle = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def install(self) -> WorkerLink:
-        for signum in SIGNALS:
-            self.loop.add_signal_handler(signum, self.dispatch, signum)
+        super().install()
         signals.drain_started.connect(self._on_drain, sender=self.lifecycle)
         signals.resumed.connect(self._on_resumed, sender=self.lifecycle)
         return self
 
     def uninstall(self) -> None:
-        """The stop is Hypercorn's from now on (its lifespan shutdown has run)."""
-        for signum in SIGNALS:
-            with contextlib.suppress(RuntimeError, ValueError):  # the loop is closing
-                self.loop.remove_signal_handler(signum)
+        super().uninstall()
         signals.drain_started.disconnect(self._on_drain, sender=self.lifecycle)
         signals.resumed.disconnect(self._on_resumed, sender=self.lifecycle)
-
-    def dispatch(self, signum: int) -> None:
-        name = self.sequence.signal(signum)
-        if name is not None:
-            self._spawn(self.sequence.run_async(name))
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _stop(self) -> None:
         if self.sequence.gave_up:
             self.config.graceful_timeout = 0  # what is stuck was logged: not waited for again
-        self.stopped.set()
+        self.spawn(self._serve_queue_then_stop())
 
     def _force(self) -> None:
+        self.forced = True
         self.config.graceful_timeout = 0
         self.stopped.set()
+
+    async def _serve_queue_then_stop(self) -> None:
+        """Before Hypercorn's stop: the worker stops accepting, and what it accepted last
+        is served rather than closed unread; with listeners of its own, what the kernel queued
+        on them is served first (:mod:`graceful._servers.backlog`). At most
+        :data:`backlog.WAIT_LIMIT` seconds."""
+        gave_up = self.sequence.gave_up
+        inflight = (lambda: 0) if gave_up else (lambda: self.lifecycle.inflight)
+        abort = functools.partial(getattr, self, "forced")
+        whole_node = self.node_stopping is not None and self.node_stopping.is_set()
+        try:
+            if (self.alone or whole_node) and await backlog.serve_queued_async(
+                self.listeners, self._stop_accepting, inflight, backlog.WAIT_LIMIT, abort=abort
+            ):
+                return
+            await backlog.close_then_settle_async(
+                self._stop_accepting, inflight, backlog.WAIT_LIMIT, abort=abort
+            )
+        finally:
+            self.stopped.set()
+
+    def _stop_accepting(self) -> None:
+        # Hypercorn's asyncio servers accept through the loop's reader on each listener; the
+        # descriptors close with Hypercorn's stop. A listener this process alone holds stops
+        # listening now (Linux: shutdown() on a listening socket), so that new clients are
+        # refused at once rather than dropped until it closes.
+        for sock in self.listeners:
+            with contextlib.suppress(OSError, ValueError):
+                self.loop.remove_reader(sock.fileno())
+                if self.alone:
+                    sock.shutdown(socket.SHUT_RDWR)
 
     # -- HTTP/2 --------------------------------------------------------------------------------
 
     def _on_drain(self, sender: object, **kwargs: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed
-            self.loop.call_soon_threadsafe(self._spawn, self._say_goaway())
+            self.loop.call_soon_threadsafe(self.spawn, self._say_goaway())
 
     def _on_resumed(self, sender: object, **kwargs: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed
@@ -151,9 +181,9 @@ async def _after_stream_closed(connection: Any) -> None:
 # -- a worker ----------------------------------------------------------------------------------
 
 
-def serve_worker(config: Any, sockets: Any = None) -> None:
+def serve_worker(config: Any, sockets: Any = None, node_stopping: Any = None) -> None:
     """A Hypercorn worker whose stop is graceful's (the target of the supervisor's processes,
-    or the server itself with ``--workers 0``)."""
+    with its ``node_stopping`` event, or the server itself with ``--workers 0``)."""
     loop: asyncio.AbstractEventLoop
     if config.worker_class == "uvloop":
         import uvloop
@@ -164,19 +194,24 @@ def serve_worker(config: Any, sockets: Any = None) -> None:
     loop.set_exception_handler(_ignore_failed_handshakes)
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve(compat.hypercorn_load_app(config), config, sockets))
+        app = compat.hypercorn_load_app(config)
+        loop.run_until_complete(_serve(app, config, sockets, node_stopping))
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         asyncio.set_event_loop(None)
         loop.close()
 
 
-async def _serve(app: Any, config: Any, sockets: Any) -> None:
+async def _serve(app: Any, config: Any, sockets: Any, node_stopping: Any) -> None:
     config.log  # noqa: B018 - Hypercorn sets up its loggers (and their level) on first use
     log_through(SERVER_LOGGER)
     compat.track_hypercorn_h2(_h2_connections, _after_stream_closed)
     loop = asyncio.get_running_loop()
-    link = WorkerLink(get_lifecycle(), loop, config).install()
+    listeners = [] if sockets is None else [*sockets.secure_sockets, *sockets.insecure_sockets]
+    alone = config.workers == 0  # else the supervisor and the other workers hold them too
+    link = WorkerLink(
+        get_lifecycle(), loop, config, listeners, alone=alone, node_stopping=node_stopping
+    ).install()
     _links[loop] = link
     try:
         await compat.hypercorn_worker_serve(app, config, sockets, link.stopped.wait)
@@ -231,6 +266,8 @@ class _Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[BaseProcess] = []
         self.stopping = False
+        #: Set when the whole node stops (before the workers get the signal).
+        self.node_stopping = self.context.Event()
 
     def run(self) -> int:
         for signum in SIGNALS:
@@ -257,7 +294,12 @@ class _Supervisor:
     def _populate(self) -> None:
         while len(self.workers) < self.config.workers:
             worker = self.context.Process(
-                target=serve_worker, kwargs={"config": self.config, "sockets": self.sockets}
+                target=serve_worker,
+                kwargs={
+                    "config": self.config,
+                    "sockets": self.sockets,
+                    "node_stopping": self.node_stopping,
+                },
             )
             worker.daemon = getattr(self.config, "daemon", False)  # (Hypercorn 0.18 on)
             worker.start()
@@ -268,6 +310,7 @@ class _Supervisor:
 
     def _stop_all(self, signum: int) -> None:
         self.stopping = True
+        self.node_stopping.set()
         for worker in self.workers:
             if worker.exitcode is None and worker.pid is not None:
                 with contextlib.suppress(ProcessLookupError):

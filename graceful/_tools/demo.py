@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["add_verb", "main", "run"]
 
 #: What the nodes run, and how the load reaches them.
-ServerName = Literal["uvicorn", "gunicorn"]
+ServerName = Literal["uvicorn", "gunicorn", "hypercorn", "granian"]
 Via = Literal["nginx", "pool"]
 SERVERS: tuple[ServerName, ...] = get_args(ServerName)
 #: The demo's callers use requests (the client extra) and its nodes a server.
@@ -149,7 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--server",
         choices=SERVERS,
-        help="what the nodes run (default: uvicorn if installed, else gunicorn)",
+        help="what the nodes run (default: the first installed of uvicorn, gunicorn, "
+        "hypercorn, granian)",
     )
     add(
         "--via",
@@ -179,6 +180,10 @@ def add_verb(
 # -- the nodes ----------------------------------------------------------------------------------
 
 
+#: The demo app without the library, for the naive round of an ASGI server.
+APP_PLAIN = "graceful._tools.demo_app:asgi_plain"
+
+
 def node_argv(server: ServerName, graceful: bool, port: int) -> list[str]:
     if server == "uvicorn":
         app = (
@@ -189,6 +194,21 @@ def node_argv(server: ServerName, graceful: bool, port: int) -> list[str]:
         return [
             *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
             *("--log-level", "warning", "--timeout-keep-alive", "10"),
+        ]
+    if server == "hypercorn":
+        # Hypercorn evaluates the app's name in the module's namespace, where the demo app's
+        # lazy attributes are not: the module's own __getattr__ builds it.
+        app = 'graceful._tools.demo_app:__getattr__("asgi_app")' if graceful else APP_PLAIN
+        command = "graceful.hypercorn" if graceful else "hypercorn"
+        return [
+            *(sys.executable, "-m", command, app, "--bind", f"127.0.0.1:{port}"),
+            *("--keep-alive", "10", "--log-level", "warning"),
+        ]
+    if server == "granian":
+        app = "graceful._tools.demo_app:asgi_app" if graceful else APP_PLAIN
+        return [
+            *(sys.executable, "-m", "granian", "--interface", "asgi", app),
+            *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
         ]
     hooks = ["-c", "python:graceful.gunicorn"] if graceful else []
     app = "graceful._tools.demo_app:wsgi_app" if graceful else "graceful._tools.demo_app:wsgi_plain"

@@ -22,6 +22,7 @@ import os
 import secrets
 import select
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -36,8 +37,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DrainReport",
+    "EventStream",
+    "Node",
+    "Slow",
     "assert_livez_held",
     "assert_lossless",
+    "inflight",
     "probe_readyz_after_signal",
     "sigterm_under_load",
 ]
@@ -48,6 +53,81 @@ PROBE_TIMEOUT = 2.0
 #: Bounds on one caller request: connecting, and waiting for the answer.
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
+
+
+@dataclasses.dataclass
+class Node:
+    """A server under test: its process, where it listens, and where its app records."""
+
+    proc: Proc
+    url: str
+    port: int
+    record_dir: Path
+
+    def records(self, kind: str) -> list[str]:
+        """Every line of every ``<pid>.<kind>`` file the app wrote."""
+        return [
+            line
+            for path in sorted(self.record_dir.glob(f"*.{kind}"))
+            for line in path.read_text().splitlines()
+        ]
+
+
+class Slow(threading.Thread):
+    """``GET /slow?seconds=N`` in a thread; ``status`` (or ``error``) once answered."""
+
+    def __init__(self, port: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
+        self.connection.request("GET", f"/slow?seconds={seconds:g}")  # written before we go on
+        self.status: int | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            response = self.connection.getresponse()
+            response.read()
+            self.status = response.status
+        except (OSError, http.client.HTTPException) as exc:
+            self.error = exc
+        finally:
+            self.connection.close()
+
+
+class EventStream(threading.Thread):
+    """``GET /stream`` (server-sent events, chunked) read raw to its end: a clean end is the
+    last chunk, a cut one is a connection closed before it."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+        self.sock.sendall(b"GET /stream HTTP/1.1\r\nHost: node\r\n\r\n")
+        self.body = b""
+        self.ended_at: float | None = None
+        self.error: BaseException | None = None
+        self.body = self.sock.recv(65536)  # the head: the stream is open
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while not self.body.endswith(b"0\r\n\r\n"):
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed before the last chunk")
+                self.body += chunk
+            self.ended_at = time.monotonic()
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self.sock.close()
+
+
+def inflight(node: Node, token: str) -> int:
+    """What one worker has in flight (fresh connections are spread over the workers)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    answer = requests.get(node.url + "/-/graceful/status", headers=auth, timeout=5)
+    return int(answer.json()["inflight"]) if answer.status_code == 200 else 0
 
 
 @dataclasses.dataclass

@@ -24,13 +24,14 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import pytest
 import requests
 from drain_harness import (
+    Node,
+    Slow,
     assert_livez_held,
     assert_lossless,
     probe_readyz_after_signal,
@@ -39,7 +40,7 @@ from drain_harness import (
 from ws_client import WebSocket
 
 if TYPE_CHECKING:
-    from conftest import Proc, Spawn, WaitUntil
+    from conftest import Spawn, WaitUntil
 
 pytestmark = pytest.mark.e2e
 
@@ -57,22 +58,6 @@ RUN = (
     "graceful.uvicorn.run('load_app:asgi_app', host='127.0.0.1', port=int(sys.argv[2]), "
     "workers=int(sys.argv[3]))"
 )
-
-
-@dataclass
-class Node:
-    proc: Proc
-    url: str
-    port: int
-    record_dir: Path
-
-    def records(self, kind: str) -> list[str]:
-        """Every line of every ``<pid>.<kind>`` file the app wrote."""
-        return [
-            line
-            for path in sorted(self.record_dir.glob(f"*.{kind}"))
-            for line in path.read_text().splitlines()
-        ]
 
 
 class StartNode(Protocol):
@@ -132,28 +117,6 @@ def _get(
     url: str, path: str, timeout: float = 5.0, headers: dict[str, str] | None = None
 ) -> requests.Response:
     return requests.get(url + path, timeout=timeout, headers=headers)
-
-
-class Slow(threading.Thread):
-    """``GET /slow?seconds=N`` in a thread; ``status`` (or ``error``) once answered."""
-
-    def __init__(self, node: Node, seconds: float) -> None:
-        super().__init__(daemon=True)
-        self.connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=90)
-        self.connection.request("GET", f"/slow?seconds={seconds:g}")  # written before we go on
-        self.status: int | None = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            response = self.connection.getresponse()
-            response.read()
-            self.status = response.status
-        except (OSError, http.client.HTTPException) as exc:
-            self.error = exc
-        finally:
-            self.connection.close()
 
 
 def in_flight(node: Node, wait_until: WaitUntil) -> None:
@@ -243,7 +206,7 @@ def test_a_stuck_request_does_not_hold_the_process_past_the_deadline(
     node = start_node(
         kind, env={"GRACEFUL_DELAY": str(delay), "GRACEFUL_DRAIN_TIMEOUT": str(drain_timeout)}
     )
-    stuck = Slow(node, 30)
+    stuck = Slow(node.port, 30)
     in_flight(node, wait_until)
     sent = time.monotonic()
 
@@ -265,7 +228,7 @@ def test_a_worker_killed_mid_drain_does_not_hold_the_others(
     start_node: StartNode, wait_until: WaitUntil
 ) -> None:
     node = start_node("workers", env={"GRACEFUL_DRAIN_TIMEOUT": "20"})
-    Slow(node, 30)
+    Slow(node.port, 30)
     in_flight(node, wait_until)
     holder = holder_of_the_request(node, wait_until)
     sent = time.monotonic()
@@ -295,7 +258,7 @@ def test_sigint_stops_without_the_delay_after_in_flight_work(
     start_node: StartNode, kind: str, wait_until: WaitUntil
 ) -> None:
     node = start_node(kind, env={"GRACEFUL_DELAY": "30"})
-    slow = Slow(node, 1.0)
+    slow = Slow(node.port, 1.0)
     in_flight(node, wait_until)
     sent = time.monotonic()
 
@@ -321,7 +284,7 @@ def test_second_sigint_or_sigquit_stops_at_once(
 ) -> None:
     budget = {"GRACEFUL_DELAY": "30", "GRACEFUL_DRAIN_TIMEOUT": "30"}
     node = start_node(kind, env={**budget, "GRACEFUL_INTERRUPT_TIMEOUT": "30"})
-    Slow(node, 60)
+    Slow(node.port, 60)
     in_flight(node, wait_until)
     *first, last = signals
     for name in first:
@@ -399,7 +362,7 @@ def test_without_lifespan_the_first_request_chains_the_handler(
 ) -> None:
     # As with Django: uvicorn runs no lifespan, so the first request (here /readyz) links up.
     node = start_node("uvicorn", extra=("--lifespan", "off"))
-    slow = Slow(node, 1.5)
+    slow = Slow(node.port, 1.5)
     in_flight(node, wait_until)
     sent = time.monotonic()
 
