@@ -85,14 +85,14 @@ class WorkerLink(LoopLink):
         listeners: list[socket.socket],
         *,
         alone: bool,
-        node_stopping: Any = None,
+        accepting: Any = None,
     ) -> None:
         super().__init__(lifecycle, loop, self._stop, self._force)
         self.config = config
         #: The worker's listening sockets; whether this process alone holds them; the
-        #: supervisor's event, set once the whole node stops (then the listeners' queue may be
-        #: served with new connections dropped: no worker will take them over).
-        self.listeners, self.alone, self.node_stopping = listeners, alone, node_stopping
+        #: supervisor's count of the workers still accepting once the whole node stops (-1
+        #: before): the last one to stop serves the shared queue, new connections dropped.
+        self.listeners, self.alone, self.accepting = listeners, alone, accepting
         self.stopped = asyncio.Event()
         self.forced = False
         #: An HTTP/2 connection gets its GOAWAY when its last open stream closes (a drain).
@@ -127,9 +127,8 @@ class WorkerLink(LoopLink):
         gave_up = self.sequence.gave_up
         inflight = (lambda: 0) if gave_up else (lambda: self.lifecycle.inflight)
         abort = functools.partial(getattr, self, "forced")
-        whole_node = self.node_stopping is not None and self.node_stopping.is_set()
         try:
-            if (self.alone or whole_node) and await backlog.serve_queued_async(
+            if (self.alone or self._last_to_accept()) and await backlog.serve_queued_async(
                 self.listeners, self._stop_accepting, inflight, backlog.WAIT_LIMIT, abort=abort
             ):
                 return
@@ -138,6 +137,16 @@ class WorkerLink(LoopLink):
             )
         finally:
             self.stopped.set()
+
+    def _last_to_accept(self) -> bool:
+        """Whether the node stops as a whole and this is its last worker still accepting."""
+        if self.accepting is None:
+            return False
+        with self.accepting.get_lock():
+            if self.accepting.value <= 0:
+                return False
+            self.accepting.value -= 1
+            return bool(self.accepting.value == 0)
 
     def _stop_accepting(self) -> None:
         # Hypercorn's asyncio servers accept through the loop's reader on each listener; the
@@ -181,9 +190,9 @@ async def _after_stream_closed(connection: Any) -> None:
 # -- a worker ----------------------------------------------------------------------------------
 
 
-def serve_worker(config: Any, sockets: Any = None, node_stopping: Any = None) -> None:
+def serve_worker(config: Any, sockets: Any = None, accepting: Any = None) -> None:
     """A Hypercorn worker whose stop is graceful's (the target of the supervisor's processes,
-    with its ``node_stopping`` event, or the server itself with ``--workers 0``)."""
+    with its count of ``accepting`` workers, or the server itself with ``--workers 0``)."""
     loop: asyncio.AbstractEventLoop
     if config.worker_class == "uvloop":
         import uvloop
@@ -195,14 +204,14 @@ def serve_worker(config: Any, sockets: Any = None, node_stopping: Any = None) ->
     asyncio.set_event_loop(loop)
     try:
         app = compat.hypercorn_load_app(config)
-        loop.run_until_complete(_serve(app, config, sockets, node_stopping))
+        loop.run_until_complete(_serve(app, config, sockets, accepting))
         loop.run_until_complete(loop.shutdown_asyncgens())
     finally:
         asyncio.set_event_loop(None)
         loop.close()
 
 
-async def _serve(app: Any, config: Any, sockets: Any, node_stopping: Any) -> None:
+async def _serve(app: Any, config: Any, sockets: Any, accepting: Any) -> None:
     config.log  # noqa: B018 - Hypercorn sets up its loggers (and their level) on first use
     log_through(SERVER_LOGGER)
     compat.track_hypercorn_h2(_h2_connections, _after_stream_closed)
@@ -210,7 +219,7 @@ async def _serve(app: Any, config: Any, sockets: Any, node_stopping: Any) -> Non
     listeners = [] if sockets is None else [*sockets.secure_sockets, *sockets.insecure_sockets]
     alone = config.workers == 0  # else the supervisor and the other workers hold them too
     link = WorkerLink(
-        get_lifecycle(), loop, config, listeners, alone=alone, node_stopping=node_stopping
+        get_lifecycle(), loop, config, listeners, alone=alone, accepting=accepting
     ).install()
     _links[loop] = link
     try:
@@ -266,8 +275,9 @@ class _Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[BaseProcess] = []
         self.stopping = False
-        #: Set when the whole node stops (before the workers get the signal).
-        self.node_stopping = self.context.Event()
+        #: The workers still accepting once the whole node stops (set before they get the
+        #: signal; each decrements it as it stops accepting); -1 until then.
+        self.accepting = self.context.Value("i", -1)
 
     def run(self) -> int:
         for signum in SIGNALS:
@@ -298,7 +308,7 @@ class _Supervisor:
                 kwargs={
                     "config": self.config,
                     "sockets": self.sockets,
-                    "node_stopping": self.node_stopping,
+                    "accepting": self.accepting,
                 },
             )
             worker.daemon = getattr(self.config, "daemon", False)  # (Hypercorn 0.18 on)
@@ -309,8 +319,10 @@ class _Supervisor:
         self._stop_all(signum)
 
     def _stop_all(self, signum: int) -> None:
+        if not self.stopping:
+            with self.accepting.get_lock():
+                self.accepting.value = sum(w.exitcode is None for w in self.workers)
         self.stopping = True
-        self.node_stopping.set()
         for worker in self.workers:
             if worker.exitcode is None and worker.pid is not None:
                 with contextlib.suppress(ProcessLookupError):

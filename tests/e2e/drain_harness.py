@@ -23,6 +23,7 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -40,8 +41,11 @@ __all__ = [
     "EventStream",
     "Node",
     "Slow",
+    "assert_clean_drain",
     "assert_livez_held",
     "assert_lossless",
+    "check_goodbye",
+    "check_quick_stop",
     "inflight",
     "probe_readyz_after_signal",
     "sigterm_under_load",
@@ -268,6 +272,95 @@ def assert_lossless(report: DrainReport) -> None:
         problems.append(f"recorded more than once: {report.duplicate_post_ids[:10]}")
     if problems:
         raise AssertionError("not lossless: " + "; ".join(problems) + "\n" + report.summary())
+
+
+def assert_clean_drain(
+    report: DrainReport,
+    *,
+    delay: float,
+    slow_seconds: float,
+    late: float = 0.0,
+    workers_alike: bool = True,
+) -> None:
+    """What a SIGTERM under load must show (``sigterm_under_load`` with slow requests of
+    ``slow_seconds``, a node with the drain delay ``delay``): nothing lost, readiness 503 at
+    once (within ``late`` more for a server that passes the signal on late) and for good (unless
+    not ``workers_alike``: workers signalled one after the other), /livez held through the
+    delay and until the last answer, exit 0 within a second of the last answer, and the whole
+    stop between the slow requests' end and delay + slow requests."""
+    summary = report.summary()
+    print(summary)  # shown with the server's output when the test fails
+    assert_lossless(report)
+    assert report.readyz_failed_with == "status 503", summary
+    if workers_alike:
+        assert report.readyz_ok_after_failure == 0, summary
+    # An upper bound: it includes up to one probe interval (100 ms) and the probe itself.
+    reaction = report.readyz_reaction
+    assert reaction is not None and reaction < 0.3 + late, summary
+    # /livez answered 200 through the delay and the wait, until the listener closed.
+    assert report.livez_ok_until is not None and report.last_response_at is not None, summary
+    assert report.livez_ok_until - report.signal_at >= delay, summary
+    assert report.livez_ok_until >= report.last_response_at - 0.3, summary
+    assert_livez_held(report)
+    assert report.exit_code == 0, summary
+    after_last = report.exit_after_last_response
+    assert after_last is not None and 0 <= after_last < 1.0, summary
+    after_signal = report.exit_after_signal
+    assert after_signal is not None, summary
+    assert slow_seconds * 0.8 <= after_signal <= delay + slow_seconds + 1.0 + late, summary
+
+
+def check_quick_stop(node: Node, token: str, delay: float) -> None:
+    """SIGINT with a request in flight: readiness fails at once (503 within 0.2 s), the request
+    is answered, and the node exits 0 without serving the delay."""
+    from graceful.testing import poll_until
+
+    slow = Slow(node.port, 1.0)
+    poll_until(lambda: inflight(node, token) >= 1, 10, message="a request in flight")
+
+    node.proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+
+    first_fail, answers = probe_readyz_after_signal(node.url, sent, within=0.5, after_failure=3)
+    assert first_fail is not None and first_fail < 0.2, (first_fail, answers)
+    assert node.proc.wait(10) == 0
+    assert time.monotonic() - sent < delay + 1.0  # no delay: only the request in flight
+    slow.join(5)
+    assert slow.status == 200, slow.error
+
+
+def check_goodbye(node: Node, delay: float) -> None:
+    """SIGTERM with a websocket (``/ws``) and a server-sent events stream (``/stream``) open:
+    the websocket gets close code 1012 and the stream its last chunk at the end of the delay,
+    the app sees both end, and the node exits 0."""
+    from ws_client import WebSocket  # beside this file, as the tests import it
+
+    ws = WebSocket(node.port, "/ws")
+    stream = EventStream(node.port)
+    try:
+        ws.send(0x1, b"hello")
+        assert ws.receive() == (0x1, b"hello")
+        sent = time.monotonic()
+
+        node.proc.send_signal(signal.SIGTERM)
+
+        opcode, payload = ws.receive()
+        closed_after = time.monotonic() - sent
+        ws.send(0x8, payload[:2])  # echo the close, as a client does
+    finally:
+        ws.close()
+    assert opcode == 0x8
+    assert struct.unpack("!H", payload[:2])[0] == 1012
+    assert delay * 0.9 <= closed_after < delay + 1.0
+    stream.join(10)
+    assert stream.error is None, stream.error
+    assert stream.ended_at is not None and delay * 0.9 <= stream.ended_at - sent < delay + 1.0
+    assert b"data: tick" in stream.body and stream.body.endswith(b"0\r\n\r\n"), stream.body[-80:]
+    assert node.proc.wait(10) == 0
+    # The app saw the end (the code it is told varies: Hypercorn says 1000 for a close the
+    # server side began).
+    assert len(node.records("ws")) == 1
+    assert node.records("streams") == ["stream-ended"]
 
 
 def sigterm_under_load(

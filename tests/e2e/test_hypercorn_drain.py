@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -25,16 +24,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pytest
 import requests
 from drain_harness import (
-    EventStream,
     Node,
-    Slow,
-    assert_livez_held,
-    assert_lossless,
+    assert_clean_drain,
+    check_goodbye,
+    check_quick_stop,
     inflight,
-    probe_readyz_after_signal,
     sigterm_under_load,
 )
-from ws_client import WebSocket
 
 from graceful.testing import poll_until
 
@@ -102,22 +98,7 @@ def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, 
         node.proc, node.url, node.record_dir, slow_requests=3, slow_seconds=slow_seconds
     )
 
-    summary = report.summary()
-    print(summary)
-    assert_lossless(report)
-    assert report.readyz_failed_with == "status 503", summary
-    assert report.readyz_ok_after_failure == 0, summary
-    # An upper bound: it includes up to one probe interval (100 ms) and the probe itself.
-    assert report.readyz_reaction is not None and report.readyz_reaction < 0.3, summary
-    assert report.livez_ok_until is not None and report.last_response_at is not None, summary
-    assert report.livez_ok_until - report.signal_at >= DELAY, summary
-    assert_livez_held(report)
-    assert report.exit_code == 0, summary
-    after_last = report.exit_after_last_response
-    assert after_last is not None and 0 <= after_last < 1.0, summary
-    after_signal = report.exit_after_signal
-    assert after_signal is not None, summary
-    assert slow_seconds * 0.8 <= after_signal <= DELAY + slow_seconds + 1.0, summary
+    assert_clean_drain(report, delay=DELAY, slow_seconds=slow_seconds)
 
 
 def test_plain_hypercorn_does_not_drain_and_says_so_at_start_up(start_node: StartNode) -> None:
@@ -135,21 +116,9 @@ def test_plain_hypercorn_does_not_drain_and_says_so_at_start_up(start_node: Star
 
 @pytest.mark.parametrize("kind", ["foreground", "two-workers"])
 def test_sigint_fails_readiness_at_once_and_stops_without_the_delay_after_in_flight_work(
-    start_node: StartNode, kind: str, wait_until: WaitUntil
+    start_node: StartNode, kind: str
 ) -> None:
-    node = start_node(kind)
-    slow = Slow(node.port, 1.0)
-    wait_until(lambda: inflight(node, TOKEN) >= 1, timeout=10, message="a request in flight")
-
-    node.proc.send_signal(signal.SIGINT)
-    sent = time.monotonic()
-
-    first_fail, answers = probe_readyz_after_signal(node.url, sent, within=0.5, after_failure=3)
-    assert first_fail is not None and first_fail < 0.2, (first_fail, answers)
-    assert node.proc.wait(10) == 0
-    assert time.monotonic() - sent < DELAY + 1.0  # no delay: only the request in flight
-    slow.join(5)
-    assert slow.status == 200, slow.error
+    check_quick_stop(start_node(kind), TOKEN, DELAY)
 
 
 def test_a_worker_that_dies_stops_the_others_with_a_drain_and_the_status_says_so(
@@ -186,31 +155,7 @@ def test_websocket_gets_1012_and_event_stream_ends_at_the_end_of_the_delay(
     start_node: StartNode, kind: str
 ) -> None:
     node = start_node(kind)
-    ws = WebSocket(node.port, "/ws")
-    stream = EventStream(node.port)
-    try:
-        ws.send(0x1, b"hello")
-        assert ws.receive() == (0x1, b"hello")
-        sent = time.monotonic()
-
-        node.proc.send_signal(signal.SIGTERM)
-
-        opcode, payload = ws.receive()
-        closed_after = time.monotonic() - sent
-        ws.send(0x8, payload[:2])
-    finally:
-        ws.close()
-    assert opcode == 0x8
-    assert struct.unpack("!H", payload[:2])[0] == 1012
-    assert DELAY * 0.9 <= closed_after < DELAY + 1.0
-    stream.join(10)
-    assert stream.error is None, stream.error
-    assert stream.ended_at is not None and DELAY * 0.9 <= stream.ended_at - sent < DELAY + 1.0
-    assert b"data: tick" in stream.body and stream.body.endswith(b"0\r\n\r\n"), stream.body[-80:]
-    assert node.proc.wait(10) == 0
-    # The app saw the end (Hypercorn tells it 1000 for a close the server side began).
-    assert len(node.records("ws")) == 1
-    assert node.records("streams") == ["stream-ended"]
+    check_goodbye(node, DELAY)
 
 
 # -- HTTP/2 ------------------------------------------------------------------------------------
