@@ -15,7 +15,7 @@ import inspect
 import re
 import struct
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from .._core.errors import GracefulError
 
@@ -371,13 +371,24 @@ class HypercornInternalsError(GracefulError, RuntimeError):
 
 
 def _hypercorn_lacks(what: str) -> HypercornInternalsError:
-    version = importlib.metadata.version("hypercorn")
-    first, last = HYPERCORN_CHECKED
-    return HypercornInternalsError(
-        f"graceful.hypercorn needs {what}, which Hypercorn {version} does not have (it was "
-        f"checked against Hypercorn {first} to {last}): install one in that range "
-        f"(pip install 'hypercorn>={first},<={last}'), or a graceful-drain release that "
-        f"supports Hypercorn {version}"
+    return _lacking(HypercornInternalsError, "Hypercorn", "hypercorn", HYPERCORN_CHECKED, what)
+
+
+_Lacking = TypeVar("_Lacking", bound=GracefulError)
+
+
+def _lacking(
+    error: type[_Lacking], name: str, package: str, checked: tuple[str, str], what: str
+) -> _Lacking:
+    """The error for an internal ``what`` of server ``name`` that its installed release lacks:
+    the range graceful was checked against, and what to install."""
+    version = importlib.metadata.version(package)
+    first, last = checked
+    return error(
+        f"graceful needs {what}, which {name} {version} does not have (it was checked against "
+        f"{name} {first} to {last}): install one in that range (pip install "
+        f"'{package}>={first},<={last}'), or a graceful-drain release that supports {name} "
+        f"{version}"
     )
 
 
@@ -528,13 +539,8 @@ def wrap_granian_signal_installers(
     loop_installer = getattr(module, "set_loop_signals", None)
     sync_installer = getattr(module, "set_sync_signals", None)
     if loop_installer is None or sync_installer is None:
-        version = importlib.metadata.version("granian")
-        first, last = GRANIAN_CHECKED
-        raise GranianInternalsError(
-            f"graceful needs granian._signals.set_loop_signals and set_sync_signals, which "
-            f"Granian {version} does not have (checked against Granian {first} to {last}): "
-            f"install one in that range (pip install 'granian>={first},<={last}')"
-        )
+        what = "granian._signals.set_loop_signals and set_sync_signals"
+        raise _lacking(GranianInternalsError, "Granian", "granian", GRANIAN_CHECKED, what)
 
     def set_loop_signals(loop: Any) -> Any:
         stop_signal = loop_installer(loop)
