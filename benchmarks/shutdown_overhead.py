@@ -1,10 +1,12 @@
 """Shutdown overhead of the server shims: last in-flight answer to process exit, in one run.
 
-For gunicorn (sync and gthread, two workers) and uvicorn, each round starts the server twice:
-without graceful (a plain app) and with the shims (``gunicorn -c python:graceful.gunicorn`` with
-the WSGI middleware; plain ``uvicorn`` with the ASGI middleware, which chains uvicorn's signal
-handling), ``GRACEFUL_DELAY=0`` so that only the overhead is left. One slow request is in flight
-when SIGTERM arrives (its first bytes have been read, so the app is running it); the time
+For gunicorn (sync and gthread, two workers) and uvicorn, and when asked for (``--servers``)
+Hypercorn, Granian and Daphne, each round starts the server twice: without graceful (a plain
+app) and with the shims (``gunicorn -c python:graceful.gunicorn`` with the WSGI middleware;
+plain ``uvicorn``, ``granian --interface asgi`` and ``daphne`` with the ASGI middleware, which
+takes the server's signals over; ``python -m graceful.hypercorn`` with it, against plain
+``hypercorn``), ``GRACEFUL_DELAY=0`` so that only the overhead is left. One slow request is in
+flight when SIGTERM arrives (its first bytes have been read, so the app is running it); the time
 measured runs from the moment the client has read the whole answer to the moment the process
 has exited (a pidfd wakes up then). A probe of ``/readyz`` just after the signal shows whether
 the shims engaged (503) or not (no answer: the listener is closed). Runs are interleaved, their
@@ -17,7 +19,7 @@ callers stop at the first failed ``/readyz`` probe (every 100 ms, as a load bala
 time measured runs from the last answer any caller read to the process's exit.
 
     python benchmarks/shutdown_overhead.py [--rounds 5] [--slow 1.0] [--load-rounds N]
-        [--servers gunicorn-sync,...]
+        [--servers gunicorn-sync,gunicorn-gthread,uvicorn,hypercorn,granian,daphne]
 
 This file is also the app module the servers load (``shutdown_overhead:plain_wsgi`` and so on).
 """
@@ -54,8 +56,11 @@ from graceful.testing import (
 )
 
 GOAL_MS = 300.0
+READINESS_GOAL_MS = 50.0  # from the signal to the first 503 a probe reads
 HERE = Path(__file__).resolve().parent
 SERVERS = ("gunicorn-sync", "gunicorn-gthread", "uvicorn")
+#: Measured when asked for (``--servers``).
+MORE_SERVERS = ("hypercorn", "granian", "daphne")
 VARIANTS = ("plain", "shims")
 FIRST = b"started\n"
 LAST = b"done\n"
@@ -125,11 +130,14 @@ class Run:
     after_signal: float | None = None  # signal -> process exited, seconds
     exit_code: int | None = None
     readyz: str = ""  # what /readyz answered just after the signal: the shims engaged?
+    readyz_after: float | None = None  # signal -> the first /readyz answered 503, seconds
     error: str | None = None
 
 
 def shim_missing(server: str) -> str | None:
     module = "graceful.gunicorn" if server.startswith("gunicorn") else "graceful.uvicorn"
+    if server in MORE_SERVERS:
+        module = server  # graceful's part comes with the middleware
     if importlib.util.find_spec(module) is None:
         return f"{module} missing"
     return None
@@ -144,6 +152,26 @@ def argv_for(server: str, variant: str, port: int) -> list[str]:
             *("--host", "127.0.0.1", "--port", str(port), "--lifespan", "on"),
             *("--log-level", "warning"),
         ]
+    if server == "hypercorn":
+        # Hypercorn evaluates the name in the module's namespace: the lazy attribute is built
+        # by the module's __getattr__.
+        command = "graceful.hypercorn" if variant == "shims" else "hypercorn"
+        name = '__getattr__("graceful_asgi")' if variant == "shims" else "plain_asgi"
+        return [
+            *(sys.executable, "-m", command, f"{HERE}/shutdown_overhead:{name}"),
+            *("--bind", f"127.0.0.1:{port}", "--workers", "1", "--log-level", "warning"),
+        ]
+    if server == "granian":
+        return [
+            *(sys.executable, "-m", "granian", "--interface", "asgi", app),
+            *("--working-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port)),
+            *("--log-level", "warning"),
+        ]
+    if server == "daphne":  # imports the app from PYTHONPATH (env_for)
+        return [
+            *(sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)),
+            *("-v", "0", app),
+        ]
     worker = server.removeprefix("gunicorn-")
     argv = [sys.executable, "-m", "gunicorn"]
     if variant == "shims":
@@ -157,14 +185,16 @@ def argv_for(server: str, variant: str, port: int) -> list[str]:
 
 
 def env_for(variant: str) -> dict[str, str]:
+    env = child_env({"PYTHONPATH": str(HERE)})  # Daphne has no --app-dir
     if variant == "shims":
         # the delay is a deliberate wait, not overhead
-        return child_env({"GRACEFUL_DELAY": "0", "GRACEFUL_DRAIN_TIMEOUT": "10"})
-    return child_env()
+        env.update(GRACEFUL_DELAY="0", GRACEFUL_DRAIN_TIMEOUT="10")
+    return env
 
 
-def readyz_after_signal(port: int, run: Run, until: float) -> None:
-    """Poll /readyz until it stops answering 200 (or ``until``); note how it answered."""
+def readyz_after_signal(port: int, run: Run, signal_at: float, until: float) -> None:
+    """Poll /readyz until it stops answering 200 (or ``until``); note how it answered, and
+    when the first 503 was read."""
     while True:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
         try:
@@ -175,10 +205,12 @@ def readyz_after_signal(port: int, run: Run, until: float) -> None:
             return
         finally:
             connection.close()
+        if status == 503:
+            run.readyz_after = time.monotonic() - signal_at
         if status != 200 or time.monotonic() > until:
             run.readyz = str(status)
             return
-        time.sleep(0.02)  # the poll interval, bounded by ``until``
+        time.sleep(0.005)  # the poll interval, bounded by ``until``
 
 
 def measure(server: str, variant: str, slow: float, log_dir: Path) -> Run:
@@ -200,7 +232,7 @@ def measure(server: str, variant: str, slow: float, log_dir: Path) -> Run:
         signal_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         probe = threading.Thread(
-            target=readyz_after_signal, args=(port, run, signal_at + 0.5), daemon=True
+            target=readyz_after_signal, args=(port, run, signal_at, signal_at + 0.5), daemon=True
         )
         probe.start()
         rest = response.read()
@@ -349,9 +381,10 @@ def main() -> int:
     )
     args = parser.parse_args()
     servers = [name for name in args.servers.split(",") if name]
-    unknown = set(servers) - set(SERVERS)
+    unknown = set(servers) - set(SERVERS + MORE_SERVERS)
     if unknown:
-        parser.error(f"unknown servers: {sorted(unknown)}; known: {', '.join(SERVERS)}")
+        known = ", ".join(SERVERS + MORE_SERVERS)
+        parser.error(f"unknown servers: {sorted(unknown)}; known: {known}")
     missing = {server: shim_missing(server) for server in servers}
     runs: list[Run] = []
     load_runs: list[LoadRun] = []
@@ -380,23 +413,27 @@ def main() -> int:
     table_head(
         f"{args.rounds} rounds, one {args.slow:g} s request in flight at SIGTERM",
         *("server", "variant", "answer -> exit (ms)", "min-max (ms)", "signal -> exit (ms)"),
-        *("exit codes", "/readyz after SIGTERM"),
+        *("exit codes", "/readyz after SIGTERM", "signal -> 503 (ms)"),
     )
+    reactions: dict[str, str] = {}
     figures: dict[str, str] = {}
     for server in servers:
         for variant in VARIANTS:
             done = [r for r in runs if (r.server, r.variant) == (server, variant)]
             if variant == "shims" and missing[server]:
                 figures[server] = f"n/a ({missing[server]})"
-                print(f"| {server} | {variant} | n/a ({missing[server]}) | | | | |")
+                print(f"| {server} | {variant} | n/a ({missing[server]}) | | | | | |")
                 continue
             got = Summary.of(done)
             exits = got.codes + (f" ({got.errors} failed)" if got.errors else "")
             readyz = ",".join(sorted({r.readyz for r in done if r.readyz}))
+            reaction = ms([r.readyz_after for r in done if r.readyz_after is not None])
             print(
                 f"| {server} | {variant} | {got.overhead} | {got.spread} | {got.after_signal} "
-                f"| {exits} | {readyz} |"
+                f"| {exits} | {readyz} | {reaction} |"
             )
+            if variant == "shims":
+                reactions[server] = reaction
             if variant == "shims":
                 figures[server] = (
                     f"{got.overhead} ms"
@@ -411,11 +448,13 @@ def main() -> int:
         if under_load
         else ""
     )
+    readiness = ", ".join(f"{server} {reactions.get(server, '-')} ms" for server in servers)
     print(
         "shutdown overhead with shims: "
         + ", ".join(f"{server} {figures[server]}" for server in servers)
         + loaded_figure
-        + f" (goal < {GOAL_MS:.0f} ms)"
+        + f" (goal < {GOAL_MS:.0f} ms); SIGTERM -> /readyz 503: {readiness}"
+        + f" (goal < {READINESS_GOAL_MS:.0f} ms)"
     )
     return 0
 

@@ -22,7 +22,7 @@ time of each node's whole process tree over the same ``--idle-seconds`` (30).
 
     python benchmarks/throughput.py [--rounds 15] [--seconds 0.5] [--connections 8]
                                     [--idle-seconds 30] [--idle-workers 4] [--control]
-                                    [--servers uvicorn,gunicorn-gthread,hypercorn,granian]
+                                    [--servers uvicorn,gunicorn-gthread,hypercorn,granian,daphne]
 
 ``--control`` is an A/A run throughout: the "graceful" servers serve the plain app too.
 Goals: >= 0.99x in requests per second and CPU per request for each server; the graceful
@@ -53,9 +53,9 @@ GOAL = 0.99
 IDLE_GOAL = 0.01  # the graceful node's idle CPU at most 1 % above the plain one's
 HERE = Path(__file__).resolve().parent
 SERVERS = ("uvicorn", "gunicorn-gthread")
-#: Measured when asked for (``--servers``): graceful's runner (Hypercorn) and Granian's plain
-#: command, each against the same server without the library.
-MORE_SERVERS = ("hypercorn", "granian")
+#: Measured when asked for (``--servers``): graceful's runner (Hypercorn), Granian's and
+#: Daphne's plain commands, each against the same server without the library.
+MORE_SERVERS = ("hypercorn", "granian", "daphne")
 REQUEST = b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 # -- the apps the servers load ---------------------------------------------------------------
@@ -127,6 +127,11 @@ def argv_for(server: str, variant: str, port: int, *, workers: int = 1) -> list[
             *("--working-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port)),
             *("--log-level", "warning"),
         ]
+    if server == "daphne":  # imports the app from its working directory or PYTHONPATH
+        return [
+            *(sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)),
+            *("-v", "0", f"throughput:{app}_asgi"),
+        ]
     shims = ["-c", "python:graceful.gunicorn"] if variant == "graceful" else []
     return [
         *(sys.executable, "-m", "gunicorn", *shims, "--chdir", str(HERE)),
@@ -148,7 +153,10 @@ def start(name: str, variant: str, log_dir: Path, *, control: bool, workers: int
     port = free_port()
     served = "plain" if control and variant == "graceful" else variant
     log = log_dir / f"{name}-{variant}-{port}.log"
-    proc = Process(argv_for(name, served, port, workers=workers), log, env=child_env())
+    env = child_env()
+    if name == "daphne":  # Daphne has no --app-dir
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(HERE), env.get("PYTHONPATH"))))
+    proc = Process(argv_for(name, served, port, workers=workers), log, env=env)
     return Server(name, variant, port, proc)
 
 

@@ -1,4 +1,4 @@
-"""The Hypercorn and Granian sections of graceful._servers.compat: an installed release that
+"""The Hypercorn, Granian and Daphne sections of graceful._servers.compat: an installed release that
 lacks an internal graceful relies on is refused with the checked range and what to install."""
 
 from __future__ import annotations
@@ -40,3 +40,31 @@ def test_a_hypercorn_without_worker_serve_is_refused_with_the_range_to_install(
     assert "hypercorn.asyncio.run.worker_serve" in message
     assert f"pip install 'hypercorn>={first},<={last}'" in message
     assert isinstance(caught.value, RuntimeError)
+
+
+def test_a_twisted_reactor_without_its_asyncio_loop_is_refused_with_the_range_to_install() -> None:
+    pytest.importorskip("twisted")
+    with pytest.raises(compat.DaphneInternalsError) as caught:
+        compat.reactor_loop(object())
+    first, last = compat.TWISTED_CHECKED
+    message = str(caught.value)
+    assert "reactor._asyncioEventloop" in message
+    assert f"pip install 'twisted>={first},<={last}'" in message
+
+
+def test_only_the_reactors_own_sigterm_handler_counts_as_daphnes() -> None:
+    class Reactor:
+        def sigTerm(self, number: int, frame: object) -> None: ...
+
+        def sigInt(self, number: int, frame: object) -> None: ...
+
+    reactor = Reactor()
+    assert compat.is_reactor_handler(reactor.sigTerm, reactor)
+    assert not compat.is_reactor_handler(reactor.sigInt, reactor)
+    assert not compat.is_reactor_handler(Reactor().sigTerm, reactor)
+    assert not compat.is_reactor_handler(None, reactor)
+
+
+def test_outside_daphne_there_is_no_reactor_to_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "daphne.server", raising=False)
+    assert compat.daphne_reactor() is None

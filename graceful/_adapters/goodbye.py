@@ -316,8 +316,9 @@ class Socket:
         message = {"type": "websocket.close", "code": GOODBYE_CODE, "reason": _GOODBYE_REASON}
         try:
             await self._send(message)
-        except Exception as exc:  # the client went away meanwhile
-            logger.debug("websocket close failed: %r", exc)
+        except Exception as exc:  # the client went away meanwhile, or the server refused 1012
+            if not HOOKS.close_websocket(self._send, GOODBYE_CODE, _GOODBYE_REASON):
+                logger.debug("websocket close failed: %r", exc)
 
     def _closed(self) -> None:
         self.open = False

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .._core.types import Send
 from .._runtime.lifecycle import Lifecycle
 
 __all__ = ["HOOKS", "LoopServer", "ServerHooks"]
@@ -30,6 +31,10 @@ def _no_server(lifecycle: Lifecycle) -> LoopServer | None:
     return None
 
 
+def _cannot_close(send: Send, code: int, reason: str) -> bool:
+    return False
+
+
 @dataclass
 class ServerHooks:
     #: Link a middleware's lifecycle to its node (gunicorn's workers), now or at the fork.
@@ -38,6 +43,9 @@ class ServerHooks:
     sync_node: Callable[[Lifecycle], None] = _ignore
     #: On a new event loop: link the server running it (so that SIGTERM drains), or None.
     find_loop_server: Callable[[Lifecycle], LoopServer | None] = _no_server
+    #: Close a websocket whose server refused ``websocket.close`` with ``code`` (Daphne's
+    #: autobahn allows only 1000 and 3000-4999) the server's own way; whether it could.
+    close_websocket: Callable[[Send, int, str], bool] = _cannot_close
 
 
 HOOKS = ServerHooks()

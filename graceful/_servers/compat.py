@@ -9,11 +9,13 @@ its adapter instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata
 import inspect
 import re
 import struct
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -555,3 +557,69 @@ def wrap_granian_signal_installers(
     module.set_loop_signals = set_loop_signals
     module.set_sync_signals = set_sync_signals
     module._graceful_wrapped = True
+
+
+# -- daphne (Twisted's asyncio reactor) --------------------------------------------------------
+
+#: The Daphne and Twisted releases the accessors below were read against: the floors pinned in
+#: tests/floors/constraints.txt and the newest tested. Public Twisted is used where it exists
+#: (``reactor.callWhenRunning``, ``getReaders``, ``stop``, ``tcp.Port.stopListening``); beyond
+#: it: ``AsyncioSelectorReactor._asyncioEventloop`` (the reactor's asyncio loop, which Daphne
+#: itself reads), ``tcp.Port._shouldShutdown`` (False for a listener adopted from a file
+#: descriptor), the reactor's ``sigTerm`` method as its installed SIGTERM handler, and a
+#: websocket's ASGI ``send``, ``functools.partial(server.handle_reply, protocol)``, whose
+#: autobahn protocol has ``sendCloseFrame(code, reasonUtf8, isReply)``.
+DAPHNE_CHECKED = ("4.1.2", "4.2.3")
+TWISTED_CHECKED = ("23.10.0", "26.10.0")
+
+
+class DaphneInternalsError(GracefulError, RuntimeError):
+    """The installed Twisted lacks an internal that graceful relies on under Daphne."""
+
+
+def daphne_reactor() -> Any | None:
+    """The reactor Daphne runs on, in a Daphne process (``daphne.server`` imported), else
+    None. Importing ``daphne.server`` installs Twisted's asyncio reactor."""
+    if "daphne.server" not in sys.modules:
+        return None
+    reactor = sys.modules.get("twisted.internet.reactor")
+    asyncioreactor = sys.modules.get("twisted.internet.asyncioreactor")
+    if reactor is None or asyncioreactor is None:
+        return None
+    return reactor if isinstance(reactor, asyncioreactor.AsyncioSelectorReactor) else None
+
+
+def is_reactor_handler(handler: Any, reactor: Any) -> bool:
+    """Whether ``handler`` (SIGTERM's) is the one the reactor installed as it started."""
+    return getattr(handler, "__self__", None) is reactor and (
+        getattr(handler, "__name__", None) == "sigTerm"
+    )
+
+
+def reactor_loop(reactor: Any) -> Any:
+    loop = getattr(reactor, "_asyncioEventloop", None)
+    if loop is None:
+        raise _lacking(
+            DaphneInternalsError, "Twisted", "twisted", TWISTED_CHECKED, "reactor._asyncioEventloop"
+        )
+    return loop
+
+
+def reactor_listeners(reactor: Any) -> tuple[list[Any], list[Any]]:
+    """The reactor's listening ports: those it bound itself, and those adopted from a file
+    descriptor (which other processes may hold)."""
+    from twisted.internet import tcp
+
+    ports = [reader for reader in reactor.getReaders() if isinstance(reader, tcp.Port)]
+    adopted = [port for port in ports if getattr(port, "_shouldShutdown", True) is False]
+    return [port for port in ports if port not in adopted], adopted
+
+
+def daphne_websocket(send: Any) -> Any | None:
+    """The autobahn protocol behind a websocket's ASGI ``send`` under Daphne, or None."""
+    if not isinstance(send, functools.partial) or not send.args:
+        return None
+    if getattr(send.func, "__name__", None) != "handle_reply":
+        return None
+    protocol = send.args[0]
+    return protocol if callable(getattr(protocol, "sendCloseFrame", None)) else None

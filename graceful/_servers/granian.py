@@ -24,9 +24,9 @@ import contextlib
 import logging
 from typing import Any
 
-from .._runtime.lifecycle import Lifecycle, get_lifecycle
+from .._runtime.lifecycle import Lifecycle
 from .._runtime.shutdown import install_signal_handlers, log_through
-from . import compat
+from . import compat, served
 from .loop_link import LoopLink
 
 __all__ = ["attach", "wrap_signal_installers"]
@@ -46,16 +46,30 @@ def wrap_signal_installers() -> None:
 
 def _on_loop_signals(loop: asyncio.AbstractEventLoop, stop_signal: Any) -> None:
     """An ASGI worker installed its handlers on ``loop``: graceful's replace them."""
+    lifecycle = _served_lifecycle()
+    if lifecycle is None:
+        return
     log_through(SERVER_LOGGER)
-    _links[loop] = LoopLink(get_lifecycle(), loop, stop_signal.set, stop_signal.set).install()
+    _links[loop] = LoopLink(lifecycle, loop, stop_signal.set, stop_signal.set).install()
     logger.debug("graceful: SIGTERM drains this Granian ASGI worker")
 
 
 def _on_sync_signals(stop_signal: Any) -> None:
     """A WSGI worker installed its handlers (in its main thread): graceful's replace them."""
+    lifecycle = _served_lifecycle()
+    if lifecycle is None:
+        return
     log_through(SERVER_LOGGER)
-    install_signal_handlers(get_lifecycle(), stop_signal.set)
+    install_signal_handlers(lifecycle, stop_signal.set)
     logger.debug("graceful: SIGTERM drains this Granian WSGI worker")
+
+
+def _served_lifecycle() -> Lifecycle | None:
+    """The lifecycle of the app's middleware; None (Granian's stop left as is) without one."""
+    lifecycle = served.first()
+    if lifecycle is None:
+        logger.debug("graceful: no middleware in this Granian worker; its stop is left as is")
+    return lifecycle
 
 
 def attach(lifecycle: Lifecycle) -> LoopLink | None:

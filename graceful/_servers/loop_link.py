@@ -2,10 +2,11 @@
 
 For servers that stop on signal handlers of their event loop (Hypercorn's workers under
 graceful's runner, Granian's ASGI workers): :class:`LoopLink` puts its own handlers on the loop
-for SIGTERM, SIGINT and SIGQUIT; each only schedules the signal, and the stop sequence
-(:class:`graceful._runtime.shutdown.StopSequence`) runs on the loop: SIGTERM drains, SIGINT
-stops without the delay, a second SIGINT or a SIGQUIT stops at once. The server's own stop
-runs last, through ``on_stop`` (or ``on_force``).
+for SIGTERM, SIGINT and SIGQUIT (or ``signal.signal`` handlers, for a server whose handlers
+are of that kind: Daphne's Twisted reactor); each only schedules the signal, and the stop
+sequence (:class:`graceful._runtime.shutdown.StopSequence`) runs on the loop: SIGTERM drains,
+SIGINT stops without the delay, a second SIGINT or a SIGQUIT stops at once. The server's own
+stop runs last, through ``on_stop`` (or ``on_force``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable, Coroutine
+from types import FrameType
 from typing import Any
 
 from .._runtime.lifecycle import Lifecycle
@@ -45,6 +47,17 @@ class LoopLink:
         for signum in SIGNALS:
             self.loop.add_signal_handler(signum, self.dispatch, signum)
         return self
+
+    def take_signals(self) -> LoopLink:
+        """Handle the signals with ``signal.signal`` handlers that schedule them on the loop
+        (main thread), leaving the loop's own signal machinery alone."""
+        for signum in SIGNALS:
+            signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
+            self.loop.call_soon_threadsafe(self.dispatch, signum)
 
     def uninstall(self) -> None:
         """The stop is the server's from now on (its lifespan shutdown has run)."""

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 __all__ = ["add_verb", "main", "run"]
 
 #: What the nodes run, and how the load reaches them.
-ServerName = Literal["uvicorn", "gunicorn", "hypercorn", "granian"]
+ServerName = Literal["uvicorn", "gunicorn", "hypercorn", "granian", "daphne"]
 Via = Literal["nginx", "pool"]
 SERVERS: tuple[ServerName, ...] = get_args(ServerName)
 #: The demo's callers use requests (the client extra) and its nodes a server.
@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--server",
         choices=SERVERS,
         help="what the nodes run (default: the first installed of uvicorn, gunicorn, "
-        "hypercorn, granian)",
+        "hypercorn, granian, daphne)",
     )
     add(
         "--via",
@@ -209,6 +209,12 @@ def node_argv(server: ServerName, graceful: bool, port: int) -> list[str]:
         return [
             *(sys.executable, "-m", "granian", "--interface", "asgi", app),
             *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+        ]
+    if server == "daphne":
+        app = "graceful._tools.demo_app:asgi_app" if graceful else APP_PLAIN
+        return [
+            *(sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)),
+            *("-v", "0", app),
         ]
     hooks = ["-c", "python:graceful.gunicorn"] if graceful else []
     app = "graceful._tools.demo_app:wsgi_app" if graceful else "graceful._tools.demo_app:wsgi_plain"

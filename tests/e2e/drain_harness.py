@@ -127,6 +127,37 @@ class EventStream(threading.Thread):
             self.sock.close()
 
 
+class Websocket(threading.Thread):
+    """A websocket on ``/ws`` (echo) in a thread, read until the server closes it: the close
+    code and when it came, or the error."""
+
+    def __init__(self, port: int) -> None:
+        from ws_client import WebSocket  # beside this file, as the tests import it
+
+        super().__init__(daemon=True)
+        self.ws = WebSocket(port, "/ws")
+        self.ws.send(0x1, b"hello")
+        if self.ws.receive() != (0x1, b"hello"):
+            raise AssertionError("the websocket did not echo")
+        self.code: int | None = None
+        self.closed_at: float | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            opcode, payload = self.ws.receive()
+            self.closed_at = time.monotonic()
+            if opcode != 0x8:
+                raise ConnectionError(f"opcode {opcode:#x} instead of a close frame")
+            self.code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+            self.ws.send(0x8, payload[:2])  # echo the close, as a client does
+        except (OSError, AssertionError) as exc:
+            self.error = exc
+        finally:
+            self.ws.close()
+
+
 def inflight(node: Node, token: str) -> int:
     """What one worker has in flight (fresh connections are spread over the workers)."""
     auth = {"Authorization": f"Bearer {token}"}
@@ -170,6 +201,10 @@ class DrainReport:
     readyz_ok_after_failure: int = 0
     """``/readyz`` probes that answered 200 after the first failed one (a node, or one of its
     workers, that turned ready again)."""
+    websocket: Websocket | None = None
+    """With ``long_lived``: the websocket open through the drain."""
+    stream: EventStream | None = None
+    """With ``long_lived``: the server-sent events stream open through the drain."""
 
     @property
     def readyz_reaction(self) -> float | None:
@@ -224,6 +259,12 @@ class DrainReport:
             f"last response {rel(self.last_response_at)}, exited {rel(self.exited_at)} "
             f"with {self.exit_code}",
         ]
+        if self.websocket is not None and self.stream is not None:
+            ws, stream = self.websocket, self.stream
+            lines.append(
+                f"websocket closed {rel(ws.closed_at)} with {ws.code} ({ws.error}), "
+                f"event stream ended {rel(stream.ended_at)} ({stream.error})"
+            )
         lines += [f"  failure: {failure}" for failure in self.failures[:20]]
         if len(self.failures) > 20:
             lines.append(f"  ... and {len(self.failures) - 20} more failures")
@@ -308,6 +349,21 @@ def assert_clean_drain(
     after_signal = report.exit_after_signal
     assert after_signal is not None, summary
     assert slow_seconds * 0.8 <= after_signal <= delay + slow_seconds + 1.0 + late, summary
+    if report.websocket is not None and report.stream is not None:
+        assert_goodbye(report.websocket, report.stream, report.signal_at, delay, summary)
+
+
+def assert_goodbye(
+    websocket: Websocket, stream: EventStream, signal_at: float, delay: float, summary: str = ""
+) -> None:
+    """The websocket got close code 1012 and the event stream its last chunk, each at the end
+    of the delay (within a second)."""
+    assert websocket.error is None and websocket.code == 1012, summary
+    assert websocket.closed_at is not None, summary
+    assert delay * 0.9 <= websocket.closed_at - signal_at < delay + 1.0, summary
+    assert stream.error is None and stream.ended_at is not None, summary
+    assert delay * 0.9 <= stream.ended_at - signal_at < delay + 1.0, summary
+    assert b"data: tick" in stream.body and stream.body.endswith(b"0\r\n\r\n"), summary
 
 
 def check_quick_stop(node: Node, token: str, delay: float) -> None:
@@ -333,29 +389,14 @@ def check_goodbye(node: Node, delay: float) -> None:
     """SIGTERM with a websocket (``/ws``) and a server-sent events stream (``/stream``) open:
     the websocket gets close code 1012 and the stream its last chunk at the end of the delay,
     the app sees both end, and the node exits 0."""
-    from ws_client import WebSocket  # beside this file, as the tests import it
+    websocket, stream = Websocket(node.port), EventStream(node.port)
+    sent = time.monotonic()
 
-    ws = WebSocket(node.port, "/ws")
-    stream = EventStream(node.port)
-    try:
-        ws.send(0x1, b"hello")
-        assert ws.receive() == (0x1, b"hello")
-        sent = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
 
-        node.proc.send_signal(signal.SIGTERM)
-
-        opcode, payload = ws.receive()
-        closed_after = time.monotonic() - sent
-        ws.send(0x8, payload[:2])  # echo the close, as a client does
-    finally:
-        ws.close()
-    assert opcode == 0x8
-    assert struct.unpack("!H", payload[:2])[0] == 1012
-    assert delay * 0.9 <= closed_after < delay + 1.0
+    websocket.join(delay + 10)
     stream.join(10)
-    assert stream.error is None, stream.error
-    assert stream.ended_at is not None and delay * 0.9 <= stream.ended_at - sent < delay + 1.0
-    assert b"data: tick" in stream.body and stream.body.endswith(b"0\r\n\r\n"), stream.body[-80:]
+    assert_goodbye(websocket, stream, sent, delay)
     assert node.proc.wait(10) == 0
     # The app saw the end (the code it is told varies: Hypercorn says 1000 for a close the
     # server side began).
@@ -375,6 +416,7 @@ def sigterm_under_load(
     load_before: float = 1.0,
     max_seconds: float = 60.0,
     max_requests: int = 50_000,
+    long_lived: bool = False,
 ) -> DrainReport:
     """Load the node like a load balancer would, send ``signum`` mid-load, and report.
 
@@ -383,7 +425,9 @@ def sigterm_under_load(
     written to the server, then ``signum`` goes to ``proc`` (the server's master). Callers stop
     at the first failed ``/readyz`` probe; the harness then waits for every request and for the
     process to exit, all within ``max_seconds`` of starting. ``record_dir`` is the server's
-    ``LOAD_RECORD_DIR`` and should be fresh for each run.
+    ``LOAD_RECORD_DIR`` and should be fresh for each run. With ``long_lived`` (an ASGI app) a
+    websocket (``/ws``) and a server-sent events stream (``/stream``) are open too when the
+    signal goes, and the report says how each ended.
     """
     run = _Run(proc, base_url, max_requests, deadline=time.monotonic() + max_seconds)
     threads = [
@@ -402,6 +446,8 @@ def sigterm_under_load(
     # The load before the signal IS the scenario; a failed probe ends it early.
     run.stop_sending.wait(load_before)
     workers += run.start_slow(slow_requests, slow_seconds)
+    port = urlsplit(base_url).port or 80
+    websocket, stream = (Websocket(port), EventStream(port)) if long_lived else (None, None)
     run.signal_at = time.monotonic()
     proc.send_signal(signum)
 
@@ -413,7 +459,12 @@ def sigterm_under_load(
     run.done.set()
     for thread in threads:
         thread.join(2 * PROBE_TIMEOUT + 1.0)  # a probe of /readyz and one of /livez
-    return run.report(record_dir)
+    report = run.report(record_dir)
+    for long in (websocket, stream):
+        if long is not None:
+            long.join(5.0)  # ended by the server's exit at the latest
+    report.websocket, report.stream = websocket, stream
+    return report
 
 
 class _Run:

@@ -85,7 +85,12 @@ def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, 
     slow_seconds = 2.0
 
     report = sigterm_under_load(
-        node.proc, node.url, node.record_dir, slow_requests=3, slow_seconds=slow_seconds
+        node.proc,
+        node.url,
+        node.record_dir,
+        slow_requests=3,
+        slow_seconds=slow_seconds,
+        long_lived=kind.startswith("asgi"),  # a websocket and an event stream open too
     )
 
     assert_clean_drain(report, delay=DELAY, slow_seconds=slow_seconds)
