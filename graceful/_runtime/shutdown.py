@@ -13,6 +13,7 @@ handler); a daemon thread, or the event loop, does the work.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -32,6 +33,7 @@ __all__ = [
     "install_signal_handlers",
     "log_stuck",
     "log_through",
+    "terminal_signals_group",
 ]
 
 logger = logging.getLogger("graceful")
@@ -301,3 +303,23 @@ def log_through(server_logger: str) -> None:
     ours.addHandler(_Forward(target))
     if ours.level == logging.NOTSET:  # else the root's WARNING would hide the drain's lines
         ours.setLevel(target.getEffectiveLevel())
+
+
+def terminal_signals_group() -> bool:
+    """Whether this process's group is the foreground group of its controlling terminal.
+
+    A Ctrl-C there sends SIGINT to every process of the group, workers included: a supervisor
+    whose workers share its group must not pass that SIGINT on, or each worker sees it twice
+    (and a second SIGINT stops at once, cutting what is in flight). Without a terminal
+    (containers, systemd, CI), or in the background, the signal came from ``kill``: False.
+    """
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal
+        return False
+    try:
+        return os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(tty)

@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding hypercorn i
 from .. import signals
 from .._core.errors import GracefulError
 from .._runtime.lifecycle import Lifecycle, get_lifecycle
-from .._runtime.shutdown import log_through
+from .._runtime.shutdown import log_through, terminal_signals_group
 from . import backlog, compat
 from .loop_link import SIGNALS, LoopLink
 
@@ -316,13 +316,17 @@ class _Supervisor:
             self.workers.append(worker)
 
     def _forward(self, signum: int, frame: object) -> None:
-        self._stop_all(signum)
+        # A Ctrl-C reached the workers from the terminal already: a second SIGINT would force.
+        ctrl_c = signum == signal.SIGINT and terminal_signals_group()
+        self._stop_all(signum, send=not ctrl_c)
 
-    def _stop_all(self, signum: int) -> None:
+    def _stop_all(self, signum: int, *, send: bool = True) -> None:
         if not self.stopping:
             with self.accepting.get_lock():
                 self.accepting.value = sum(w.exitcode is None for w in self.workers)
         self.stopping = True
+        if not send:
+            return
         for worker in self.workers:
             if worker.exitcode is None and worker.pid is not None:
                 with contextlib.suppress(ProcessLookupError):

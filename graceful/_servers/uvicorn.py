@@ -57,7 +57,7 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding uvicorn in 
     ) from exc
 
 from .._runtime.lifecycle import Lifecycle, get_lifecycle
-from .._runtime.shutdown import StopSequence, log_through
+from .._runtime.shutdown import StopSequence, log_through, terminal_signals_group
 from . import backlog as _backlog
 from . import compat
 
@@ -318,6 +318,8 @@ def _supervise(config: uvicorn.Config) -> None:
     def forward(signum: int, frame: FrameType | None) -> None:
         # SIGQUIT is not one of the supervisor's own: it stops as on SIGINT.
         signal_queue.append(signal.SIGINT if signum == signal.SIGQUIT else signum)
+        if signum == signal.SIGINT and terminal_signals_group():
+            return  # a Ctrl-C: the terminal sent it to the workers as well
         for worker in list(processes):
             pid = compat.live_pid(worker)
             if pid is not None:
