@@ -366,6 +366,41 @@ def assert_goodbye(
     assert b"data: tick" in stream.body and stream.body.endswith(b"0\r\n\r\n"), summary
 
 
+def check_drain_under_load(
+    node: Node,
+    delay: float,
+    *,
+    long_lived: bool = True,
+    late: float = 0.0,
+    workers_alike: bool = True,
+) -> DrainReport:
+    """SIGTERM under load with three slow requests of 2 s in flight and, with ``long_lived``
+    (an ASGI app), a websocket and an event stream open: everything :func:`assert_clean_drain`
+    asks of it (``late``, ``workers_alike``: see there)."""
+    slow_seconds = 2.0
+    report = sigterm_under_load(
+        node.proc,
+        node.url,
+        node.record_dir,
+        slow_requests=3,
+        slow_seconds=slow_seconds,
+        long_lived=long_lived,
+    )
+    assert_clean_drain(
+        report, delay=delay, slow_seconds=slow_seconds, late=late, workers_alike=workers_alike
+    )
+    return report
+
+
+def check_control(node: Node, delay: float) -> None:
+    """The same load on a node whose app has no middleware: the server stops at once, so
+    readiness never fails with 503 and /livez is not held through the delay."""
+    report = sigterm_under_load(node.proc, node.url, node.record_dir, slow_requests=0)
+    print(report.summary())
+    assert report.readyz_failed_with != "status 503", report.summary()
+    assert report.livez_ok_until is None or report.livez_ok_until - report.signal_at < delay
+
+
 def check_quick_stop(node: Node, token: str, delay: float) -> None:
     """SIGINT with a request in flight: readiness fails at once (503 within 0.2 s), the request
     is answered, and the node exits 0 without serving the delay."""

@@ -25,11 +25,11 @@ import pytest
 import requests
 from drain_harness import (
     Node,
-    assert_clean_drain,
+    check_control,
+    check_drain_under_load,
     check_goodbye,
     check_quick_stop,
     inflight,
-    sigterm_under_load,
 )
 
 from graceful.testing import poll_until
@@ -92,18 +92,8 @@ def start_node(spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUnt
 @pytest.mark.parametrize("kind", list(WORKERS))
 def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, kind: str) -> None:
     node = start_node(kind)
-    slow_seconds = 2.0
 
-    report = sigterm_under_load(
-        node.proc,
-        node.url,
-        node.record_dir,
-        slow_requests=3,
-        slow_seconds=slow_seconds,
-        long_lived=True,  # a websocket and an event stream open too
-    )
-
-    assert_clean_drain(report, delay=DELAY, slow_seconds=slow_seconds)
+    check_drain_under_load(node, DELAY)  # with a websocket and an event stream open
 
 
 def test_plain_hypercorn_does_not_drain_and_says_so_at_start_up(start_node: StartNode) -> None:
@@ -112,11 +102,7 @@ def test_plain_hypercorn_does_not_drain_and_says_so_at_start_up(start_node: Star
     node = start_node(graceful=False)
     assert "plain hypercorn stops at once on SIGTERM" in node.proc.output()
 
-    report = sigterm_under_load(node.proc, node.url, node.record_dir, slow_requests=0)
-
-    print(report.summary())
-    assert report.readyz_failed_with != "status 503", report.summary()
-    assert report.livez_ok_until is None or report.livez_ok_until - report.signal_at < DELAY
+    check_control(node, DELAY)
 
 
 @pytest.mark.parametrize("kind", ["foreground", "two-workers"])

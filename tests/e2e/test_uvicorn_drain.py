@@ -29,10 +29,9 @@ import requests
 from drain_harness import (
     Node,
     Slow,
-    assert_clean_drain,
+    check_drain_under_load,
     check_goodbye,
     probe_readyz_after_signal,
-    sigterm_under_load,
 )
 
 if TYPE_CHECKING:
@@ -133,24 +132,13 @@ def in_flight(node: Node, wait_until: WaitUntil) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, kind: str) -> None:
     node = start_node(kind)
-    slow_seconds = 2.0
 
-    report = sigterm_under_load(
-        node.proc,
-        node.url,
-        node.record_dir,
-        slow_requests=3,
-        slow_seconds=slow_seconds,
-        long_lived=True,  # a websocket and an event stream open too
-    )
-
-    # Every worker fails readiness at once, except under uvicorn's own supervisor: it passes
-    # SIGTERM to its workers one after the other (up to 0.5 s late), and they share no state,
-    # so a probe may reach the second one in between.
-    assert_clean_drain(
-        report,
-        delay=DELAY,
-        slow_seconds=slow_seconds,
+    # With a websocket and an event stream open. Every worker fails readiness at once, except
+    # under uvicorn's own supervisor: it passes SIGTERM to its workers one after the other (up
+    # to 0.5 s late), and they share no state, so a probe may reach the second one in between.
+    check_drain_under_load(
+        node,
+        DELAY,
         late=SUPERVISOR_POLL if kind == "workers" else 0.0,
         workers_alike=kind != "workers",
     )
