@@ -69,16 +69,16 @@ def _take_over(reactor: Any, lifecycle: Lifecycle | None = None) -> LoopLink | N
         return _link
     if threading.current_thread() is not threading.main_thread():
         return None  # a reactor run in a thread (Django's runserver with its reloader)
+    if lifecycle is None:
+        lifecycle = served.first()
+    if lifecycle is None:
+        logger.debug("graceful: no middleware in this Daphne process; its stop is left as is")
+        return None
     if not compat.is_reactor_handler(signal.getsignal(signal.SIGTERM), reactor):
         logger.warning(
             "graceful: Daphne's SIGTERM handler is not the reactor's (started with "
             "signal_handlers=False, or another handler took it), so SIGTERM will not drain"
         )
-        return None
-    if lifecycle is None:
-        lifecycle = served.first()
-    if lifecycle is None:
-        logger.debug("graceful: no middleware in this Daphne process; its stop is left as is")
         return None
     log_through(SERVER_LOGGER)
     loop = compat.reactor_loop(reactor)
@@ -126,5 +126,7 @@ def close_websocket(send: Any, code: int, reason: str) -> bool:
 
 
 def _stop(reactor: Any) -> None:
-    with contextlib.suppress(Exception):  # already stopping: ReactorNotRunning
+    from twisted.internet.error import ReactorNotRunning
+
+    with contextlib.suppress(ReactorNotRunning):  # stopping already
         reactor.stop()
