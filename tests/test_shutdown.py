@@ -8,8 +8,10 @@ from outside: the probes, the requests in flight, the exit code, the timing and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -238,3 +240,34 @@ def test_install_signal_handlers_from_another_thread_raises_and_installs_nothing
     assert isinstance(errors[0], RuntimeError)
     assert "main thread" in str(errors[0])
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+_ASK = "from graceful._runtime.shutdown import terminal_signals_group as t; print(t())"
+#: A session leader opening a terminal makes it its controlling terminal (in the foreground).
+_ON_TERMINAL = "import os, sys; os.open(sys.argv[1], os.O_RDWR); "
+
+
+def _asked_in_a_new_session(code: str, *argv: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,  # no controlling terminal until it opens one
+    )
+    return done.stdout.strip() or done.stderr
+
+
+def test_without_a_controlling_terminal_a_sigint_came_from_kill() -> None:
+    """(A supervisor then passes SIGINT on to its workers.)"""
+    assert _asked_in_a_new_session(_ASK) == "False"
+
+
+def test_in_the_foreground_of_its_terminal_a_sigint_came_from_the_keyboard() -> None:
+    """(A Ctrl-C reached the workers too: the supervisor does not pass it on.)"""
+    master, slave = os.openpty()
+    try:
+        assert _asked_in_a_new_session(_ON_TERMINAL + _ASK, os.ttyname(slave)) == "True"
+    finally:
+        os.close(slave)
+        os.close(master)
