@@ -42,14 +42,16 @@ logger = logging.getLogger("graceful")
 SERVER_LOGGER = "daphne.server"
 
 _link: LoopLink | None = None
+_linking = False  # the reactor will call _take_over once it runs
 
 
 def link_when_running() -> None:
     """In a Daphne process (``daphne.server`` imported: its reactor is installed), take the
     stop signals over from the reactor as soon as it runs. Once per process."""
+    global _linking
     reactor = compat.daphne_reactor()
-    if reactor is not None and not getattr(reactor, "_graceful_linking", False):
-        reactor._graceful_linking = True
+    if reactor is not None and not _linking:
+        _linking = True
         reactor.callWhenRunning(_take_over, reactor)
 
 
