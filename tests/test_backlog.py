@@ -405,3 +405,82 @@ def test_a_handshake_under_way_when_blocking_completes_and_is_served() -> None:
         "accepted": "POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
         "answer_to_new_syn": [],
     }
+
+
+@linux
+def test_tcp_listeners_lists_this_process_s_listening_sockets_by_inode(
+    listener: socket.socket,
+) -> None:
+    inode = os.fstat(listener.fileno()).st_ino
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: not a listener
+        found = _backlog.tcp_listeners()
+        assert found[inode] == listener.fileno()
+        assert os.fstat(bound.fileno()).st_ino not in found
+    listener.close()
+    assert inode not in _backlog.tcp_listeners()
+
+
+@linux
+def test_on_a_reuseport_socket_only_its_own_accept_queue_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Handshakes are counted by port, and with SO_REUSEPORT the port's handshakes may be
+    another socket's (another worker, still accepting): they are left out."""
+    monkeypatch.setattr(_backlog, "_handshakes", lambda sock: 5)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as shared:
+        shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        shared.bind(("127.0.0.1", 0))
+        shared.listen(16)
+        with connected(shared, 2):
+            assert wait_until(lambda: _backlog.queued(shared) == 2, timeout=5)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as alone:
+        alone.bind(("127.0.0.1", 0))
+        alone.listen(16)
+        assert _backlog.queued(alone) == 5
+
+
+@linux
+def test_serve_queued_open_async_waits_on_the_loop_and_leaves_the_listener_open() -> None:
+    """For a server that accepts on threads of its own: the loop stays free while the queue is
+    served (here by a thread, as Granian's Rust runtime does), the wait goes on until nothing
+    is in flight, and the listener is left open, new connections dropped, for the server to
+    close as it stops."""
+    inflight = [1]
+    served: list[bytes] = []
+    start = threading.Event()
+    ticks: list[None] = []
+
+    async def main(listening: socket.socket) -> bool:
+        async def tick() -> None:
+            while True:
+                ticks.append(None)
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.get_running_loop().create_task(tick())
+        try:
+            return await _backlog.serve_queued_open_async([listening], lambda: len(inflight), 10)
+        finally:
+            ticker.cancel()
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        worker = threading.Thread(
+            target=serve_in_thread, args=(listening, served, start), daemon=True
+        )
+        worker.start()
+        with connected(listening, 3) as clients:
+            for number, client in enumerate(clients):
+                client.sendall(f"request {number}".encode())
+            wait_until(lambda: _backlog.queued(listening) == 3, timeout=5)
+            start.set()
+            threading.Timer(0.3, inflight.clear).start()
+
+            assert asyncio.run(main(listening)) is True
+
+            assert sorted(served) == [f"request {n}".encode() for n in range(3)]
+            assert inflight == []
+            assert len(ticks) > 5  # the loop ran meanwhile
+            assert _backlog.queued(listening) == 0  # still listening
+            assert connects(listening.getsockname(), timeout=0.3) == "timed out"

@@ -21,7 +21,9 @@ So before a server's listeners close:
    which cannot close its workers' copies of the listeners). :func:`serve_queued_async`, for
    a server that accepts on an event loop of this process (uvicorn), closes the listeners as
    soon as the queue is empty, so that new clients are refused at once rather than after
-   their SYN's retry, then waits for what is in flight.
+   their SYN's retry, then waits for what is in flight. :func:`serve_queued_open_async` waits
+   as :func:`serve_queued` does, on an event loop, for a server that accepts on threads of
+   its own and closes its listeners only as it stops (Granian's workers).
 
 Linux only; elsewhere nothing is attached or counted (the queue is lost, as before). UNIX
 listeners cannot be filtered: their queue is waited for when the kernel can count it
@@ -52,7 +54,9 @@ __all__ = [
     "serve_gunicorn_backlog",
     "serve_queued",
     "serve_queued_async",
+    "serve_queued_open_async",
     "socket_copies",
+    "tcp_listeners",
 ]
 
 logger = logging.getLogger("graceful")
@@ -125,13 +129,20 @@ def block_new_connections(sock: socket.socket) -> bool:
 
 def queued(sock: socket.socket) -> int | None:
     """Connections waiting on a listening socket: its accept queue, and for TCP the handshakes
-    under way (they join the queue within a round trip). None where it cannot be counted."""
+    under way (they join the queue within a round trip). None where it cannot be counted.
+
+    Handshakes are counted by port: on a socket with ``SO_REUSEPORT`` other sockets (other
+    workers, another server) share the port and its handshakes, so only the accept queue is
+    counted; a handshake under way on it joins the queue within a round trip, inside
+    :data:`SETTLE`."""
     if not (_linux() and _listening(sock)):
         return None
     try:
         if _tcp(sock):
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_UNACKED + 4)
             accept_queue: int = struct.unpack_from("=I", info, _TCPI_UNACKED)[0]
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                return accept_queue
             return accept_queue + _handshakes(sock)
         if sock.family == socket.AF_UNIX:
             return _unix_queue(sock)
@@ -192,6 +203,27 @@ async def serve_queued_async(
     if not await close_then_settle_async(
         close, inflight, timeout - (time.monotonic() - started), abort=abort
     ):
+        return False
+    _log_served(first, time.monotonic() - started, blocked)
+    return True
+
+
+async def serve_queued_open_async(
+    listeners: Sequence[socket.socket],
+    inflight: Callable[[], int],
+    timeout: float,
+    *,
+    abort: Callable[[], bool] = lambda: False,
+) -> bool:
+    """:func:`serve_queued`, waiting on the running event loop: for a server that accepts on
+    threads of its own (Granian's Rust runtime) and closes its listeners only as it stops, so
+    they stay open, new connections dropped, until the caller stops the server."""
+    counted, blocked = _block_and_count(listeners)
+    if not counted:
+        return False
+    started = time.monotonic()
+    first = _waiting(counted, inflight)
+    if not await _polled(_quiet(lambda: _waiting(counted, inflight), timeout, abort, SETTLE)):
         return False
     _log_served(first, time.monotonic() - started, blocked)
     return True
@@ -328,6 +360,27 @@ def socket_copies(listeners: Sequence[Any]) -> Iterator[list[socket.socket]]:
     finally:
         for sock in socks:
             sock.close()
+
+
+def tcp_listeners() -> dict[int, int]:
+    """This process's listening TCP sockets, inode to file descriptor (Linux: ``/proc/self/fd``;
+    empty elsewhere): the listeners of a server that keeps them to itself (Granian's Rust
+    runtime). The inode tells a socket apart from a later one on a reused descriptor."""
+    if not _linux():
+        return {}
+    found: dict[int, int] = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            inode = os.fstat(fd).st_ino
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if _tcp(sock) and _listening(sock):
+                    found[inode] = fd
+        except OSError:  # closed meanwhile (the listing's own descriptor, among others)
+            continue
+    return found
 
 
 def _name(sock: socket.socket) -> str:

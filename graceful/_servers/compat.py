@@ -519,7 +519,9 @@ async def hypercorn_h2_goaway_if_idle(connection: Any) -> bool:
 #: and ``set_sync_signals()`` (a WSGI worker's, with ``signal.signal``) each return the
 #: worker's stop signal, whose ``set()`` stops its Rust server; a worker imports them from the
 #: module when it starts (``granian.server.mp``, process workers), after loading the app (2.3
-#: on: 2.0 to 2.2 import them first, so the app's graceful comes too late to wrap them). The
+#: on: 2.0 to 2.2 import them first, so the app's graceful comes too late to wrap them); on
+#: Linux a worker then builds a listening socket of its own (``SO_REUSEPORT``), which its Rust
+#: server closes as it stops (``granian._granian.ListenerSpec``, read in 2.8.9). The
 #: floor is 2.8.9: with 2.3 to 2.8.7 the end-to-end tests fail (a websocket's 1012 close frame
 #: lost at the stop, an ended event stream kept in flight, and before 2.8 a WSGI request that
 #: waits behind another).

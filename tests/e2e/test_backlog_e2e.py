@@ -398,3 +398,60 @@ def test_a_unix_socket_s_queue_is_served_once_no_new_connection_comes(
         *((f"slow-{n}", "answered", "201") for n in range(2)),
     ]
     assert sorted(ran(ledger)) == sorted(o.order for o in outcomes)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the listen queue is served on Linux only")
+@pytest.mark.parametrize(
+    ("interface", "workers"),
+    [("asgi", 1), ("wsgi", 1), ("asgi", 2)],
+    ids=["asgi", "wsgi", "asgi-workers"],
+)
+def test_a_granian_worker_serves_what_queued_on_its_listener_at_the_stop(
+    spawn: Spawn, wait_until: WaitUntil, tmp_path: Path, interface: str, workers: int
+) -> None:
+    """On Linux each Granian worker listens on a socket of its own (SO_REUSEPORT) and closes
+    it as its Rust server stops: what the kernel queued on it then was reset. ``--backpressure
+    2`` lets a worker hold two connections: the slow clients take them, so the callers'
+    connections wait in the queue when the node stops."""
+    pytest.importorskip("granian", reason="pip install 'graceful-drain[granian]'")
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    port = unused_port()
+    env = {
+        "GRACEFUL_DELAY": "0.5",
+        "GRACEFUL_DRAIN_TIMEOUT": "20",
+        "LEDGER_DIR": str(ledger),
+        "PYTHONPATH": str(APPS),
+    }
+    argv = [
+        *(sys.executable, "-m", "granian", "--interface", interface),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)),
+        *("--backpressure", "2", f"pool_ledger_app:{interface}_app"),
+    ]
+    proc = spawn(argv, env=env, cwd=APPS, name="node")
+    wait_until(lambda: proc.output().count("Started worker-") >= workers, timeout=30)
+    wait_answering(port, timeout=30, process=proc)
+    load = Callers(proc, port)
+    load.start_callers()
+    wait_until(lambda: load.answered() >= ANSWERED_BEFORE, timeout=60, message="answers")
+    load.start_slow_clients(2 * workers)
+    wait_until(
+        lambda: waiting(port) >= CALLERS // 2,
+        timeout=30,
+        message="callers queued behind the slow clients",
+    )
+
+    proc.send_signal(signal.SIGTERM)
+    wait_until(
+        lambda: proc.output().count(STOPPING) >= workers,
+        timeout=30,
+        message=lambda: proc.output(),
+    )
+    threading.Timer(HOLD_AFTER_HAND_OVER, load.release.set).start()
+    code = proc.wait(60)
+    outcomes = load.join()
+
+    check_answered_or_refused(outcomes, ledger, code, proc)
+    assert proc.output().count("listen queue served before the listeners close") == workers, (
+        proc.output()
+    )
