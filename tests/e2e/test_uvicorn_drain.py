@@ -16,6 +16,7 @@ Load tests use the load-balancer-like harness in ``drain_harness.py``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -265,6 +266,13 @@ def test_second_sigint_or_sigquit_stops_at_once(
     for name in first:
         node.proc.send_signal(getattr(signal, name))
         wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
+        # Every worker has taken it: a second signal that reached a worker before it handled
+        # the first would merge with it (a pending signal is not queued twice).
+        wait_until(
+            functools.partial(all_took, node, name, workers_of(kind)),
+            timeout=5,
+            message=node.proc.output,
+        )
     sent = time.monotonic()
 
     node.proc.send_signal(getattr(signal, last))
@@ -272,6 +280,12 @@ def test_second_sigint_or_sigquit_stops_at_once(
     assert node.proc.wait(10) == 0
     assert time.monotonic() - sent < 2.0
     assert f"{last}: stopping at once" in node.proc.output()
+
+
+def all_took(node: Node, name: str, workers: int) -> bool:
+    """Whether each of the ``workers`` moved its lifecycle on signal ``name`` (a line each)."""
+    lines = node.proc.output().splitlines()
+    return sum("phase serving -> " in line and f"({name}" in line for line in lines) >= workers
 
 
 # -- the goodbye at the end of the delay -------------------------------------------------------
