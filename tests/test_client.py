@@ -1,6 +1,11 @@
-"""``graceful.client.Pool`` against real servers on 127.0.0.1: each retry rule (and the POST that
+"""The drain-aware clients against real servers on 127.0.0.1: each retry rule (and the POST that
 must not be sent twice), ``NoNodeAvailable``, the fall back to draining nodes, each way a node
 leaves rotation (push notice, in-band header, refused connection) and comes back (probe, push).
+
+One set of behaviour tests for the three clients (``graceful.client.Pool`` for requests, and
+httpx's ``Client`` and ``AsyncClient`` over ``graceful.httpx``'s transports): ``make_pool`` is
+parametrized over them (:mod:`_clients`). What only the requests pool has (its session, its
+verbs, its path check) is tested at the end, on it alone.
 
 Real nodes are ``tests/e2e/apps/load_app.py`` under wsgiref (graceful middleware, control routes
 with a token, ``GET /version`` answers with the process id, ``POST /orders`` records each id in
@@ -27,6 +32,7 @@ from typing import Any
 
 import pytest
 import requests
+from _clients import KINDS, Answer, Client, make_client
 from _raw_node import Exchange, Handler, RawNode, answer, hold
 from conftest import Proc, Spawn, closed_at_end, unused_port, wait_until
 
@@ -234,11 +240,39 @@ def fake() -> Iterator[Callable[[str], Fake]]:
 
 # -- pools -----------------------------------------------------------------------------------
 
-MakePool = Callable[..., Pool]
+MakePool = Callable[..., Client]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    """Which client: ``requests`` (the pool), ``httpx`` or ``httpx-async`` (the transports)."""
+    kind: str = request.param
+    return kind
 
 
 @pytest.fixture
-def make_pool() -> Iterator[MakePool]:
+def make_pool(kind: str) -> Iterator[MakePool]:
+    """Make a client of each kind in turn over the given nodes (no watch, no probe in time,
+    unless asked)."""
+    made: list[Client] = []
+
+    def pool(*urls: str, **kwargs: Any) -> Client:
+        kwargs.setdefault("watch", False)
+        kwargs.setdefault("probe_interval", NO_PROBE)
+        made.append(make_client(kind, list(urls), **kwargs))
+        return made[-1]
+
+    try:
+        yield pool
+    finally:
+        for client in made:
+            client.dispose()
+
+
+@pytest.fixture
+def make_requests_pool() -> Iterator[Callable[..., Pool]]:
+    """The requests pool alone, for what only it has."""
+
     def pool(*urls: str, **kwargs: Any) -> Pool:
         kwargs.setdefault("watch", False)
         kwargs.setdefault("probe_interval", NO_PROBE)
@@ -248,7 +282,7 @@ def make_pool() -> Iterator[MakePool]:
         yield make
 
 
-def status(pool: Pool, url: str) -> NodeStatus:
+def status(pool: Client | Pool, url: str) -> NodeStatus:
     return next(node for node in pool.nodes if node.url == url)
 
 
@@ -283,7 +317,7 @@ def unanswered_url() -> Iterator[str]:
         listener.close()
 
 
-def served_by(response: requests.Response) -> int:
+def served_by(response: Answer | requests.Response) -> int:
     assert response.status_code == 200, response.text
     pid: int = response.json()["pid"]
     return pid
@@ -296,7 +330,7 @@ def new_id() -> str:
 # -- retry rules -----------------------------------------------------------------------------
 
 
-def assert_sent_once_to(node: Node, pool: Pool, method: str) -> None:
+def assert_sent_once_to(node: Node, pool: Client, method: str) -> None:
     """A GET or a POST made through ``pool`` was served by ``node`` (a POST exactly once)."""
     if method == "GET":
         assert served_by(pool.get("/version")) == node.pid
@@ -317,7 +351,7 @@ def test_a_refused_connection_goes_to_the_next_node_whatever_the_method(
     assert_sent_once_to(good, pool, method)
 
     assert status(pool, dead).state is NodeState.DOWN
-    assert status(pool, dead).reason == "refused (ConnectionError)"
+    assert status(pool, dead).reason == f"refused ({pool.refused})"
     assert status(pool, good.url).state is NodeState.IN_SERVICE
 
 
@@ -340,14 +374,14 @@ def test_no_node_available_says_connect_timeout_not_refused(
 ) -> None:
     pool = make_pool(unanswered_url, timeout=(0.3, 10))
 
-    with pytest.raises(NoNodeAvailable) as raised:
+    with pytest.raises(pool.NoNodeAvailable) as raised:
         pool.get("/x")
     assert (
         str(raised.value) == f"no node could take the request: {unanswered_url} (connect timeout)"
     )
     assert "refused" not in str(raised.value)
 
-    with pytest.raises(NoNodeAvailable) as raised:  # now it knows: down, and why
+    with pytest.raises(pool.NoNodeAvailable) as raised:  # now it knows: down, and why
         pool.get("/x")
     assert f"{unanswered_url} (down: connect timeout (0.3s))" in str(raised.value)
 
@@ -474,10 +508,10 @@ def test_by_default_a_post_whose_connection_closed_before_an_answer_is_not_sent_
     assert pool.resend_with_idempotency_key is False
     oid = new_id()
 
-    with pytest.raises(requests.ConnectionError) as raised:
+    with pytest.raises(pool.Closed) as raised:
         pool.request(method, "/orders", data={"id": oid}, headers=headers)
 
-    assert not isinstance(raised.value, NoNodeAvailable)  # the caller's own error, as it was
+    assert not isinstance(raised.value, pool.NoNodeAvailable)  # the caller's own error, as it was
     assert closing.received == [(method, "/orders", f"id={oid}".encode())]  # received once
     assert oid not in good.ids()  # and never sent to the other node
 
@@ -493,7 +527,7 @@ def test_a_read_timeout_is_never_sent_again(
     holding, other = fake("hold"), fake("connection-close")
     pool = make_pool(holding.url, other.url, resend_with_idempotency_key=True)
 
-    with pytest.raises(requests.ReadTimeout):
+    with pytest.raises(pool.ReadTimeout):
         pool.request(method, "/slow", headers=headers, timeout=(3, 0.3))
 
     assert len(holding.received) == 1
@@ -522,14 +556,18 @@ def test_consecutive_read_timeouts_take_a_hung_node_out_of_rotation(
     assert pool.read_timeouts_to_down == 3
 
     outcomes: list[int | str] = []
+    timed_out_urls: list[str] = []
     for _ in range(12):
         try:
             outcomes.append(served_by(pool.get("/version")))
-        except requests.ReadTimeout as exc:
-            outcomes.append(f"read timeout from {exc.request and exc.request.url}")
+        except pool.ReadTimeout as exc:
+            outcomes.append("read timeout")
+            request = getattr(exc, "request", None)
+            timed_out_urls.append(str(request and request.url))
 
-    timed_out = f"read timeout from {hung.url}/version"
-    assert outcomes == [timed_out, good.pid] * 3 + [good.pid] * 6
+    assert outcomes == ["read timeout", good.pid] * 3 + [good.pid] * 6
+    if pool.kind == "requests":  # httpx names the client's URL (the service's), not the node's
+        assert timed_out_urls == [f"{hung.url}/version"] * 3
     assert len(hung.to("/version")) == 3  # none after the third: out of rotation
     out = status(pool, hung.url)
     assert (out.state, out.reason) == (NodeState.DOWN, "read timeout (3 in a row, 1s)")
@@ -541,12 +579,12 @@ def test_an_answer_from_the_node_starts_its_read_timeout_count_again(
 ) -> None:
     holding = fake("hold")
     pool = make_pool(holding.url, read_timeouts_to_down=2)
-    with pytest.raises(requests.ReadTimeout):
+    with pytest.raises(pool.ReadTimeout):
         pool.get("/slow", timeout=(3, 0.3))
     holding.release.set()  # it answers now
     assert pool.get("/fast").text == "fake"
     holding.release.clear()
-    with pytest.raises(requests.ReadTimeout):
+    with pytest.raises(pool.ReadTimeout):
         pool.get("/slow", timeout=(3, 0.3))
     assert status(pool, holding.url).state is NodeState.IN_SERVICE  # one in a row, not two
 
@@ -558,7 +596,7 @@ def test_a_post_that_timed_out_on_a_hung_node_is_never_sent_again(
     pool = make_pool(hung.url, good.url, timeout=(3, 1.0), read_timeouts_to_down=1)
     oid = new_id()
 
-    with pytest.raises(requests.ReadTimeout):
+    with pytest.raises(pool.ReadTimeout):
         pool.post("/orders", data={"id": oid})
 
     assert [request.body for request in hung.to("/orders")] == [f"id={oid}".encode()]
@@ -571,30 +609,31 @@ def test_a_post_that_timed_out_on_a_hung_node_is_never_sent_again(
 def test_a_read_timeout_in_the_middle_of_the_body_is_a_read_timeout_too(
     method: str, fake: Callable[[str], Fake], make_pool: MakePool
 ) -> None:
-    """requests raises a ``ConnectionError`` when the body stalls (headers came): the app has
-    the request, so it is not sent again, and it counts as a read timeout of the node."""
+    """requests raises a ``ConnectionError`` when the body stalls (headers came), httpx a
+    ``ReadTimeout``: the app has the request, so it is not sent again, and it counts as a read
+    timeout of the node."""
     stalling, other = fake("stall-body"), fake("answer")
     pool = make_pool(stalling.url, other.url, read_timeouts_to_down=1)
 
-    with pytest.raises(requests.ConnectionError) as raised:
+    with pytest.raises(pool.BodyStall) as raised:
         pool.request(method, "/slow", timeout=(3, 0.3))
 
-    assert not isinstance(raised.value, NoNodeAvailable)
+    assert not isinstance(raised.value, pool.NoNodeAvailable)
     assert len(stalling.received) == 1
     assert other.received == []
     out = status(pool, stalling.url)
     assert (out.state, out.reason) == (NodeState.DOWN, "read timeout (0.3s)")
 
 
-def test_read_timeouts_to_down_must_be_at_least_one() -> None:
+def test_read_timeouts_to_down_must_be_at_least_one(make_pool: MakePool) -> None:
     with pytest.raises(ValueError, match="read_timeouts_to_down must be at least 1, not 0"):
-        Pool([refused_url()], read_timeouts_to_down=0, watch=False)
+        make_pool(refused_url(), read_timeouts_to_down=0)
 
 
 @pytest.mark.parametrize("seconds", [0, -1.0, float("nan"), float("inf")])
-def test_probe_timeout_must_be_positive_seconds(seconds: float) -> None:
+def test_probe_timeout_must_be_positive_seconds(seconds: float, make_pool: MakePool) -> None:
     with pytest.raises(ValueError, match="probe_timeout must be > 0 seconds"):
-        Pool([refused_url()], probe_timeout=seconds, watch=False)
+        make_pool(refused_url(), probe_timeout=seconds)
 
 
 # -- probes a node cannot abuse ---------------------------------------------------------------
@@ -621,11 +660,11 @@ def raw_nodes() -> Iterator[Callable[..., RawNode]]:
         yield make
 
 
-def down_pool(make_pool: MakePool, count: int, **kwargs: Any) -> tuple[Pool, list[int]]:
+def down_pool(make_pool: MakePool, count: int, **kwargs: Any) -> tuple[Client, list[int]]:
     """A pool over ``count`` ports nothing listens on yet, every node of it down (refused)."""
     ports = [unused_port() for _ in range(count)]
     pool = make_pool(*(f"http://127.0.0.1:{port}" for port in ports), **kwargs)
-    with pytest.raises(NoNodeAvailable):
+    with pytest.raises(pool.NoNodeAvailable):
         pool.get("/x")
     assert [node.state for node in pool.nodes] == [NodeState.DOWN] * count
     return pool, ports
@@ -686,7 +725,8 @@ def test_probes_keep_no_cookies(raw_nodes: Callable[..., RawNode], make_pool: Ma
 
     wait_until(lambda: len(node.to("/readyz")) >= 5, timeout=10)
 
-    assert len(pool._side.cookies) == 0
+    if isinstance(pool.sender, Pool):  # the httpx transports' probes have no cookie jar
+        assert len(pool.sender._side.cookies) == 0
     assert [r.headers.get("cookie") for r in node.to("/readyz")] == [None] * len(node.to("/readyz"))
 
 
@@ -698,16 +738,16 @@ def test_at_most_max_attempts_sends(
     kwargs = {} if max_attempts == 3 else {"max_attempts": max_attempts}  # 3 is the default
     pool = make_pool(*(one.url for one in closing), **kwargs)
 
-    with pytest.raises(NoNodeAvailable) as raised:
+    with pytest.raises(pool.NoNodeAvailable) as raised:
         pool.get("/x")
 
     assert sum(len(one.received) for one in closing) == max_attempts
     assert str(raised.value).count("connection closed before an answer") == max_attempts
 
 
-def test_max_attempts_must_be_at_least_one() -> None:
+def test_max_attempts_must_be_at_least_one(make_pool: MakePool) -> None:
     with pytest.raises(ValueError, match="max_attempts must be at least 1, not 0"):
-        Pool([refused_url()], max_attempts=0, watch=False)
+        make_pool(refused_url(), max_attempts=0)
 
 
 # -- no node available, and the fall back to draining nodes ----------------------------------
@@ -721,7 +761,7 @@ def test_no_node_available_names_each_node_and_why(
     draining.control("drain")
     pool = make_pool(dead_1, dead_2, draining.url)
 
-    with pytest.raises(NoNodeAvailable) as raised:
+    with pytest.raises(pool.NoNodeAvailable) as raised:
         pool.get("/version")
     message = str(raised.value)
     assert message.startswith("no node could take the request: ")
@@ -730,11 +770,11 @@ def test_no_node_available_names_each_node_and_why(
     assert f"{draining.url} (rejected while draining)" in message
 
     # Now that it knows: every node is down or draining; the draining one is still tried.
-    with pytest.raises(NoNodeAvailable) as raised:
+    with pytest.raises(pool.NoNodeAvailable) as raised:
         pool.get("/version")
     message = str(raised.value)
-    assert f"{dead_1} (down: refused (ConnectionError))" in message
-    assert f"{dead_2} (down: refused (ConnectionError))" in message
+    assert f"{dead_1} (down: refused ({pool.refused}))" in message
+    assert f"{dead_2} (down: refused ({pool.refused}))" in message
     assert f"{draining.url} (rejected while draining)" in message
 
 
@@ -743,9 +783,9 @@ def test_no_node_available_is_raised_at_once_when_every_node_is_down(
 ) -> None:
     dead = refused_url()
     pool = make_pool(dead)
-    with pytest.raises(NoNodeAvailable):
+    with pytest.raises(pool.NoNodeAvailable):
         pool.get("/x")
-    with pytest.raises(NoNodeAvailable, match=r"down: refused \(ConnectionError\)"):
+    with pytest.raises(pool.NoNodeAvailable, match=rf"down: refused \({pool.refused}\)"):
         pool.get("/x")
 
 
@@ -771,7 +811,7 @@ def test_least_inflight_sends_new_requests_to_the_node_with_fewer_in_flight(
 ) -> None:
     holding, other = fake("hold"), fake("answer")
     pool = make_pool(holding.url, other.url, balance="least_inflight")
-    held: list[requests.Response] = []
+    held: list[Answer] = []
     call = threading.Thread(target=lambda: held.append(pool.get("/held")))
     call.start()  # both idle: the first node
     try:
@@ -851,10 +891,10 @@ def test_watch_takes_a_drained_node_out_and_a_resume_readmits_it_without_a_probe
     pool = make_pool(node.url, good.url, watch=True)  # probe_interval 60 s: no probe in time
     changes: list[NodeStatus] = []
 
-    def receiver(sender: Pool, node: NodeStatus) -> None:
+    def receiver(sender: object, node: NodeStatus) -> None:
         changes.append(node)
 
-    signals.node_changed.connect(receiver, sender=pool)
+    signals.node_changed.connect(receiver, sender=pool.sender)
     try:
         node.control("drain")
         wait_until(lambda: changes, timeout=10, message="the push notice")
@@ -868,7 +908,7 @@ def test_watch_takes_a_drained_node_out_and_a_resume_readmits_it_without_a_probe
         node.control("resume")
         wait_until(lambda: status(pool, node.url).state is NodeState.IN_SERVICE, timeout=10)
     finally:
-        signals.node_changed.disconnect(receiver, sender=pool)
+        signals.node_changed.disconnect(receiver, sender=pool.sender)
     assert status(pool, node.url).reason == "notice: serving (resumed by control route)"
     assert [change.state for change in changes] == [NodeState.DRAINING, NodeState.IN_SERVICE]
     assert node.pid in {served_by(pool.get("/version")) for _ in range(4)}
@@ -881,11 +921,11 @@ def test_a_node_flapping_between_draining_and_serving_ends_as_its_last_notice_sa
     pool = make_pool(node.url, watch=True)
     changes: list[NodeStatus] = []
 
-    def receiver(sender: Pool, node: NodeStatus) -> None:
+    def receiver(sender: object, node: NodeStatus) -> None:
         changes.append(node)
 
-    signals.node_changed.connect(receiver, sender=pool)
-    slow: list[requests.Response] = []
+    signals.node_changed.connect(receiver, sender=pool.sender)
+    slow: list[Answer] = []
     # One request in flight through all of it (the slow endpoint's sleep IS the behaviour).
     call = threading.Thread(target=lambda: slow.append(pool.get("/slow?seconds=1.5")))
     call.start()
@@ -899,7 +939,7 @@ def test_a_node_flapping_between_draining_and_serving_ends_as_its_last_notice_sa
         assert status(pool, node.url).state is NodeState.DRAINING
         assert status(pool, node.url).inflight == 1
     finally:
-        signals.node_changed.disconnect(receiver, sender=pool)
+        signals.node_changed.disconnect(receiver, sender=pool.sender)
         call.join(10)
     assert [change.state for change in changes] == [
         NodeState.DRAINING,
@@ -946,17 +986,17 @@ def test_pool_nodes_report_state_inflight_last_change_and_reason(
     assert (down.state, down.inflight, down.reason) == (
         NodeState.DOWN,
         0,
-        "refused (ConnectionError)",
+        f"refused ({pool.refused})",
     )
     assert down.changed_at > after
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:1/x", "https://example.com/", "orders/1", ""])
 def test_requests_take_a_path_not_a_url(
-    url: str, fake: Callable[[str], Fake], make_pool: MakePool
+    url: str, fake: Callable[[str], Fake], make_requests_pool: Callable[..., Pool]
 ) -> None:
     node = fake("connection-close")
-    pool = make_pool(node.url)
+    pool = make_requests_pool(node.url)
     with pytest.raises(ValueError, match="Pool requests take a path like /orders/1"):
         pool.get(url)
     assert node.received == []
@@ -974,9 +1014,9 @@ def test_a_path_may_carry_a_url_in_its_query(
 @pytest.mark.parametrize(
     "node", ["127.0.0.1:8000", "ftp://127.0.0.1:8000", "http://", "http://127.0.0.1:8000/?a=1"]
 )
-def test_a_node_is_a_base_url(node: str) -> None:
+def test_a_node_is_a_base_url(node: str, make_pool: MakePool) -> None:
     with pytest.raises(ValueError, match="a node is a base URL like http://"):
-        Pool([node], watch=False)
+        make_pool(node)
 
 
 def test_a_closed_pool_refuses_requests_and_stops_its_threads(
@@ -987,12 +1027,12 @@ def test_a_closed_pool_refuses_requests_and_stops_its_threads(
 
     pool.close()
 
-    with pytest.raises(RuntimeError, match="this Pool is closed"):
+    with pytest.raises(RuntimeError, match=pool.closed_message):
         pool.get("/version")
     wait_until(
-        lambda: not any(thread.is_alive() for thread in pool._threads),
+        lambda: not pool.background(),
         timeout=5,
-        message=lambda: f"threads stopped: {[t.name for t in pool._threads if t.is_alive()]}",
+        message=lambda: f"threads or tasks stopped: {pool.background()}",
     )
 
 
@@ -1034,10 +1074,10 @@ def test_one_pool_shared_by_threads_loses_and_duplicates_nothing(
 
 
 def test_a_pool_holds_its_session_and_each_verb_takes_a_path(
-    fake: Callable[[str], Fake], make_pool: MakePool
+    fake: Callable[[str], Fake], make_requests_pool: Callable[..., Pool]
 ) -> None:
     node = fake("answer")
-    pool = make_pool(node.url)
+    pool = make_requests_pool(node.url)
     assert not isinstance(pool, requests.Session)
     pool.session.headers["X-Caller"] = "billing"  # what the calls' session sends, the calls send
 
@@ -1081,11 +1121,11 @@ def test_a_pool_is_a_context_manager_that_stops_its_threads_and_refuses_calls_af
 
 
 def test_no_node_available_is_a_graceful_error_and_a_requests_connection_error(
-    make_pool: MakePool,
+    make_requests_pool: Callable[..., Pool],
 ) -> None:
     from graceful._core.errors import GracefulError
 
-    pool = make_pool(refused_url())
+    pool = make_requests_pool(refused_url())
     with pytest.raises(NoNodeAvailable) as raised:
         pool.get("/x")
     assert isinstance(raised.value, GracefulError)

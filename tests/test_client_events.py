@@ -1,4 +1,5 @@
-"""The pool's events watcher against nodes that do not stream as a graceful node on a thread
+"""The events watcher of each client (the requests pool, the httpx transports: ``pools`` is
+parametrized over them) against nodes that do not stream as a graceful node on a thread
 server does: ``204 Graceful-Events: off`` (a worker that cannot hold a stream), ``503`` with
 ``Retry-After`` (the node's subscriber cap), answers that are not event streams, and hostile
 streams (no newline, ever; a line or an event past the limit). Every node is a real socket
@@ -17,12 +18,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _clients import KINDS, Client, make_client
 from _raw_node import Exchange, Handler, RawNode, answer
 from conftest import closed_at_end, wait_until
 
 from graceful._client import pool as client
+from graceful._core import calls
 from graceful._core.protocol import EventStreamError
-from graceful.client import NodeState, Pool
+from graceful.client import NodeState
 
 EVENTS = "/-/graceful/events"
 READY = answer("200 OK", [("Content-Type", "application/health+json")], b'{"status":"pass"}\n')
@@ -58,13 +61,20 @@ def nodes() -> Iterator[Callable[..., RawNode]]:
         yield make
 
 
-@pytest.fixture
-def pools() -> Iterator[Callable[..., Pool]]:
-    def pool(*urls: str, **kwargs: Any) -> Pool:
-        return Pool(list(urls), watch=True, **kwargs)
+@pytest.fixture(params=KINDS)
+def pools(request: pytest.FixtureRequest) -> Iterator[Callable[..., Client]]:
+    """Clients of one kind (each kind in turn) that watch their nodes' events."""
+    made: list[Client] = []
 
-    with closed_at_end(pool) as make:
-        yield make
+    def pool(*urls: str, **kwargs: Any) -> Client:
+        made.append(make_client(request.param, list(urls), watch=True, **kwargs))
+        return made[-1]
+
+    try:
+        yield pool
+    finally:
+        for client in made:
+            client.dispose()
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -79,7 +89,7 @@ def events_at(node: RawNode) -> list[float]:
 
 
 def test_a_204_events_off_is_asked_again_only_after_ten_probe_intervals(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     interval = 0.2
     node = nodes({EVENTS: EVENTS_OFF})
@@ -88,41 +98,41 @@ def test_a_204_events_off_is_asked_again_only_after_ten_probe_intervals(
     wait_until(lambda: len(node.to(EVENTS)) >= 2, timeout=30, message="a second events request")
 
     assert gaps(events_at(node))[0] >= 10 * interval
-    assert pool._watches[node.url].woken_by == "10 x probe_interval"
+    assert pool.watch(node.url).woken_by == "10 x probe_interval"
     for n in range(4):  # calls go on as ever, in band
         assert pool.get(f"/call/{n}").text == "raw"
     assert [(s.state, s.reason) for s in pool.nodes] == [(NodeState.IN_SERVICE, "new")]
 
 
 def test_a_204_events_off_is_asked_again_once_the_node_was_down_and_came_back(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     """A new process may run another worker class: its stream is asked for as soon as the
     pool has it back, not 10 x probe_interval (20 s here) after the 204."""
     old = nodes({EVENTS: EVENTS_OFF})
     pool = pools(old.url, probe_interval=2.0)
-    wait_until(lambda: pool._watches[old.url].mode == "off", timeout=10, message="events off")
+    wait_until(lambda: pool.watch(old.url).mode == "off", timeout=10, message="events off")
     old.close()
-    with pytest.raises(client.NoNodeAvailable):
+    with pytest.raises(pool.NoNodeAvailable):
         pool.get("/x")  # refused: down
     assert [node.state for node in pool.nodes] == [NodeState.DOWN]
 
     new = nodes({EVENTS: serving_stream}, port=old.port)
 
-    wait_until(lambda: pool._watches[old.url].mode == "streaming", timeout=20, message="stream")
-    assert pool._watches[old.url].woken_by == "node came back"
+    wait_until(lambda: pool.watch(old.url).mode == "streaming", timeout=20, message="stream")
+    assert pool.watch(old.url).woken_by == "node came back"
     assert len(new.to(EVENTS)) == 1
     assert len(old.to(EVENTS)) == 1
     assert pool.nodes[0].state is NodeState.IN_SERVICE
 
 
 def test_two_pools_hold_no_stream_on_a_node_that_says_events_off(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     node = nodes({EVENTS: EVENTS_OFF})
     first, second = pools(node.url), pools(node.url)
     for pool in (first, second):
-        wait_until(lambda: pool._watches[node.url].mode == "off", timeout=10)  # noqa: B023
+        wait_until(lambda: pool.watch(node.url).mode == "off", timeout=10)  # noqa: B023
     assert len(node.to(EVENTS)) == 2
     assert first.get("/x").text == second.get("/x").text == "raw"
 
@@ -132,7 +142,7 @@ def test_two_pools_hold_no_stream_on_a_node_that_says_events_off(
 
 @pytest.mark.parametrize(("retry_after", "at_least"), [("2", 2.0), ("0", 1.0)])
 def test_a_503_with_retry_after_is_asked_again_after_that_long_at_least_one_second(
-    retry_after: str, at_least: float, nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    retry_after: str, at_least: float, nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     full = answer(
         "503 Service Unavailable",
@@ -142,7 +152,7 @@ def test_a_503_with_retry_after_is_asked_again_after_that_long_at_least_one_seco
     node = nodes({EVENTS: in_turn(full, serving_stream)})
     pool = pools(node.url, probe_interval=0.1)  # the watcher's own pause would be 0.1 s
 
-    wait_until(lambda: pool._watches[node.url].mode == "streaming", timeout=30)
+    wait_until(lambda: pool.watch(node.url).mode == "streaming", timeout=30)
 
     assert gaps(events_at(node)) and gaps(events_at(node))[0] >= at_least
     assert pool.nodes[0].state is NodeState.IN_SERVICE
@@ -182,7 +192,7 @@ def test_retry_after_as_an_http_date() -> None:
 
 def test_the_retry_after_wait_adds_at_most_twenty_percent_jitter() -> None:
     rng = random.Random(3)
-    waits = [client._jittered(10.0, rng) for _ in range(500)]
+    waits = [calls.jittered(10.0, rng) for _ in range(500)]
     assert min(waits) >= 10.0
     assert max(waits) <= 12.0
     assert max(waits) - min(waits) > 1.0
@@ -201,7 +211,7 @@ def test_the_retry_after_wait_adds_at_most_twenty_percent_jitter() -> None:
     ids=["404", "200 text/html", "503 without Retry-After"],
 )
 def test_an_answer_that_is_not_an_event_stream_is_asked_again_with_backoff(
-    handler: Handler, nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    handler: Handler, nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     node = nodes({EVENTS: handler})
     pool = pools(node.url, probe_interval=0.1)  # pauses from 0.1 s, doubling
@@ -215,7 +225,7 @@ def test_an_answer_that_is_not_an_event_stream_is_asked_again_with_backoff(
 
 
 def test_a_watcher_backing_off_tries_again_as_soon_as_the_node_is_back_in_service(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     """Once a probe has the node back, its stream is asked for at once, not at the end of a
     backoff that grew while the node had no stream to give."""
@@ -228,19 +238,19 @@ def test_a_watcher_backing_off_tries_again_as_soon_as_the_node_is_back_in_servic
     draining = answer("200 OK", [("Graceful-State", "draining")], b"raw")
     node = nodes({EVENTS: events}, default=draining)
     pool = pools(node.url, probe_interval=0.05)  # pauses from 0.05 s: the 9th is >= 12.8 s
-    wait_until(lambda: pool._watches[node.url].failures >= 9, timeout=60, message="backoff")
+    wait_until(lambda: pool.watch(node.url).failures >= 9, timeout=60, message="backoff")
 
     streams["ready"] = True
     pool.get("/x")  # Graceful-State: draining takes it out; the next probe has it back
 
-    wait_until(lambda: pool._watches[node.url].mode == "streaming", timeout=10)
-    assert pool._watches[node.url].woken_by == "node came back"
+    wait_until(lambda: pool.watch(node.url).mode == "streaming", timeout=10)
+    assert pool.watch(node.url).woken_by == "node came back"
 
 
 def test_the_backoff_is_capped() -> None:
-    assert [client._backoff(n, 0.5) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
-    assert client._backoff(30, 0.5) == client.MAX_BACKOFF
-    assert client._backoff(10_000, 1.0) == client.MAX_BACKOFF  # no overflow
+    assert [calls.backoff(n, 0.5) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert calls.backoff(30, 0.5) == client.MAX_BACKOFF
+    assert calls.backoff(10_000, 1.0) == client.MAX_BACKOFF  # no overflow
 
 
 # -- hostile streams -----------------------------------------------------------------------
@@ -255,7 +265,7 @@ def endless_line(exchange: Exchange) -> None:
 
 
 def test_a_stream_that_never_sends_a_newline_is_cut_at_the_limit_and_retried_with_backoff(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     """The watcher's buffer stays within the line limit (measured: the pool's own record of the
     largest incomplete line, and the peak of all memory Python allocated meanwhile), the stream
@@ -277,7 +287,7 @@ def test_a_stream_that_never_sends_a_newline_is_cut_at_the_limit_and_retried_wit
         tracemalloc.stop()
 
     assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB allocated at the peak"
-    watch = pool._watches[node.url]
+    watch = pool.watch(node.url)
     assert watch.largest_pending <= client.MAX_LINE
     assert watch.last.startswith("broken stream: a line longer than")
     assert len(node.to(EVENTS)) >= 5
@@ -287,7 +297,7 @@ def test_a_stream_that_never_sends_a_newline_is_cut_at_the_limit_and_retried_wit
 
 
 def test_a_notice_on_a_line_past_the_limit_is_a_broken_stream_not_a_notice(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     reason = "x" * (client.MAX_LINE + 10)
     data = f'data: {{"id":1,"phase":"draining","reason":"{reason}"}}\n\n'.encode()
@@ -300,12 +310,12 @@ def test_a_notice_on_a_line_past_the_limit_is_a_broken_stream_not_a_notice(
     pool = pools(node.url, probe_interval=0.1)
 
     wait_until(lambda: len(node.to(EVENTS)) >= 3, timeout=30)
-    assert pool._watches[node.url].last.startswith("broken stream: a line longer than")
+    assert pool.watch(node.url).last.startswith("broken stream: a line longer than")
     assert [(s.state, s.reason) for s in pool.nodes] == [(NodeState.IN_SERVICE, "new")]
 
 
 def test_an_event_of_many_lines_past_the_limit_is_a_broken_stream_not_a_notice(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     line = b'data: {"id":1,"phase":"draining","reason":"over and over"}\n'
 
@@ -318,12 +328,12 @@ def test_an_event_of_many_lines_past_the_limit_is_a_broken_stream_not_a_notice(
     pool = pools(node.url, probe_interval=0.1)
 
     wait_until(lambda: len(node.to(EVENTS)) >= 3, timeout=30)
-    assert pool._watches[node.url].last.startswith("broken stream: an event longer than")
+    assert pool.watch(node.url).last.startswith("broken stream: an event longer than")
     assert [(s.state, s.reason) for s in pool.nodes] == [(NodeState.IN_SERVICE, "new")]
 
 
 def test_a_stream_that_ends_in_the_middle_of_an_event_announces_nothing(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     def cut(exchange: Exchange) -> None:
         exchange.head("200 OK", SSE)
@@ -374,10 +384,10 @@ def test_the_reader_never_buffers_more_than_the_line_limit() -> None:
 
 
 def test_threads_stop_on_close_even_in_a_long_pause(
-    nodes: Callable[..., RawNode], pools: Callable[..., Pool]
+    nodes: Callable[..., RawNode], pools: Callable[..., Client]
 ) -> None:
     node = nodes({EVENTS: EVENTS_OFF})
     pool = pools(node.url, probe_interval=60.0)  # 600 s until it asks again
-    wait_until(lambda: pool._watches[node.url].mode == "off", timeout=10)
+    wait_until(lambda: pool.watch(node.url).mode == "off", timeout=10)
     pool.close()
-    wait_until(lambda: not any(t.is_alive() for t in pool._threads), timeout=5)
+    wait_until(lambda: not pool.background(), timeout=5)

@@ -18,7 +18,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "graceful"
 #: What the core may never import (any submodule of these included).
 FORBIDDEN_IN_CORE = frozenset(
     {"time", "threading", "asyncio", "os", "logging", "blinker", "socket", "select"}
-    | {"gunicorn", "uvicorn", "flask", "django", "starlette", "requests"}
+    | {"gunicorn", "uvicorn", "flask", "django", "starlette", "requests", "httpx", "grpc"}
 )
 
 #: The layers, bottom first: each may import its own layer and the ones below it.

@@ -42,13 +42,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import email.utils
 import http.cookiejar
 import math
 import random
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -62,7 +60,16 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding requests in
     ) from exc
 
 from .. import signals
-from .._core import protocol
+from .._core import calls, protocol
+from .._core.calls import EVENTS_OFF_INTERVALS as EVENTS_OFF_INTERVALS
+from .._core.calls import IDEMPOTENT as IDEMPOTENT
+from .._core.calls import JITTER as JITTER
+from .._core.calls import MAX_BACKOFF as MAX_BACKOFF
+from .._core.calls import RETRY_AFTER_MAX as RETRY_AFTER_MAX
+from .._core.calls import RETRY_AFTER_MIN as RETRY_AFTER_MIN
+from .._core.calls import BrokenStream as BrokenStream
+from .._core.calls import Failure
+from .._core.calls import WatchMode as WatchMode
 from .._core.errors import GracefulError
 from .._core.membership import Learned, Membership, NodeState, NodeStatus
 
@@ -73,30 +80,16 @@ from .._core.protocol import MAX_LINE as MAX_LINE
 
 __all__ = ["NoNodeAvailable", "NodeState", "NodeStatus", "Pool"]
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 #: (connect, read) seconds for a call that sets no ``timeout``: the read part is how long a
 #: node may take to start answering before the call fails with a read timeout.
 DEFAULT_TIMEOUT = (3.05, 60.0)
 
-#: The longest pause between two tries of an events stream that fails (before jitter).
-MAX_BACKOFF = 30.0
-#: Bounds on a ``Retry-After`` the watcher honours, and the jitter added to its pauses.
-RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1.0, 60.0
-JITTER = 0.2
-#: A node that answered ``204 Graceful-Events: off`` is asked again after this many probe
-#: intervals (or as soon as it was down and came back).
-EVENTS_OFF_INTERVALS = 10
 #: (connect, read) seconds for the events stream: heartbeats come every 15 s by default.
 STREAM_TIMEOUT = (3.05, 60.0)
 
 
 class NoNodeAvailable(GracefulError, requests.ConnectionError):
     """No node could take the request; the message names each node and why."""
-
-
-class BrokenStream(protocol.ProtocolError):
-    """An answer to the events request that is not an event stream (the watcher also stops
-    reading a stream past a limit: :class:`~graceful._core.protocol.EventStreamError`)."""
 
 
 def _is_refused(exc: requests.RequestException) -> bool:
@@ -117,24 +110,12 @@ def _is_read_timeout(exc: requests.RequestException) -> bool:
 
 #: How the pool picks among the nodes in service.
 Balance = Literal["round_robin", "least_inflight"]
-#: What a node's events watcher is doing.
-WatchMode = Literal["starting", "streaming", "waiting", "off", "closed"]
 
 
 @dataclasses.dataclass
-class _Watch:
-    """What the events watcher of one node is doing, for tests and debugging."""
+class _Watch(calls.Watch):
+    """What the events watcher of one node is doing (the policy: :class:`calls.Watch`)."""
 
-    mode: WatchMode = "starting"
-    """``streaming``, ``waiting`` (to try again), ``off`` (the node said 204) or ``closed``."""
-    failures: int = 0
-    """Tries in a row that did not give a working stream (the backoff doubles with each)."""
-    last: str = ""
-    """What ended the last try."""
-    woken_by: str = ""
-    """What ended the last pause: ``pause over``, ``10 x probe_interval``, ``node came back``."""
-    largest_pending: int = 0
-    """The most bytes of an unfinished line it ever held."""
     wake: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set when the node is back (from down; or in service while this backs off), or the pool
     closes: the pause ends."""
@@ -189,9 +170,8 @@ class Pool:
         events_path: str = protocol.control_path(protocol.EVENTS),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        urls = [_node_url(node) for node in nodes]
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {max_attempts!r}")
+        urls = [calls.node_url(node) for node in nodes]
+        calls.check_max_attempts(max_attempts)
         if not 0 < probe_timeout < math.inf:
             raise ValueError(f"probe_timeout must be > 0 seconds, not {probe_timeout!r}")
         self._clock = clock
@@ -249,12 +229,12 @@ class Pool:
             raise RuntimeError("this Pool is closed")
         kwargs.setdefault("timeout", self.default_timeout)
         method = method.upper()
-        tried: dict[str, str] = {}
+        attempts = calls.Attempts(self.max_attempts)
         while True:
             with self._lock:
-                node = self._membership.pick(exclude=tried)
-                if node is None or len(tried) >= self.max_attempts:
-                    raise NoNodeAvailable(self._why(tried))
+                node = attempts.next_node(self._membership)
+                if node is None:
+                    raise NoNodeAvailable(attempts.why(self._membership.statuses()))
                 self._membership.begin(node)
             answered = False
             try:
@@ -264,7 +244,7 @@ class Pool:
                 why = self._failed(node, method, kwargs, exc)
                 if why is None:
                     raise
-                tried[node] = why
+                attempts.failed(node, why)
                 continue
             finally:
                 with self._lock:
@@ -273,7 +253,7 @@ class Pool:
                         self._membership.answered(node)
             if self._rejected(node, response):
                 response.close()
-                tried[node] = "rejected while draining"
+                attempts.failed(node, "rejected while draining")
                 continue
             return response
 
@@ -312,50 +292,27 @@ class Pool:
         self, node: str, method: str, kwargs: Mapping[str, Any], exc: requests.RequestException
     ) -> str | None:
         """Learn from a send that got no answer: why to try the next node, or None to raise."""
-        if isinstance(exc, requests.ConnectTimeout):  # a ConnectionError too: check it first
-            self._learn(node, Learned.CONNECT_TIMEOUT, _timeout_part(kwargs, 0))
-            return "connect timeout"
-        if _is_read_timeout(exc):  # the app may be running it: never sent again
-            self._learn(node, Learned.READ_TIMEOUT, _timeout_part(kwargs, 1))
-            return None
-        if not isinstance(exc, requests.ConnectionError):
-            return None
-        if _is_refused(exc):
-            self._learn(node, Learned.REFUSED, type(exc).__name__)
-            return "connection refused"
-        if self._replayable(method, kwargs):
-            return "connection closed before an answer"
+        failure = _failure(exc)
+        learned = calls.learned_from(failure)
+        if learned is not None:
+            detail = {
+                Failure.CONNECT_TIMEOUT: _timeout_part(kwargs, 0),
+                Failure.READ_TIMEOUT: _timeout_part(kwargs, 1),
+            }.get(failure, type(exc).__name__)
+            self._learn(node, learned, detail)
+        headers = kwargs.get("headers") or {}
+        resend = self.resend_with_idempotency_key
+        if calls.may_resend(failure, method, headers, with_idempotency_key=resend):
+            return failure.value
         return None
 
     def _rejected(self, node: str, response: requests.Response) -> bool:
         """Learn from an answer's headers; True for the middleware's own rejection, the only
         answer that is sent to the next node (the app never saw the request)."""
-        headers = response.headers
-        rejected = response.status_code == 503 and protocol.is_rejected(headers)
-        if protocol.is_draining(headers):
-            draining = f"{protocol.STATE_HEADER}: {protocol.STATE_DRAINING}"
-            self._learn(node, Learned.RESPONSE_DRAINING, draining)
-        elif rejected:
-            self._learn(node, Learned.RESPONSE_DRAINING, protocol.REJECTED_HEADER)
-        elif headers.get("Connection", "").lower() == "close":
-            self._learn(node, Learned.RESPONSE_DRAINING, "Connection: close")
-        return rejected
-
-    def _replayable(self, method: str, kwargs: Mapping[str, Any]) -> bool:
-        """May this request go to another node after its connection closed unanswered?"""
-        if method in IDEMPOTENT:
-            return True
-        if not self.resend_with_idempotency_key:
-            return False
-        headers = kwargs.get("headers") or {}
-        return any(str(name).lower() == "idempotency-key" for name in headers)
-
-    def _why(self, tried: Mapping[str, str]) -> str:
-        lines = []
-        for status in self._membership.statuses():
-            why = tried.get(status.url) or f"{status.state.value}: {status.reason}"
-            lines.append(f"{status.url} ({why})")
-        return "no node could take the request: " + "; ".join(lines)
+        news = calls.answer_news(response.status_code, response.headers)
+        if news.draining is not None:
+            self._learn(node, Learned.RESPONSE_DRAINING, news.draining)
+        return news.rejected
 
     # -- what it knows -----------------------------------------------------------------------
 
@@ -377,8 +334,7 @@ class Pool:
         """End the watcher's pause when the node is back: from down (a new process may hold a
         stream where the old one said 204), or in service while the watcher backs off."""
         watch = self._watches[url]
-        came_back = was_down and state is not NodeState.DOWN
-        if came_back or (state is NodeState.IN_SERVICE and watch.mode == "waiting"):
+        if watch.wakes_on(was_down, state):
             watch.wake.set()
 
     def _announce(self, changed: NodeStatus | None) -> None:
@@ -443,15 +399,11 @@ class Pool:
             pause = self._follow(url, watch)
             if self._closed.is_set():
                 break
-            if watch.wake.wait(pause) and not self._closed.is_set():
-                watch.woken_by = "node came back"
-            else:
-                watch.woken_by = "10 x probe_interval" if watch.mode == "off" else "pause over"
+            watch.woke(watch.wake.wait(pause) and not self._closed.is_set())
         watch.mode = "closed"
 
     def _follow(self, url: str, watch: _Watch) -> float:
         """One try: read the node's stream while it lasts; the pause before the next try."""
-        base = min(1.0, self._membership.probe_interval)
         try:
             with self._side.get(
                 url + self.events_path,
@@ -463,41 +415,29 @@ class Pool:
                 self._streams[url] = response.raw
                 if self._closed.is_set():  # close() came first: it did not see this one
                     return 0.0
-                pause = self._refused_stream(response, watch)
+                pause = watch.refused(
+                    response.status_code,
+                    response.headers,
+                    probe_interval=self._membership.probe_interval,
+                    now=time.time(),
+                    rng=self._rng,
+                )
                 if pause is not None:
                     return pause
                 self._read_stream(url, response, watch)
+                last = watch.last
         except protocol.ProtocolError as exc:  # BrokenStream, or past a limit
-            watch.last = f"broken stream: {exc}"
+            last = f"broken stream: {exc}"
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             # The node is restarting or gone: the calls and the prober see to it. A stream
             # cut mid-read raises urllib3's own errors (ProtocolError), not requests'.
-            watch.last = type(exc).__name__
-        watch.mode = "waiting"
-        watch.failures += 1
-        return _jittered(_backoff(watch.failures, base), self._rng)
-
-    def _refused_stream(self, response: requests.Response, watch: _Watch) -> float | None:
-        """The pause the node asked for instead of a stream (204, or 503 with Retry-After)."""
-        if response.status_code == 204:  # Graceful-Events: off (an EventSource stops, too)
-            watch.mode, watch.failures = "off", 0
-            watch.last = "204 " + response.headers.get(protocol.EVENTS_HEADER, "")[:20]
-            interval = self._membership.probe_interval * EVENTS_OFF_INTERVALS
-            return _jittered(interval, self._rng)
-        if response.status_code == 503:
-            after = _retry_after(response.headers.get(protocol.RETRY_AFTER_HEADER))
-            if after is not None:
-                watch.mode, watch.last = "waiting", f"503, Retry-After {after:g} s"
-                return _jittered(after, self._rng)
-        if response.status_code != 200 or not _is_event_stream(response):
-            kind = response.headers.get("Content-Type", "no Content-Type")
-            raise BrokenStream(f"answered {response.status_code} ({kind[:60]})")
-        return None
+            last = type(exc).__name__
+        interval = self._membership.probe_interval
+        return watch.failed(last, probe_interval=interval, rng=self._rng)
 
     def _read_stream(self, url: str, response: requests.Response, watch: _Watch) -> None:
         """Apply each notice of an open stream until it ends (it always ends in a failure:
         the node went away, or broke a limit, or ``close()``)."""
-        watch.mode = "streaming"
         opened = self._clock()
         reader = _EventReader(response.raw)
         try:
@@ -513,10 +453,7 @@ class Pool:
                 if self._closed.is_set():
                     return
         finally:
-            watch.largest_pending = max(watch.largest_pending, reader.largest_pending)
-            if reader.notices and self._clock() - opened >= MAX_BACKOFF:
-                watch.failures = 0  # it worked for a while: the backoff starts again
-        watch.last = "stream ended" if reader.notices else "stream ended before any notice"
+            watch.ended(reader.notices, self._clock() - opened, reader.largest_pending)
 
     def close(self) -> None:
         self._closed.set()
@@ -544,11 +481,6 @@ def _shut_down(raw: Any) -> None:
 
 
 _EVENT_STREAM = protocol.EVENTS_CONTENT_TYPE.split(";")[0]
-
-
-def _is_event_stream(response: requests.Response) -> bool:
-    content_type = response.headers.get("Content-Type", "")
-    return content_type.split(";")[0].strip().lower() == _EVENT_STREAM
 
 
 class _EventReader:
@@ -579,29 +511,20 @@ class _EventReader:
             yield from self._decoder.feed(chunk)
 
 
-def _backoff(failures: int, base: float) -> float:
-    """The pause after ``failures`` failed tries in a row: ``base``, doubling, capped."""
-    return min(MAX_BACKOFF, base * 2.0 ** min(failures - 1, 32))
-
-
-def _jittered(pause: float, rng: random.Random) -> float:
-    """``pause`` plus up to :data:`JITTER` of it, so that many pools do not try in step."""
-    return pause * (1.0 + JITTER * rng.random())
-
-
 def _retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds a ``Retry-After`` value asks for, within [1, 60]; None when it is neither
-    delta-seconds nor an HTTP date."""
-    text = (value or "").strip()
-    if text.isascii() and text.isdigit():
-        seconds = float(text) if len(text) < 10 else RETRY_AFTER_MAX
-    else:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    return min(max(seconds, RETRY_AFTER_MIN), RETRY_AFTER_MAX)
+    """:func:`calls.retry_after` at ``now`` (the wall clock unless given)."""
+    return calls.retry_after(value, time.time() if now is None else now)
+
+
+def _failure(exc: requests.RequestException) -> Failure:
+    """What requests' exception says about the request's fate."""
+    if isinstance(exc, requests.ConnectTimeout):  # a ConnectionError too: check it first
+        return Failure.CONNECT_TIMEOUT
+    if _is_read_timeout(exc):  # the app may be running it: never sent again
+        return Failure.READ_TIMEOUT
+    if not isinstance(exc, requests.ConnectionError):
+        return Failure.OTHER
+    return Failure.REFUSED if _is_refused(exc) else Failure.CLOSED
 
 
 def _timeout_part(kwargs: Mapping[str, Any], index: int) -> str:
@@ -609,10 +532,3 @@ def _timeout_part(kwargs: Mapping[str, Any], index: int) -> str:
     timeout = kwargs.get("timeout")
     part = timeout[index] if isinstance(timeout, tuple) else timeout
     return f"{part:g}s" if isinstance(part, (int, float)) else ""
-
-
-def _node_url(text: str) -> str:
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-        raise ValueError(f"a node is a base URL like http://10.0.0.5:8000, not {text!r}")
-    return text.rstrip("/")
