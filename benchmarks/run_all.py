@@ -69,6 +69,13 @@ KNOWN: dict[str, Known] = {
     "client_pool_overhead": Known(
         "Pool / Session <= 1.05x", ("--requests", "300", "--rounds", "5")
     ),
+    "httpx_overhead": Known(
+        "PoolTransport / plain httpx client <= 1.05x (sync and async)",
+        ("--requests", "300", "--rounds", "5"),
+    ),
+    "grpc_overhead": Known(
+        "graceful.grpc.channel / plain channel <= 1.05x", ("--requests", "300", "--rounds", "5")
+    ),
 }
 ORDER = list(KNOWN)
 

@@ -45,6 +45,16 @@ SMOKE: dict[str, tuple[tuple[str, ...], str, float]] = {
         "Pool vs requests.Session per request: ",
         60,
     ),
+    "httpx_overhead": (
+        ("--requests", "20", "--rounds", "1"),
+        "httpx transport vs plain client per request: ",
+        60,
+    ),
+    "grpc_overhead": (
+        ("--requests", "20", "--rounds", "1"),
+        "grpc channel vs plain channel per call: ",
+        60,
+    ),
 }
 
 

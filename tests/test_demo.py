@@ -155,6 +155,23 @@ def test_a_graceful_restart_through_the_client_pool_fails_no_request(
     wait_until(lambda: not marked.pids(), timeout=10, message="no process left behind")
 
 
+@pytest.mark.parametrize("via", ["httpx", "grpc"])
+def test_a_graceful_restart_through_httpx_or_grpc_fails_no_request(
+    via: str, marked: Marked, wait_until: WaitUntil
+) -> None:
+    """``--via httpx``: a plain ``httpx.Client`` round-robin, then one over
+    ``graceful.httpx.PoolTransport`` (uvicorn nodes). ``--via grpc``: gRPC nodes, a plain
+    round-robin channel, then ``graceful.grpc.channel``."""
+    options = ["--json", "--duration", "3", "--nodes", "2", "--server", "uvicorn"]
+    done = run_demo(marked, *options, "--via", via)
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = json.loads(done.stdout)
+    assert (document["via"], document["nodes"]) == (via, 2)
+    assert_rounds(document, 2)
+    assert document["naive"]["failed"] > 0  # the naive round does fail: the demo shows a difference
+    wait_until(lambda: not marked.pids(), timeout=10, message="no process left behind")
+
+
 @pytest.mark.parametrize("server", servers())
 def test_a_graceful_restart_through_nginx_fails_no_request_and_the_table_shows_both_rounds(
     server: str, marked: Marked, wait_until: WaitUntil

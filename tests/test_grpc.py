@@ -10,6 +10,7 @@ does with it (health checking routes around a draining node; only the listed met
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -283,6 +284,48 @@ def test_the_control_port_answers_readyz_503_while_draining(node: SyncNode) -> N
         node.lifecycle.drain("test")
         assert http_status(control.port, "/readyz") == 503
         assert http_status(control.port, "/livez") == 200
+    finally:
+        control.close()
+
+
+def post(port: int, path: str, token: str | None) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        connection.request("POST", path, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_the_control_port_s_drain_route_needs_the_token_and_turns_health_not_serving() -> None:
+    token = "grpc-control-Token-7e3c1"
+    made = SyncNode(graceful.Lifecycle(graceful.Config(delay=0.2, token=token)))
+    control = graceful.grpc.ControlServer(made.lifecycle, 0, "127.0.0.1")
+    try:
+        with grpc.insecure_channel(made.address) as channel:
+            check = health_stub(channel).Check
+            request = health_pb2.HealthCheckRequest(service="")
+            assert check(request).status == SERVING
+            assert post(control.port, "/-/graceful/drain", None) == 401
+            assert post(control.port, "/-/graceful/drain", "wrong-token-000000") == 401
+            assert check(request).status == SERVING  # nothing changed
+            assert post(control.port, "/-/graceful/drain", token) == 200
+            wait_until(lambda: check(request).status == NOT_SERVING, 5)
+            assert post(control.port, "/-/graceful/resume", token) == 200
+            wait_until(lambda: check(request).status == SERVING, 5)
+    finally:
+        control.close()
+        made.close()
+
+
+def test_without_a_token_the_control_port_s_control_routes_are_off(node: SyncNode) -> None:
+    control = graceful.grpc.ControlServer(node.lifecycle, 0, "127.0.0.1")
+    try:
+        assert post(control.port, "/-/graceful/drain", "any-token-at-all-00") == 404
+        assert node.lifecycle.phase is graceful.Phase.SERVING
     finally:
         control.close()
 

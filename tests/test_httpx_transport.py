@@ -49,10 +49,6 @@ def raw_nodes() -> Iterator[Callable[..., RawNode]]:
         yield make
 
 
-def graceful_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("graceful-")]
-
-
 # -- the node is the transport's choice --------------------------------------------------------
 
 
@@ -109,7 +105,17 @@ def test_closing_the_client_stops_the_transports_threads(
 
     client.close()
 
-    wait_until(lambda: not graceful_threads(), timeout=5, message=lambda: str(graceful_threads()))
+    def left() -> list[str]:
+        """This transport's threads still running: its prober and watchers, and any probe
+        of its nodes (other tests' threads may be about: a lifecycle's delay timer...)."""
+        urls = [node.url for node in nodes]
+        return [
+            thread.name
+            for thread in threading.enumerate()
+            if thread in transport._threads or any(url in thread.name for url in urls)
+        ]
+
+    wait_until(lambda: not left(), timeout=5, message=lambda: str(left()))
     with pytest.raises(RuntimeError, match="this PoolTransport is closed"):
         transport.handle_request(httpx.Request("GET", "http://orders/x"))
 

@@ -22,6 +22,7 @@ class AsyncPoolTransport(Base, httpx.AsyncBaseTransport):
     def __init__(self, nodes: Sequence[str], **options: Any) -> None:
         mine, inner = split_options(options)
         super().__init__(nodes, **mine)
+        self._trace_sends = bool(inner.get("http2"))
         self._lanes = Lanes(lambda: httpx.AsyncHTTPTransport(**inner))
         self._side = httpx.AsyncHTTPTransport(**inner)  # probes and event streams
         self._closed = False
@@ -61,7 +62,7 @@ class AsyncPoolTransport(Base, httpx.AsyncBaseTransport):
                 response: httpx.Response = await lane.handle_async_request(sent)
             except httpx.TransportError as exc:
                 self._end(node, lane)
-                why = self._failed(node, sent, exc, trace)
+                why = self._failed(node, request, exc, trace)
                 if why is None:
                     raise
                 attempts.failed(node, why)
@@ -76,7 +77,7 @@ class AsyncPoolTransport(Base, httpx.AsyncBaseTransport):
                 continue
             response.stream = _Body(
                 response.stream,  # type: ignore[arg-type]  # the async transport's: async
-                timed_out=functools.partial(self._body_timed_out, node, sent),
+                timed_out=functools.partial(self._body_timed_out, node, request),
                 closed=functools.partial(self._end, node, lane),
             )
             return response
@@ -140,13 +141,15 @@ class AsyncPoolTransport(Base, httpx.AsyncBaseTransport):
     async def _read_stream(self, url: str, response: httpx.Response) -> None:
         opened = self._clock()
         decoder = protocol.EventDecoder()
+        cut = True
         try:
             async for chunk in response.aiter_raw():
                 for notice in decoder.feed(chunk):
                     self._learn_phase(url, notice)
+            cut = False
         finally:
-            watch = self._watches[url]
-            watch.ended(decoder.notices, self._clock() - opened, decoder.largest_pending)
+            lasted = self._clock() - opened
+            self._watches[url].ended(decoder.notices, lasted, decoder.largest_pending, cut=cut)
 
     async def aclose(self) -> None:
         self._closed = True

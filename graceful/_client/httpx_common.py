@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 try:
     import httpx as httpx  # re-exported: the transports import it from here, after the hint
@@ -45,6 +45,51 @@ def timeout_part(request: httpx.Request, part: str) -> str:
 
 def side_timeout(connect: float, read: float) -> dict[str, Any]:
     return {"timeout": {"connect": connect, "read": read, "write": connect, "pool": connect}}
+
+
+class NodeURL:
+    """What an ``httpx`` transport reads of a request's URL."""
+
+    __slots__ = ("port", "raw_host", "raw_path", "raw_scheme")
+
+    def __init__(self, raw_scheme: bytes, raw_host: bytes, port: int | None, raw_path: bytes):
+        self.raw_scheme, self.raw_host, self.port, self.raw_path = (
+            raw_scheme,
+            raw_host,
+            port,
+            raw_path,
+        )
+
+
+class RawHeaders:
+    """What an ``httpx`` transport reads of a request's headers."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+
+
+class NodeRequest:
+    """A request as the inner ``httpx.HTTPTransport`` / ``AsyncHTTPTransport`` sends it: it
+    reads only ``method``, ``url.raw_scheme``, ``url.raw_host``, ``url.port``,
+    ``url.raw_path``, ``headers.raw``, ``stream`` and ``extensions`` (httpx 0.27 to 0.29; tests
+    send every request through it). Rebuilding an ``httpx.Request`` for the node instead
+    parses and validates its URL again, about a tenth of a whole request's cost on 127.0.0.1
+    (``benchmarks/httpx_overhead.py``)."""
+
+    __slots__ = ("extensions", "headers", "method", "stream", "url")
+
+    def __init__(
+        self,
+        method: str,
+        url: NodeURL,
+        headers: RawHeaders,
+        stream: Any,
+        extensions: dict[str, Any],
+    ) -> None:
+        self.method, self.url, self.headers = method, url, headers
+        self.stream, self.extensions = stream, extensions
 
 
 class Lanes:
@@ -126,6 +171,17 @@ class Base:
         if not 0 < probe_timeout < math.inf:
             raise ValueError(f"probe_timeout must be > 0 seconds, not {probe_timeout!r}")
         self._urls = {url: httpx.URL(url) for url in urls}
+        #: Per node: scheme, host, port, path prefix and ``Host`` header, as bytes.
+        self._parts = {
+            url: (
+                base.raw_scheme,
+                base.raw_host,
+                base.port,
+                base.raw_path.rstrip(b"/"),
+                (b"Host", base.netloc),
+            )
+            for url, base in self._urls.items()
+        }
         self._clock = clock
         self._membership = Membership(
             urls,
@@ -137,6 +193,9 @@ class Base:
         self._lock = threading.Lock()
         #: Each node's inner transport: set by the subclass (its kind of ``httpx`` transport).
         self._lanes = Lanes(lambda: None)
+        #: Whether sends carry the trace that tells an HTTP/2 stream the server did not
+        #: process (:mod:`.httpx_failures`): with ``http2=True`` only, as it costs every send.
+        self._trace_sends = False
         self._rng = random.Random()  # noqa: S311 - pause jitter, not a secret
         self._watch = watch
         self._watches = {url: calls.Watch() for url in self._urls}
@@ -181,23 +240,16 @@ class Base:
 
     def _to_node(self, request: httpx.Request, node: str, trace: SendTrace) -> httpx.Request:
         """``request`` sent to ``node``: its scheme, host and port (and path prefix), the path
-        and query kept, the ``Host`` header the node's; ``trace`` sees how far it went."""
-        base = self._urls[node]
-        url = request.url.copy_with(
-            scheme=base.scheme,
-            host=base.host,
-            port=base.port,
-            raw_path=base.raw_path.rstrip(b"/") + request.url.raw_path,
-        )
-        headers = request.headers.copy()
-        headers["Host"] = base.netloc.decode("ascii")
-        return httpx.Request(
-            request.method,
-            url,
-            headers=headers,
-            stream=request.stream,
-            extensions={**request.extensions, "trace": trace.callback},
-        )
+        and query kept, the ``Host`` header the node's; ``trace`` sees how far it went (with
+        ``http2=True``). Built as a :class:`NodeRequest`, not an ``httpx.Request``: see there."""
+        scheme, host, port, prefix, host_header = self._parts[node]
+        raw = [host_header, *(kv for kv in request.headers.raw if kv[0].lower() != b"host")]
+        extensions = request.extensions
+        if self._trace_sends:
+            extensions = {**extensions, "trace": trace.callback}
+        url = NodeURL(scheme, host, port, prefix + request.url.raw_path)
+        sent = NodeRequest(request.method, url, RawHeaders(raw), request.stream, extensions)
+        return cast(httpx.Request, sent)
 
     def _failed(
         self, node: str, request: httpx.Request, exc: httpx.TransportError, trace: SendTrace

@@ -16,8 +16,10 @@ failure to open the stream (``http2.send_request_headers.failed`` with h2's own
 GOAWAY above a stream itself, it sends the stream again on a new connection to the same node.
 
 A write that failed while the request's head was going out (``send_request_headers.failed``
-with a write error, HTTP/1.1 or HTTP/2) did not deliver it whole: nothing was processed. A write
-error later (the body) may come after the app started: that is a closed connection.
+with a write error) did not deliver it whole: nothing was processed. A write error later (the
+body) may come after the app started: that is a closed connection. The transports trace their
+sends with ``http2=True`` only (the trace costs every send): over HTTP/1.1 any write error is a
+closed connection.
 """
 
 from __future__ import annotations

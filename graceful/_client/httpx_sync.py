@@ -29,6 +29,7 @@ class PoolTransport(Base, httpx.BaseTransport):
     def __init__(self, nodes: Sequence[str], **options: Any) -> None:
         mine, inner = split_options(options)
         super().__init__(nodes, **mine)
+        self._trace_sends = bool(inner.get("http2"))
         self._lanes = Lanes(lambda: httpx.HTTPTransport(**inner))
         self._side = httpx.HTTPTransport(**inner)  # probes and event streams, apart from calls
         self._closed = threading.Event()
@@ -57,7 +58,7 @@ class PoolTransport(Base, httpx.BaseTransport):
                 response: httpx.Response = lane.handle_request(sent)
             except httpx.TransportError as exc:
                 self._end(node, lane)
-                why = self._failed(node, sent, exc, trace)
+                why = self._failed(node, request, exc, trace)
                 if why is None:
                     raise
                 attempts.failed(node, why)
@@ -72,7 +73,7 @@ class PoolTransport(Base, httpx.BaseTransport):
                 continue
             response.stream = _Body(
                 response.stream,  # type: ignore[arg-type]  # the sync transport's: sync
-                timed_out=functools.partial(self._body_timed_out, node, sent),
+                timed_out=functools.partial(self._body_timed_out, node, request),
                 closed=functools.partial(self._end, node, lane),
             )
             return response
@@ -144,15 +145,17 @@ class PoolTransport(Base, httpx.BaseTransport):
     def _read_stream(self, url: str, response: httpx.Response) -> None:
         opened = self._clock()
         decoder = protocol.EventDecoder()
+        cut = True
         try:
             for chunk in response.iter_raw():
                 for notice in decoder.feed(chunk):
                     self._learn_phase(url, notice)
                 if self._closed.is_set():
                     return
+            cut = False
         finally:
-            watch = self._watches[url]
-            watch.ended(decoder.notices, self._clock() - opened, decoder.largest_pending)
+            lasted = self._clock() - opened
+            self._watches[url].ended(decoder.notices, lasted, decoder.largest_pending, cut=cut)
 
     def close(self) -> None:
         self._closed.set()

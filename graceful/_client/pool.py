@@ -440,6 +440,7 @@ class Pool:
         the node went away, or broke a limit, or ``close()``)."""
         opened = self._clock()
         reader = _EventReader(response.raw)
+        cut = True
         try:
             for notice in reader:
                 with self._lock:
@@ -452,8 +453,10 @@ class Pool:
                 self._announce(changed)
                 if self._closed.is_set():
                     return
+            cut = False
         finally:
-            watch.ended(reader.notices, self._clock() - opened, reader.largest_pending)
+            lasted = self._clock() - opened
+            watch.ended(reader.notices, lasted, reader.largest_pending, cut=cut)
 
     def close(self) -> None:
         self._closed.set()

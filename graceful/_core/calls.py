@@ -274,12 +274,15 @@ class Watch:
         self.failures += 1
         return jittered(backoff(self.failures, min(1.0, probe_interval)), rng)
 
-    def ended(self, notices: int, lasted: float, largest_pending: int) -> None:
-        """A stream that worked ended after ``lasted`` seconds (it always ends in a failure)."""
+    def ended(self, notices: int, lasted: float, largest_pending: int, *, cut: bool) -> None:
+        """A stream that worked ended after ``lasted`` seconds (it always ends in a failure).
+        ``cut``: by an error (past a limit, the connection lost) or the pool's close, which
+        say why themselves; else the node ended it, which :attr:`last` says."""
         self.largest_pending = max(self.largest_pending, largest_pending)
         if notices and lasted >= MAX_BACKOFF:
             self.failures = 0  # it worked for a while: the backoff starts again
-        self.last = "stream ended" if notices else "stream ended before any notice"
+        if not cut:
+            self.last = "stream ended" if notices else "stream ended before any notice"
 
     def woke(self, early: bool) -> None:
         """A pause ended: early (the node is back) or when it was over."""

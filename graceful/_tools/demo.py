@@ -12,7 +12,11 @@ nginx's own defaults, in the graceful round with ``integrations/nginx/graceful-p
 draining node's 503 and a refused connection are sent to the next node; a POST that reached a
 node never is). Without nginx
 (``--via pool``) the naive round calls the nodes round-robin with a plain ``requests.Session``
-(no retries) and the graceful round through :class:`graceful.client.Pool`.
+(no retries) and the graceful round through :class:`graceful.client.Pool`. With ``--via httpx``
+(httpx installed) the same with a plain ``httpx.Client``, and ``httpx.Client`` over
+:class:`graceful.httpx.PoolTransport`. With ``--via grpc`` the nodes are gRPC servers
+(:mod:`graceful._tools.demo_grpc`) and the callers share one channel: a plain round-robin one,
+then :func:`graceful.grpc.channel`.
 
 Every process it starts is in its own process group and is killed on the way out, also on
 Ctrl-C, SIGTERM or SIGHUP. Exit status: 0 when the graceful round failed no request, 1
@@ -51,7 +55,7 @@ __all__ = ["add_verb", "main", "run"]
 
 #: What the nodes run, and how the load reaches them.
 ServerName = Literal["uvicorn", "gunicorn", "hypercorn", "granian", "daphne"]
-Via = Literal["nginx", "pool"]
+Via = Literal["nginx", "pool", "httpx", "grpc"]
 SERVERS: tuple[ServerName, ...] = get_args(ServerName)
 #: The demo's callers use requests (the client extra) and its nodes a server.
 INSTALL_HINT = "pip install 'graceful-drain[client,uvicorn]'"
@@ -154,9 +158,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--via",
-        choices=("nginx", "pool"),
-        help="the load goes through nginx, or calls the nodes itself (graceful.client.Pool); "
-        "default: nginx when it is on the PATH",
+        choices=("nginx", "pool", "httpx", "grpc"),
+        help="the load goes through nginx, or calls the nodes itself (graceful.client.Pool; "
+        "httpx: an httpx.Client over graceful.httpx.PoolTransport; grpc: gRPC nodes and "
+        "graceful.grpc.channel); default: nginx when it is on the PATH, else pool",
     )
     add("--json", action="store_true", help="print the result as JSON instead of a table")
 
@@ -302,11 +307,20 @@ class Node:
 
 class Cluster:
     def __init__(
-        self, processes: Processes, folder: Path, server: ServerName, graceful: bool, count: int
+        self,
+        processes: Processes,
+        folder: Path,
+        server: ServerName,
+        graceful: bool,
+        count: int,
+        *,
+        grpc: bool = False,
     ) -> None:
         self.processes = processes
         self.server = server
         self.graceful = graceful
+        #: gRPC nodes (``--via grpc``) instead of the server's HTTP ones.
+        self.grpc = grpc
         ports: set[int] = set()
         while len(ports) < count:
             ports.add(free_port())
@@ -318,11 +332,19 @@ class Cluster:
 
     def start(self, node: Node) -> None:
         env = child_env(GRACEFUL_ENV if self.graceful else {})
-        node.proc = self.processes.start(
-            node_argv(self.server, self.graceful, node.port), node.log, env
-        )
+        if self.grpc:
+            from . import demo_grpc
+
+            argv = demo_grpc.argv(sys.executable, node.port, self.graceful)
+        else:
+            argv = node_argv(self.server, self.graceful, node.port)
+        node.proc = self.processes.start(argv, node.log, env)
 
     def ready(self, node: Node) -> bool:
+        if self.grpc:
+            from . import demo_grpc
+
+            return demo_grpc.ready(node.port)
         path = "/readyz" if self.graceful else "/items/ready"
         try:
             return fetch.request("GET", node.url + path, timeout=2.0).status_code == 200
@@ -585,6 +607,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     via: Via = args.via or ("nginx" if nginx else "pool")
     if via == "nginx" and nginx is None:
         raise DemoError("--via nginx: nginx is not on the PATH; install it or use --via pool")
+    if via == "httpx" and not installed("httpx"):
+        raise DemoError("--via httpx: httpx is not installed; pip install 'graceful-drain[httpx]'")
+    if via == "grpc" and not (installed("grpc") and installed("grpc_health")):
+        raise DemoError("--via grpc: grpcio is not installed; pip install 'graceful-drain[grpc]'")
     return Settings(server, args.nodes, args.duration, via, nginx)
 
 
@@ -641,10 +667,17 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(document, indent=2))
     else:
-        through = "nginx" if settings.via == "nginx" else "the client pool"
+        through = {
+            "nginx": "nginx",
+            "pool": "the client pool",
+            "httpx": "httpx's PoolTransport",
+            "grpc": "one gRPC channel",
+        }[settings.via]
+        kind = "gRPC" if settings.via == "grpc" else settings.server
+        calls = "Get and Create calls" if settings.via == "grpc" else "GETs and POSTs"
         print(
-            f"{settings.nodes} {settings.server} nodes, each restarted under load "
-            f"({THREADS} callers through {through}, GETs and POSTs):\n"
+            f"{settings.nodes} {kind} nodes, each restarted under load "
+            f"({THREADS} callers through {through}, {calls}):\n"
         )
         print(table(naive, graceful))
         verdict = "no request failed" if ok else f"{graceful.failed} requests failed"

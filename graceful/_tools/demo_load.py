@@ -49,8 +49,15 @@ class Outcome:
 def failure_kind(exc: BaseException) -> str:
     from .._client.pool import NoNodeAvailable
 
-    if isinstance(exc, NoNodeAvailable):
+    if isinstance(exc, NoNodeAvailable) or type(exc).__name__ == "NoNodeAvailable":
         return "no node available"
+    httpx_kind = _httpx_failure_kind(exc)
+    if httpx_kind is not None:
+        return httpx_kind
+    if _from_grpc(exc):
+        from .demo_grpc import failure_kind as grpc_kind
+
+        return grpc_kind(exc) or type(exc).__name__
     if isinstance(exc, requests.Timeout):
         return "timeout"
     if isinstance(exc, requests.ConnectionError):
@@ -63,11 +70,30 @@ def failure_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _from_grpc(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("grpc")
+
+
+def _httpx_failure_kind(exc: BaseException) -> str | None:
+    """The kind of an httpx failure (``--via httpx``); None for any other exception."""
+    if not type(exc).__module__.startswith("httpx"):
+        return None
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused"
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
+        return "connection closed"
+    return type(exc).__name__
+
+
 class Load:
     """``THREADS`` callers, each alternating ``GET /items/<n>`` and ``POST /items`` (an id in
     the body and an ``Idempotency-Key``), until :meth:`stop`."""
 
-    def __init__(self, call: Callable[[str, str, dict[str, Any]], requests.Response]) -> None:
+    def __init__(self, call: Callable[[str, str, dict[str, Any]], Any]) -> None:
         self.call = call
         self.outcomes: list[Outcome] = []
         self.lock = threading.Lock()
@@ -165,7 +191,10 @@ def run_round(
     interrupted: threading.Event,
 ) -> RoundResult:
     label = "graceful" if graceful else "naive"
-    cluster = Cluster(processes, folder, settings.server, graceful, settings.nodes)
+    cluster = Cluster(
+        processes, folder, settings.server, graceful, settings.nodes, grpc=settings.via == "grpc"
+    )
+    closing: list[Callable[[], None]] = []
     progress.set(label, f"starting {settings.nodes} {settings.server} nodes")
     for node in cluster.nodes:
         cluster.start(node)
@@ -173,6 +202,8 @@ def run_round(
         cluster.wait_ready(node, interrupted)
     front: subprocess.Popen[bytes] | None = None
     pool: Any = None
+    seen: Any = None  # --via grpc: the processes the calls reached
+    call: Callable[[str, str, dict[str, Any]], Any]
     sessions: threading.local = threading.local()
     if settings.via == "nginx" and settings.nginx is not None:
         nginx = Nginx(processes, settings.nginx, folder)
@@ -186,6 +217,13 @@ def run_round(
                 session = sessions.session = requests.Session()
             return session.request(method, base + path, timeout=REQUEST_TIMEOUT, **kwargs)
 
+    elif settings.via == "httpx":
+        call, pool = _httpx_caller(cluster, graceful, settings.nodes)
+    elif settings.via == "grpc":
+        from .demo_grpc import caller
+
+        call, close_channel, seen = caller([node.port for node in cluster.nodes], graceful)
+        closing.append(close_channel)
     elif graceful:
         from .._client.pool import Pool
 
@@ -224,6 +262,8 @@ def run_round(
             cluster.wait_ready(node, interrupted)
             if pool is not None:  # back in the pool's rotation before the next one goes
                 wait_in_service(pool, node.url, interrupted)
+            if seen is not None and graceful and node.proc is not None:
+                wait_reached(seen, node.proc.pid, interrupted)  # back in the channel's
             restarts += 1
         progress.set(label, "every node restarted; load running")
         left = max(1.0, settings.duration - (time.monotonic() - started))
@@ -233,6 +273,8 @@ def run_round(
         load.stop()
         if pool is not None:
             pool.close()
+        for close in closing:
+            close()
         for node in cluster.nodes:
             if node.proc is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -241,6 +283,44 @@ def run_round(
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(front.pid, signal.SIGKILL)
     return RoundResult.of(load, restarts)
+
+
+def _httpx_caller(
+    cluster: Cluster, graceful: bool, nodes: int
+) -> tuple[Callable[[str, str, dict[str, Any]], Any], Any]:
+    """``--via httpx``: the call of one round, and what holds the nodes' states (the
+    graceful round's ``PoolTransport``; closed with the round) or None."""
+    import httpx
+
+    timeout = httpx.Timeout(REQUEST_TIMEOUT[1], connect=REQUEST_TIMEOUT[0])
+    if graceful:
+        from .._client.httpx_sync import PoolTransport
+
+        transport = PoolTransport(
+            [node.url for node in cluster.nodes], probe_interval=0.2, max_attempts=nodes + 1
+        )
+        client = httpx.Client(transport=transport, base_url="http://demo", timeout=timeout)
+
+        def call(method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
+            return client.request(method, path, **kwargs)
+
+        return call, transport
+    plain = httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(retries=0))
+    turn = itertools.count()
+
+    def call_plain(method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
+        node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin, no retries
+        return plain.request(method, node.url + path, **kwargs)
+
+    return call_plain, None
+
+
+def wait_reached(seen: Any, pid: int, interrupted: threading.Event) -> None:
+    """Until a call reached process ``pid`` (bounded by :data:`START_TIMEOUT`)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while pid not in seen and time.monotonic() < deadline:
+        if interrupted.wait(0.05):
+            raise KeyboardInterrupt
 
 
 def wait_in_service(pool: Any, url: str, interrupted: threading.Event) -> None:
