@@ -75,8 +75,10 @@ server = _Server()
 NOT_RUN = {
     "uvicorn": "starts uvicorn on 0.0.0.0:8000 with 4 workers (tests/test_uvicorn.py runs it)",
     "Calling a service: the drain-aware client pool": "calls hosts 10.0.0.x that do not exist",
-    "Calling services: httpx": "calls hosts 10.0.0.x that do not exist",
-    "gRPC": "serves on [::]:50051 until SIGTERM (tests/e2e/test_grpc_e2e.py drains such servers)",
+    "Calling services: httpx": "calls hosts 10.0.0.x that do not exist "
+    "(tests/e2e/test_readme_clients.py runs it against local nodes)",
+    "gRPC": "serves on [::]:50051 until SIGTERM (tests/e2e/test_readme_clients.py runs both "
+    "snippets on 127.0.0.1 and drains the server)",
     "The managed upstream file": "edits /etc/nginx (tests/e2e/test_nginx_controller.py does "
     "the same on a real nginx)",
 }
