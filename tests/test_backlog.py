@@ -455,7 +455,7 @@ def test_serve_queued_open_async_waits_on_the_loop_and_leaves_the_listener_open(
         async def tick() -> None:
             while True:
                 ticks.append(None)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the loop's turns ARE what is counted: it runs
 
         ticker = asyncio.get_running_loop().create_task(tick())
         try:

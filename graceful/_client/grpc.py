@@ -148,6 +148,20 @@ def channel_options(
     return list(merged.items())
 
 
+def _target_and_options(
+    nodes: str | Sequence[str],
+    idempotent_methods: Iterable[str],
+    health_service: str | None,
+    max_attempts: int,
+    options: Iterable[tuple[str, Any]],
+) -> tuple[str, list[tuple[str, Any]]]:
+    """What :func:`channel` and :func:`aio_channel` give gRPC: the target and the options."""
+    config = service_config(
+        idempotent_methods, health_service=health_service, max_attempts=max_attempts
+    )
+    return target(nodes), channel_options(config, options)
+
+
 def channel(
     nodes: str | Sequence[str],
     *,
@@ -162,10 +176,9 @@ def channel(
     ``idempotent_methods``: the methods (``"/pkg.Service/Method"``, or ``"/pkg.Service/*"``)
     safe to run twice: retried on UNAVAILABLE. ``credentials``: a secure channel with them.
     ``options``: more channel options (yours win)."""
-    config = service_config(
-        idempotent_methods, health_service=health_service, max_attempts=max_attempts
+    where, opts = _target_and_options(
+        nodes, idempotent_methods, health_service, max_attempts, options
     )
-    where, opts = target(nodes), channel_options(config, options)
     if credentials is None:
         return grpc.insecure_channel(where, options=opts)
     return grpc.secure_channel(where, credentials, options=opts)
@@ -181,10 +194,9 @@ def aio_channel(
     options: Iterable[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """:func:`channel` for asyncio: a ``grpc.aio.Channel``."""
-    config = service_config(
-        idempotent_methods, health_service=health_service, max_attempts=max_attempts
+    where, opts = _target_and_options(
+        nodes, idempotent_methods, health_service, max_attempts, options
     )
-    where, opts = target(nodes), channel_options(config, options)
     if credentials is None:
         return grpc.aio.insecure_channel(where, options=opts)
     return grpc.aio.secure_channel(where, credentials, options=opts)
