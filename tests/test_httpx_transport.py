@@ -19,6 +19,7 @@ import h2.events
 import httpcore
 import httpx
 import pytest
+from _apps import wait_until_async
 from _raw_node import Exchange, RawNode, answer
 from conftest import closed_at_end, unused_port, wait_until
 
@@ -131,6 +132,8 @@ def test_the_async_transport_starts_its_tasks_at_the_first_request_and_aclose_en
         assert transport._tasks == set()
         assert (await client.get("/x")).text == "raw"
         running = sorted(task.get_name() for task in transport._tasks)
+        # the watch task opens its stream in its own time
+        await wait_until_async(lambda: bool(node.to(EVENTS)), what="the watch connects")
         await client.aclose()
         current = asyncio.current_task()
         left = [task.get_name() for task in asyncio.all_tasks() if task is not current]

@@ -362,9 +362,10 @@ def replace_uvicorn_worker_quit(worker: Any, handler: Callable[[int, Any], None]
 #:   loads it (an ASGI or WSGI wrapper);
 #: - ``hypercorn.protocol.h2.H2Protocol``, each HTTP/2 connection: ``__init__`` (to know them),
 #:   ``stream_send`` given ``hypercorn.protocol.events.StreamClosed`` (a stream ended),
-#:   ``_handle_events`` (the ``h2`` events of what arrived), ``idle``, ``closed``, ``connection``
-#:   (its ``h2.connection.H2Connection``) and ``send``, which writes raw bytes
-#:   (``hypercorn.events.RawData``) under the connection's send lock.
+#:   ``_handle_events`` (the ``h2`` events of what arrived), ``_create_stream`` (a stream the
+#:   app will run), ``idle``, ``closed``, ``connection`` (its ``h2.connection.H2Connection``)
+#:   and ``send``, which writes raw bytes (``hypercorn.events.RawData``) under the
+#:   connection's send lock.
 HYPERCORN_CHECKED = ("0.17.0", "0.18.0")
 
 
@@ -433,24 +434,36 @@ def hypercorn_load_app(config: Any) -> Any:
 
 #: Set on an HTTP/2 connection once graceful sent its GOAWAY: the last stream id it carried.
 _GOAWAY_LAST_STREAM = "_graceful_goaway_last_stream"
+#: On an HTTP/2 connection: the highest stream id Hypercorn started (gave to the app) so far.
+_STARTED_STREAM = "_graceful_started_stream"
+#: The first half of graceful's PING payload; the second half is the stream id it asks about.
+_PING_MARK = b"gdrn"
 
 
 def track_hypercorn_h2(
-    connections: Any, after_stream_closed: Callable[[Any], Awaitable[None]]
+    connections: Any,
+    after_stream_closed: Callable[[Any], Awaitable[None]],
+    after_ping_ack: Callable[[Any, bytes], Awaitable[None]],
 ) -> None:
     """Add every HTTP/2 connection Hypercorn makes from now on to ``connections`` (a
     ``WeakSet``), await ``after_stream_closed(connection)`` each time one of its streams has
-    closed (``H2Protocol.stream_send`` given a ``StreamClosed``), and ignore the streams
-    opened above the last stream id of graceful's GOAWAY (``H2Protocol._handle_events``).
-    Once per process."""
+    closed (``H2Protocol.stream_send`` given a ``StreamClosed``) and ``after_ping_ack(connection,
+    payload)`` when its client acknowledged a PING, note the highest stream id each starts
+    (``H2Protocol._create_stream``) and ignore the streams opened above the last stream id of
+    graceful's GOAWAY (``H2Protocol._handle_events``). Once per process."""
+    import h2.events
+
     protocol = _hypercorn_part("hypercorn.protocol.h2", "H2Protocol")
     stream_closed = _hypercorn_part("hypercorn.protocol.events", "StreamClosed")
     if getattr(protocol, "_graceful_tracked", False):
         return
     original_init, original_stream_send = protocol.__init__, protocol.stream_send
     original_handle_events = getattr(protocol, "_handle_events", None)
+    original_create_stream = getattr(protocol, "_create_stream", None)
     if original_handle_events is None:
         raise _hypercorn_lacks("hypercorn.protocol.h2.H2Protocol._handle_events")
+    if original_create_stream is None:
+        raise _hypercorn_lacks("hypercorn.protocol.h2.H2Protocol._create_stream")
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
@@ -461,14 +474,28 @@ def track_hypercorn_h2(
         if isinstance(event, stream_closed):
             await after_stream_closed(self)
 
+    async def create_stream(self: Any, request: Any) -> None:
+        started = max(getattr(self, _STARTED_STREAM, 0), request.stream_id)
+        setattr(self, _STARTED_STREAM, started)
+        await original_create_stream(self, request)
+
     async def handle_events(self: Any, events: list[Any]) -> None:
-        last = getattr(self, _GOAWAY_LAST_STREAM, None)
-        if last is not None:
-            events = [event for event in events if not _ignored(self, event, last)]
-        await original_handle_events(self, events)
+        if getattr(self, _GOAWAY_LAST_STREAM, None) is None and len(events) < 2:
+            await original_handle_events(self, events)
+        else:
+            # One at a time: graceful's GOAWAY may go out while Hypercorn awaits on an
+            # earlier event of the batch, and no stream above its last stream id may start.
+            for event in events:
+                last = getattr(self, _GOAWAY_LAST_STREAM, None)
+                if last is None or not _ignored(self, event, last):
+                    await original_handle_events(self, [event])
+        for event in events:
+            if isinstance(event, h2.events.PingAckReceived):
+                await after_ping_ack(self, bytes(event.ping_data))
 
     protocol.__init__ = init
     protocol.stream_send = stream_send
+    protocol._create_stream = create_stream
     protocol._handle_events = handle_events
     protocol._graceful_tracked = True
 
@@ -496,14 +523,37 @@ def hypercorn_h2_open(connection: Any) -> bool:
 
 
 async def hypercorn_h2_goaway_if_idle(connection: Any) -> bool:
-    """Send GOAWAY on an HTTP/2 connection that has no open stream, with the last stream id it
-    processed. The connection stays open: a stream the client opens before it reads the
-    GOAWAY is ignored, unprocessed, and the client sends it again elsewhere; Hypercorn's own
-    GOAWAY follows at its stop. False when the connection is busy,
-    closed, or has had its GOAWAY."""
+    """Begin the GOAWAY of an HTTP/2 connection that has no open stream: a PING naming the
+    last stream id it started (``hypercorn_h2_goaway_after_ping`` sends the GOAWAY when the
+    client acknowledges it). False when the connection is busy, closed, or has had its GOAWAY.
+
+    Why not the GOAWAY at once: its client must have read every answer before it. httpcore
+    fails each stream at or below a GOAWAY's last stream id whose task waits to read after
+    the GOAWAY was read, even when the stream's whole answer came in the same read
+    (``AsyncHTTP2Connection._receive_events`` looks at the GOAWAY first; httpcore 1.0.8 and
+    1.0.9). A client acknowledges a PING once it has read all that came before it."""
     if not hypercorn_h2_open(connection) or not connection.idle:
         return False
-    last: int = connection.connection.highest_inbound_stream_id
+    started: int = getattr(connection, _STARTED_STREAM, 0)
+    connection.connection.ping(_PING_MARK + struct.pack("!L", started))
+    raw_data = _hypercorn_part("hypercorn.events", "RawData")
+    await connection.send(raw_data(data=connection.connection.data_to_send()))
+    return True
+
+
+async def hypercorn_h2_goaway_after_ping(connection: Any, payload: bytes) -> bool:
+    """Send the GOAWAY that graceful's PING (``payload``, acknowledged) asked about, with its
+    last stream id: a stream opened after it is ignored, unprocessed, and the client sends it
+    again elsewhere; the connection stays open, and Hypercorn's own GOAWAY follows at its
+    stop. False (nothing sent) for another PING, or when the connection has started a stream
+    since (the next PING goes when it is idle again), is busy, closed or had its GOAWAY."""
+    if len(payload) != 8 or payload[:4] != _PING_MARK:
+        return False
+    (last,) = struct.unpack("!L", payload[4:])
+    if not hypercorn_h2_open(connection) or not connection.idle:
+        return False
+    if getattr(connection, _STARTED_STREAM, 0) != last:
+        return False
     setattr(connection, _GOAWAY_LAST_STREAM, last)
     frame = struct.pack("!HBBBLLL", 0, 8, 0x7, 0, 0, last & 0x7FFFFFFF, 0)
     raw_data = _hypercorn_part("hypercorn.events", "RawData")

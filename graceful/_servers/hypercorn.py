@@ -17,7 +17,10 @@ the drain's start, or when its last open stream closes), with the last stream id
 as Hypercorn sends it at its stop: the client opens no new stream on it and goes elsewhere (a
 stream it opened meanwhile is refused unprocessed, which RFC 9113 lets it send again). Not on a
 connection with streams open: clients built on the ``h2`` library (httpx, httpcore) fail every
-open stream when a GOAWAY arrives, even the graceful form with the last stream id 2^31-1.
+open stream when a GOAWAY arrives, even the graceful form with the last stream id 2^31-1. And
+only once the client has answered a PING sent when the connection went idle: httpcore also
+fails a stream whose whole answer came in the same read as the GOAWAY, when its task was
+waiting to read.
 
 Under plain ``hypercorn`` the middleware says at start-up that SIGTERM will not drain.
 """
@@ -175,7 +178,8 @@ class WorkerLink(LoopLink):
         said = [await compat.hypercorn_h2_goaway_if_idle(c) for c in connections]
         if connections:
             logger.info(
-                "GOAWAY sent on %d idle HTTP/2 connections; %d busy ones get it once idle",
+                "GOAWAY going to %d idle HTTP/2 connections (once the client answers a PING, so"
+                " that it has read every answer first); %d busy ones get it once idle",
                 sum(said),
                 len(said) - sum(said),
             )
@@ -185,6 +189,12 @@ async def _after_stream_closed(connection: Any) -> None:
     link = _links.get(asyncio.get_running_loop())
     if link is not None and link.goaway_when_idle:
         await compat.hypercorn_h2_goaway_if_idle(connection)
+
+
+async def _after_ping_ack(connection: Any, payload: bytes) -> None:
+    link = _links.get(asyncio.get_running_loop())
+    if link is not None and link.goaway_when_idle:
+        await compat.hypercorn_h2_goaway_after_ping(connection, payload)
 
 
 # -- a worker ----------------------------------------------------------------------------------
@@ -214,7 +224,7 @@ def serve_worker(config: Any, sockets: Any = None, accepting: Any = None) -> Non
 async def _serve(app: Any, config: Any, sockets: Any, accepting: Any) -> None:
     config.log  # noqa: B018 - Hypercorn sets up its loggers (and their level) on first use
     log_through(SERVER_LOGGER)
-    compat.track_hypercorn_h2(_h2_connections, _after_stream_closed)
+    compat.track_hypercorn_h2(_h2_connections, _after_stream_closed, _after_ping_ack)
     loop = asyncio.get_running_loop()
     listeners = [] if sockets is None else [*sockets.secure_sockets, *sockets.insecure_sockets]
     alone = config.workers == 0  # else the supervisor and the other workers hold them too

@@ -156,6 +156,9 @@ class H2Client:
     """One HTTP/2 connection (h2c, prior knowledge) and its streams, read in a thread."""
 
     def __init__(self, port: int) -> None:
+        #: While set, what the client would send after a read (a PING's ACK) waits for flush().
+        self.hold_acks = False
+        self.pings: list[tuple[float, bytes]] = []
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.conn = h2_connection.H2Connection(h2_config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
@@ -188,7 +191,8 @@ class H2Client:
             while data := self.sock.recv(65536):
                 with self.lock:
                     events = self.conn.receive_data(data)
-                    self.sock.sendall(self.conn.data_to_send())
+                    if not self.hold_acks:
+                        self.sock.sendall(self.conn.data_to_send())
                 for event in events:
                     self.on(event)
         except OSError:
@@ -203,6 +207,8 @@ class H2Client:
         elif isinstance(event, h2_events.DataReceived):
             with self.lock:
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2_events.PingReceived):
+            self.pings.append((time.monotonic(), bytes(event.ping_data)))
         elif isinstance(event, h2_events.ConnectionTerminated) and self.goaway is None:
             self.goaway = (time.monotonic(), event.last_stream_id)
 
@@ -233,6 +239,31 @@ def test_http2_connections_get_goaway_once_idle_while_the_node_serves_and_lose_n
     assert busy.goaway[0] - sent < DELAY
     assert (idle.goaway[1], busy.goaway[1]) == (pings[0], max(slow))  # the last it processed
     assert {s: busy.statuses.get(s) for s in slow} == dict.fromkeys(slow, 200)
+    assert node.proc.wait(15) == 0
+
+
+def test_an_idle_connection_gets_its_goaway_only_once_its_client_answered_a_ping(
+    start_node: StartNode,
+) -> None:
+    """httpcore fails a stream whose answer came in the same read as a GOAWAY while its task
+    waited to read: so the GOAWAY waits until the client has read every answer, which its
+    acknowledgement of a PING sent when the connection went idle proves."""
+    node = start_node("foreground")
+    client = H2Client(node.port)
+    ping = client.get("/ping")
+    poll_until(lambda: ping in client.ended, message="the answer")
+    client.hold_acks = True
+
+    node.proc.send_signal(signal.SIGTERM)
+
+    poll_until(lambda: client.pings, timeout=5, message="graceful's PING")
+    assert client.goaway is None  # nothing yet: the PING has had no answer
+    answered = time.monotonic()
+    client.hold_acks = False
+    client.flush()  # the PING's ACK
+    poll_until(lambda: client.goaway, timeout=5, message="the GOAWAY")
+    assert client.goaway is not None and client.goaway[0] >= answered
+    assert client.goaway[1] == ping  # the last stream it processed
     assert node.proc.wait(15) == 0
 
 
@@ -284,7 +315,7 @@ def test_httpx_over_http2_through_a_drain_loses_nothing_and_runs_each_post_once(
     recorded = node.records("ids")
     assert sorted(recorded) == sorted(set(recorded)), "a POST ran twice"
     assert set(acked) <= set(recorded)
-    assert "GOAWAY sent on" in node.proc.output()
+    assert "GOAWAY going to" in node.proc.output()
 
 
 def test_the_runner_refuses_a_worker_class_it_cannot_run_and_answers_help() -> None:
