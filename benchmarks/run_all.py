@@ -76,6 +76,9 @@ KNOWN: dict[str, Known] = {
     "grpc_overhead": Known(
         "graceful.grpc.channel / plain channel <= 1.05x", ("--requests", "300", "--rounds", "5")
     ),
+    "reload_restart": Known(
+        "0 failed requests during in-place restarts", ("--restarts", "1", "--steady", "2")
+    ),
 }
 ORDER = list(KNOWN)
 

@@ -55,6 +55,11 @@ SMOKE: dict[str, tuple[tuple[str, ...], str, float]] = {
         "grpc channel vs plain channel per call: ",
         60,
     ),
+    "reload_restart": (
+        ("--restarts", "1", "--callers", "2", "--steady", "0.5", "--between", "0"),
+        "in-place restart (gunicorn gthread, ",
+        90,
+    ),
 }
 
 

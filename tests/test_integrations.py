@@ -37,6 +37,7 @@ from graceful.budget import (
 INTEGRATIONS = Path(__file__).resolve().parent.parent / "integrations"
 MANIFEST = INTEGRATIONS / "kubernetes" / "deployment.yaml"
 UNIT = INTEGRATIONS / "systemd" / "graceful-app.service"
+SOCKET_UNIT = INTEGRATIONS / "systemd" / "graceful-app.socket"
 DOCKERFILE = INTEGRATIONS / "docker" / "Dockerfile"
 
 # -- Kubernetes ----------------------------------------------------------------------------
@@ -170,8 +171,9 @@ def test_a_mutated_unit_is_caught(old: str, new: str, expected: str) -> None:
     assert expected in warning
 
 
-def systemd_verify(tmp_path: Path, text: str) -> list[str]:
-    """``systemd-analyze verify`` on a copy of the unit: its complaints about the unit."""
+def systemd_verify(tmp_path: Path, text: str, socket: str | None = None) -> list[str]:
+    """``systemd-analyze verify`` on a copy of the unit (and of the socket unit that activates
+    it, when given, verified with it): their complaints about them."""
     binary = shutil.which("systemd-analyze")
     if binary is None:
         pytest.skip("systemd-analyze is not installed")
@@ -179,12 +181,21 @@ def systemd_verify(tmp_path: Path, text: str) -> list[str]:
     gunicorn = Path(sys.executable).with_name("gunicorn")
     program = gunicorn if gunicorn.exists() else Path(sys.executable)
     text = re.sub(r"^ExecStart=\S+", f"ExecStart={program}", text, flags=re.MULTILINE)
-    unit = tmp_path / "graceful-app.service"
+    unit = tmp_path / UNIT.name
     unit.write_text(text, encoding="utf-8")
+    units = [unit]
+    if socket is not None:
+        units.insert(0, tmp_path / SOCKET_UNIT.name)
+        units[0].write_text(socket, encoding="utf-8")
     result = subprocess.run(
-        [binary, "verify", str(unit)], capture_output=True, text=True, timeout=30, check=False
+        [binary, "verify", *map(str, units)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
-    complaints = [line for line in result.stderr.splitlines() if unit.name in line]
+    names = [each.name for each in units]
+    complaints = [line for line in result.stderr.splitlines() if any(n in line for n in names)]
     assert result.returncode == 0 or complaints, result.stderr
     return complaints
 
@@ -197,6 +208,36 @@ def test_systemd_analyze_verify_would_catch_a_bad_line(tmp_path: Path) -> None:
     text = UNIT.read_text(encoding="utf-8").replace("KillMode=mixed", "KillMode=mixd")
     [complaint] = systemd_verify(tmp_path, text)
     assert "kill mode" in complaint.lower()
+
+
+def test_systemd_analyze_verify_accepts_the_socket_unit_with_the_service(tmp_path: Path) -> None:
+    socket = SOCKET_UNIT.read_text(encoding="utf-8")
+    assert systemd_verify(tmp_path, UNIT.read_text(encoding="utf-8"), socket) == []
+
+
+def test_systemd_analyze_verify_would_catch_a_bad_socket_line(tmp_path: Path) -> None:
+    socket = SOCKET_UNIT.read_text(encoding="utf-8").replace("Accept=no", "Accept=maybe")
+    [complaint] = systemd_verify(tmp_path, UNIT.read_text(encoding="utf-8"), socket)
+    assert SOCKET_UNIT.name in complaint and "failed to parse boolean value" in complaint.lower()
+
+
+def test_the_socket_unit_hands_the_service_one_listening_socket_on_its_bind_address() -> None:
+    """One ``ListenStream=`` (the uvicorn runner refuses more), on the address the service's
+    ``--bind`` names (used when it runs without the socket), passed as it is (``Accept=no``) to
+    the service of the same name; the socket starts with the sockets, before the services."""
+    socket = read_unit(SOCKET_UNIT.read_text(encoding="utf-8"))
+    listen = [
+        line.split("=", 1)[1]
+        for line in SOCKET_UNIT.read_text(encoding="utf-8").splitlines()
+        if line.startswith("ListenStream=")
+    ]
+    service = read_unit(UNIT.read_text(encoding="utf-8"))["Service"]
+    assert listen == ["127.0.0.1:8000"]
+    assert f"--bind {listen[0]} " in service["ExecStart"]
+    assert socket["Socket"]["Accept"] == "no"
+    assert socket["Socket"]["NoDelay"] == "true"
+    assert "Service" not in socket["Socket"] and SOCKET_UNIT.stem == UNIT.stem
+    assert socket["Install"]["WantedBy"] == "sockets.target"
 
 
 # -- Docker --------------------------------------------------------------------------------
@@ -287,6 +328,7 @@ READMES = sorted(INTEGRATIONS.glob("*/README.md"))
 NOT_SHIPPED = {
     "requirements.txt": "the app's own dependencies, which the Dockerfile copies in",
     "shop.service": "the reader's own unit, in an example call",
+    "shop.socket": "the reader's own socket unit, in an example call",
     "system.conf": "systemd's own configuration",
     "/etc/nginx/nginx.conf": "nginx's own main configuration, in an example call",
 }
@@ -328,7 +370,7 @@ LEFT_OUT = {"haproxy": ["response-timeout"]}
 
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 FILE_NAME = re.compile(
-    r"(\.\./|/)?([\w-]+/)*[\w.-]+\.(py|cfg|conf|yaml|yml|service|txt|sock|env)"
+    r"(\.\./|/)?([\w-]+/)*[\w.-]+\.(py|cfg|conf|yaml|yml|service|socket|txt|sock|env)"
     r"|(\.\./)?([\w-]+/)+|Dockerfile"
 )
 

@@ -136,6 +136,13 @@ class Config:
     interrupt_timeout: float = _setting(
         5.0, "seconds", "Bound on waiting for in-flight work on a quick stop (SIGINT)."
     )
+    handover_delay: float = _setting(
+        1.0,
+        "seconds",
+        "On an in-place restart (graceful reload: a new master on the same listening sockets), "
+        "the old one's delay: it serves this long, closing kept-alive connections after each "
+        "answer, then stops. No balancer needs to notice: the new one already accepts.",
+    )
     livez_path: str = _setting("/livez", "path", "Liveness route.")
     readyz_path: str = _setting("/readyz", "path", "Readiness route.")
     control_prefix: str = _setting(

@@ -71,6 +71,14 @@ class Machine:
         #: Drains started (for metrics).
         self.drains = 0
 
+    def hand_over(self) -> None:
+        """An in-place restart: the next drain's delay is ``handover_delay`` (when shorter),
+        with no quiet period. Only before a drain has started."""
+        if self.drain_started is None and self.config.handover_delay < self.config.delay:
+            self.config = dataclasses.replace(
+                self.config, delay=self.config.handover_delay, quiet_period=None
+            )
+
     @property
     def announcing(self) -> bool:
         return self.phase in ANNOUNCING

@@ -258,6 +258,14 @@ class Lifecycle:
     def resume(self, reason: str = "resumed", *, now: float | None = None) -> None:
         self._apply(Event.RESUME, reason, self._now(now))
 
+    def hand_over(self) -> None:
+        """An in-place restart: the next drain's delay is ``config.handover_delay`` (when
+        shorter), since a new process on the same listening sockets already accepts. Only
+        before a drain has started."""
+        with self._cond:
+            self._machine.hand_over()
+            self.config = self._machine.config
+
     def stop(self, reason: str = "stop requested", *, now: float | None = None) -> None:
         self._apply(Event.STOP, reason, self._now(now))
 

@@ -26,7 +26,8 @@ from .._core.errors import GracefulError
 #: The uvicorn releases every accessor below was read against: the floor pinned in
 #: tests/floors/constraints.txt, and the newest one tested (0.35, 0.40, 0.45, 0.50 and 0.51 in
 #: between). Open-ended HTTP streams are ended through ASGI (the middleware's goodbye), not
-#: through uvicorn's connections: nothing below touches a connection or its protocol.
+#: through uvicorn's connections: nothing below touches a connection or its protocol (they
+#: are only counted).
 UVICORN_CHECKED = ("0.30.0", "0.55.0")
 
 #: The oldest uvicorn that can drain. Before 0.29 uvicorn installs its signal handlers with
@@ -132,6 +133,14 @@ def own_listeners(server: Any) -> list[Any]:
     if handed or config.fd is not None or config.workers > 1 or config.reload:
         return []
     return [sock for each in getattr(server, "servers", ()) for sock in each.sockets or ()]
+
+
+def open_connections(server: Any) -> int:
+    """How many connections the server has open (``Server.server_state.connections``, which
+    each protocol joins when it is made and leaves when its connection is lost): counted,
+    never touched."""
+    state = _need(server, "server_state", "Server")
+    return len(_need(state, "connections", "ServerState"))
 
 
 def close_listeners(server: Any) -> None:
@@ -325,6 +334,27 @@ def holds_listeners_alone(arbiter: Any) -> bool:
         and _arbiter(arbiter, "systemd") is False
         and not any(str(bind).startswith("fd://") for bind in binds)
     )
+
+
+def successor_pid(arbiter: Any) -> int | None:
+    """The new master a USR2 started from this one (``reexec_pid``), while it lives: it
+    accepts on the same listening sockets. None without one."""
+    pid = _arbiter(arbiter, "reexec_pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if state in ("Z", "X") else pid
+
+
+def pidfile_name(arbiter: Any) -> str | None:
+    """The ``--pid`` file this master's configuration names (the base name: a master started
+    by USR2 writes ``NAME.2`` until its parent exits)."""
+    name = getattr(_arbiter(arbiter, "cfg"), "pidfile", None)
+    return str(name) if name else None
 
 
 def close_after_response(request: Any) -> None:

@@ -51,6 +51,7 @@ import logging
 import os
 import select
 import signal as _signal
+import tempfile
 import threading
 import time
 from typing import Any
@@ -69,6 +70,7 @@ __all__ = [
     "keepalive",
     "on_starting",
     "post_fork",
+    "post_worker_init",
     "pre_fork",
     "pre_request",
     "when_ready",
@@ -110,6 +112,8 @@ class _Master:
         self._changed = 0  # rings the master's thread has handled, and the stop's end
         self._rung = -1  # the header generation the workers were last rung for
         self._listener: threading.Thread | None = None
+        #: The ready file was written (see _note_ready).
+        self.said_ready = False
 
     def listen(self) -> None:
         if self._listener is None:
@@ -133,7 +137,22 @@ class _Master:
             self._rung = generation
             self.bells.ring_workers()  # a new drain state, or the node's work is done
         self.lifecycle.wake()
+        self._note_ready()
         self._note_change()
+
+    def _note_ready(self) -> None:
+        """Once every worker of this master has loaded the app: write ``PIDFILE.ready`` (the
+        ``--pid`` file's name) holding this master's pid, which ``graceful reload`` waits for,
+        asking this master rather than the listening port both generations answer on."""
+        server = self.server
+        if self.said_ready or server is None:
+            return
+        if self.shared.booted() < max(1, getattr(server, "num_workers", 1)):
+            return
+        self.said_ready = True
+        name = _compat.pidfile_name(server)
+        if name is not None:
+            _write_ready_file(f"{name}.ready", os.getpid())
 
     def _note_change(self) -> None:
         with self._changes:
@@ -220,9 +239,35 @@ def post_fork(server: Any, worker: Any) -> None:
 def _uvicorn_quick_exit(signum: int, frame: Any) -> None:
     import uvicorn  # a uvicorn-worker runs it
 
-    server = _compat.server_of_handler(_signal.getsignal(_signal.SIGTERM), uvicorn.Server)
-    if server is not None:
+    handler = _signal.getsignal(_signal.SIGTERM)
+    server = _compat.server_of_handler(handler, uvicorn.Server)
+    if server is None:  # graceful's worker SIGTERM (ServerLink.take_worker_term) holds it
+        server = getattr(getattr(handler, "__self__", None), "server", None)
+    if isinstance(server, uvicorn.Server):
         _compat.force_exit(server)
+
+
+def post_worker_init(worker: Any) -> None:
+    """In a worker that has loaded the app: mark it booted and ring the master, which says
+    it is ready (:meth:`_Master._note_ready`) once all its workers are."""
+    master = _require_master()
+    index = getattr(worker, "graceful_slot", None)
+    if index is not None:
+        master.shared.set_booted(index)
+        master.bells.ring_master()
+
+
+def _write_ready_file(path: str, pid: int) -> None:
+    """Replace ``path`` by ``pid`` (a temporary file in its directory, then a rename: a reader
+    sees the old content or the new, never a part)."""
+    directory, name = os.path.split(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{pid}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        _log.error("graceful: could not write the ready file %s: %s", path, exc)
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -251,6 +296,18 @@ def pre_request(worker: Any, req: Any) -> None:
 def _handle_term(server: Any, master: _Master) -> None:
     if master.next_stop is not None:
         _hand_over(master)
+    successor = _compat.successor_pid(server)
+    lifecycle = master.lifecycle
+    if successor is not None and lifecycle.draining_since is None and not lifecycle.final:
+        # An in-place restart (USR2, then this SIGTERM: graceful reload): the new master
+        # accepts on the same sockets, so no balancer needs the delay.
+        lifecycle.hand_over()
+        _log.info(
+            "in-place restart: the new master (pid %d) accepts on the same sockets; this one "
+            "serves %gs more (handover_delay), closing kept-alive connections, then stops",
+            successor,
+            lifecycle.config.delay,
+        )
     _start(master, master.sequence.signal(_signal.SIGTERM))
 
 

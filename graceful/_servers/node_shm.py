@@ -64,9 +64,9 @@ _GENERATION, _PHASE, _REASON, _RELEASES, _RETIRED, _FINAL, _SINCE, _HEADER_WORDS
 _REASON_BYTES = 64
 # slot words: pid, in flight, websockets, oldest start (a float), served while draining,
 # method (2 words), path (12 words), open events streams (written by the worker's
-# graceful._core.stream.PROCESS, not by its follower)
-_PID, _INFLIGHT, _WEBSOCKETS, _OLDEST, _SERVED, _METHOD, _PATH, _STREAMS, _SLOT_WORDS = (
-    0, 1, 2, 3, 4, 5, 7, 19, 20
+# graceful._core.stream.PROCESS, not by its follower), booted (1 once the worker loaded the app)
+_PID, _INFLIGHT, _WEBSOCKETS, _OLDEST, _SERVED, _METHOD, _PATH, _STREAMS, _BOOTED, _SLOT_WORDS = (
+    0, 1, 2, 3, 4, 5, 7, 19, 20, 21
 )  # fmt: skip
 _METHOD_BYTES, _PATH_BYTES = 16, 96
 _FREE, _CLAIMED = 0, -1
@@ -212,7 +212,7 @@ class SharedNode:
 
     def _clear(self, index: int) -> None:
         base = self._base(index)
-        for word in (_INFLIGHT, _WEBSOCKETS, _SERVED, _STREAMS):
+        for word in (_INFLIGHT, _WEBSOCKETS, _SERVED, _STREAMS, _BOOTED):
             self._words[base + word] = 0
         self._floats[base + _OLDEST] = 0.0
         self._put_text(base + _METHOD, _METHOD_BYTES, b"")
@@ -232,6 +232,19 @@ class SharedNode:
         self._put_text(base + _PATH, _PATH_BYTES, path.encode("latin-1", "replace"))
         # last: once the pid shows, the counts are in place
         words[base + _PID] = os.getpid() if pid is None else pid
+
+    def set_booted(self, index: int) -> None:
+        """The worker of slot ``index`` has loaded the app and serves (its own slot only)."""
+        self._words[self._base(index) + _BOOTED] = 1
+
+    def booted(self) -> int:
+        """How many live workers have loaded the app."""
+        words = self._words
+        return sum(
+            1
+            for index in range(self.slots)
+            if words[self._base(index) + _PID] > 0 and words[self._base(index) + _BOOTED]
+        )
 
     def workers(self) -> list[Slot]:
         """Slots of live workers (claimed and written at least once)."""

@@ -107,6 +107,7 @@ class ServerLink:
         self.grace = grace
         self._previous: dict[int, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._worker_stopping = False
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -188,6 +189,48 @@ class ServerLink:
         compat.set_shutdown_timeout(self.server.config, 0)
         compat.force_exit(self.server)
 
+    # -- a gunicorn worker's SIGTERM -------------------------------------------------------
+
+    def take_worker_term(self) -> ServerLink:
+        """Under gunicorn (main thread only): the master's SIGTERM to this worker (its
+        hand-over once the node drained, a recycled worker) first stops this worker accepting
+        and lets what it accepted last send its request and be served; then uvicorn's own
+        handler runs. The listening socket is shared with the other workers (and, after a
+        USR2, with the new master's): its queue is theirs, and uvicorn would close a
+        connection it accepted but has not read yet."""
+        self._previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, self._worker_term))
+        return self
+
+    def _worker_term(self, signum: int, frame: FrameType | None) -> None:
+        if self._worker_stopping:
+            return  # one is under way
+        self._worker_stopping = True
+        try:
+            self.loop.call_soon_threadsafe(self._spawn_settle_then_pass_on, signum, frame)
+        except RuntimeError:  # the loop is closed
+            self._pass_on(signum, frame)
+
+    def _spawn_settle_then_pass_on(self, signum: int, frame: FrameType | None) -> None:
+        task = self.loop.create_task(self._settle_then_pass_on(signum, frame))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle_then_pass_on(self, signum: int, frame: FrameType | None) -> None:
+        """Stop accepting, then wait until this worker has no connection left (each closes
+        after its next answer, which says ``Connection: close`` since the drain), at most
+        :data:`backlog.WAIT_LIMIT` seconds: a connection accepted last, or kept alive, gets its
+        request answered rather than closed under it by uvicorn's stop."""
+        close = functools.partial(compat.close_listeners, self.server)
+        try:
+            await _backlog.close_then_settle_async(
+                close,
+                lambda: compat.open_connections(self.server),
+                _backlog.WAIT_LIMIT,
+                abort=functools.partial(compat.forcing_exit, self.server),
+            )
+        finally:
+            self._pass_on(signum, frame)
+
 
 # -- the middleware's way in (plain ``uvicorn module:app``) -------------------------------------
 
@@ -217,6 +260,8 @@ def attach(lifecycle: Lifecycle) -> ServerLink | None:
     link = ServerLink(owner, lifecycle, loop, grace=grace)
     if getattr(lifecycle, "node", None) is not None:
         logger.debug("gunicorn drives the drain: uvicorn's signal handlers stay in place")
+        if threading.current_thread() is threading.main_thread():
+            link.take_worker_term()
         return link
     if threading.current_thread() is not threading.main_thread():
         return link

@@ -15,7 +15,7 @@ from .._core import protocol
 from .._core.errors import GracefulError
 from .._core.phases import Phase
 from .._core.surface import MAX_WAIT
-from . import check_config, demo, fetch
+from . import check_config, demo, fetch, reload
 from .options import count_type, seconds_type
 
 __all__ = ["EXIT_CODES", "main"]
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     _rollout_verb(verbs, parser.epilog)
     check_config.add_verb(verbs, parser.epilog)
     demo.add_verb(verbs, parser.epilog)
+    reload.add_verb(verbs, parser.epilog)
     return parser
 
 

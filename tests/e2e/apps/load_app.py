@@ -195,6 +195,8 @@ async def stream(receive: Receive, send: Send) -> None:
             await send({"type": "http.response.body", "body": body, "more_body": True})
             # One event per 100 ms: the pace IS the behaviour; a disconnect ends the wait early.
             await asyncio.wait({disconnected}, timeout=0.1)
+    except OSError:  # ASGI 2.4: a send after the response ended (the drain ended it first)
+        pass
     finally:
         disconnected.cancel()
     record("streams", "stream-ended")
