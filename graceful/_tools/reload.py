@@ -261,20 +261,17 @@ def add_verb(verbs: Any, epilog: str | None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub.add_argument("pidfile", type=Path, metavar="PIDFILE", help="gunicorn's --pid file")
-    sub.add_argument(
-        "--timeout",
-        type=seconds_type(),
-        default=60.0,
-        metavar="S",
-        help="wait this long for the new master to be ready (default 60)",
-    )
-    sub.add_argument(
-        "--stop-timeout",
-        type=seconds_type(),
-        default=60.0,
-        metavar="S",
-        help="wait this long for the old master to exit (default 60)",
-    )
+    for option, what in (
+        ("--timeout", "for the new master to be ready"),
+        ("--stop-timeout", "for the old master to exit"),
+    ):
+        sub.add_argument(
+            option,
+            type=seconds_type(),
+            default=60.0,
+            metavar="S",
+            help=f"wait this long {what} (default 60)",
+        )
     sub.set_defaults(run=cmd_reload, needs_node=False)
 
 
