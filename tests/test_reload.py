@@ -72,7 +72,7 @@ def test_a_process_that_is_not_gunicorn_is_never_signalled(tmp_path: Path) -> No
     try:
         pidfile = tmp_path / "gunicorn.pid"
         pidfile.write_text(str(proc.pid))
-        refused(pidfile, "not a gunicorn master")
+        refused(pidfile, "neither a gunicorn master nor a graceful.uvicorn runner")
         assert proc.poll() is None  # a USR2 would have ended it
     finally:
         proc.kill()
@@ -153,3 +153,34 @@ def test_a_hand_over_never_lengthens_the_delay_nor_changes_a_drain_under_way() -
 def test_handover_delay_is_validated_by_name() -> None:
     with pytest.raises(ValueError, match="handover_delay"):
         Config(handover_delay=-1.0)
+
+
+# -- the uvicorn runner's part -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kept"),
+    [
+        (["app:app", "--port", "8000"], ["app:app", "--port", "8000"]),
+        (["app:app", "--fd", "7", "--workers", "1"], ["app:app", "--workers", "1"]),
+        (["app:app", "--fd=7"], ["app:app"]),
+    ],
+)
+def test_a_new_runner_gets_the_command_line_without_the_old_fd(
+    args: list[str], kept: list[str]
+) -> None:
+    from graceful._servers.uvicorn_reload import _without_fd
+
+    assert _without_fd(args) == kept
+
+
+@pytest.mark.parametrize("value", [str(os.getppid()), "abc", "1", ""])
+def test_only_the_actual_parent_is_taken_for_the_runner_it_succeeds(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graceful._servers.uvicorn_reload import SUCCESSOR_OF, _parent_from_env
+
+    monkeypatch.setenv(SUCCESSOR_OF, value)
+    expected = os.getppid() if value == str(os.getppid()) else None
+    assert _parent_from_env() == expected
+    assert SUCCESSOR_OF not in os.environ  # read once: not passed on to what it starts

@@ -246,18 +246,32 @@ def test_attach_chains_uvicorns_handler_for_sigterm_sigint_and_sigquit_once() ->
     assert signal.getsignal(signal.SIGTERM) == server.handle_exit
 
 
-def test_attach_leaves_uvicorns_handler_in_place_when_gunicorn_drives_the_drain() -> None:
+def test_when_gunicorn_drives_the_drain_a_worker_s_sigterm_settles_then_runs_uvicorns() -> None:
+    """gunicorn's master drives the drain: SIGINT stays uvicorn's; SIGTERM (the master's, at
+    its hand-over) first stops the worker accepting and lets its connections finish, then
+    runs uvicorn's own handler."""
     server = idle_server()
     signal.signal(signal.SIGTERM, server.handle_exit)
+    signal.signal(signal.SIGINT, server.handle_exit)
     lifecycle = lifecycle_with()
     lifecycle.node = _StubNode()
 
     async def scenario() -> ServerLink | None:
-        return attach(lifecycle)
+        link = attach(lifecycle)
+        assert link is not None
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler) and handler != server.handle_exit  # graceful's, first
+        handler(signal.SIGTERM, None)
+        await wait_until_async(lambda: flag(server, "should_exit"), what="uvicorn handler ran")
+        return link
 
-    link = asyncio.run(scenario())
-    assert link is not None and link.server is server  # still there for the streams
-    assert signal.getsignal(signal.SIGTERM) == server.handle_exit
+    try:
+        link = asyncio.run(scenario())
+        assert link is not None and link.server is server  # still there for the streams
+        assert signal.getsignal(signal.SIGINT) == server.handle_exit
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_attach_finds_nothing_when_uvicorn_does_not_own_sigterm() -> None:

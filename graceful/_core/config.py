@@ -157,6 +157,12 @@ class Config:
     drain_file: str | None = _setting(
         None, "file", "While this file exists the node is draining; removing it resumes."
     )
+    pid_file: str | None = _setting(
+        None,
+        "file",
+        "python -m graceful.uvicorn writes its pid here, and NAME.ready once it serves, for "
+        "graceful reload (gunicorn: its own --pid).",
+    )
     drain_file_interval: float = _setting(
         1.0, "seconds", "How often, at most, the drain file is looked at (0: on every request)."
     )

@@ -232,6 +232,9 @@ class Lifecycle:
         at = self._now(now)
         self._apply(Event.MARK_READY, "ready", at)
         node = self.node
+        said_ready = getattr(node, "ready", None)  # a node that counts its processes ready
+        if said_ready is not None and self._machine.phase is Phase.SERVING:
+            said_ready()
         if node is not None and self._machine.phase is Phase.SERVING:
             since, final = node.drain_state()
             if since is not None:

@@ -135,6 +135,12 @@ def own_listeners(server: Any) -> list[Any]:
     return [sock for each in getattr(server, "servers", ()) for sock in each.sockets or ()]
 
 
+def listening_sockets(server: Any) -> list[Any]:
+    """The listening sockets of a ``uvicorn.Server``'s asyncio servers (``Server.servers``,
+    set by ``startup``), however it got them."""
+    return [sock for each in getattr(server, "servers", ()) for sock in each.sockets or ()]
+
+
 def open_connections(server: Any) -> int:
     """How many connections the server has open (``Server.server_state.connections``, which
     each protocol joins when it is made and leaves when its connection is lost): counted,

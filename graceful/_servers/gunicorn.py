@@ -51,7 +51,6 @@ import logging
 import os
 import select
 import signal as _signal
-import tempfile
 import threading
 import time
 from typing import Any
@@ -62,6 +61,7 @@ from .._runtime.shutdown import StopSequence, log_through
 from . import backlog as _backlog
 from . import compat as _compat
 from . import node_shm as _shared
+from . import pidfiles as _pidfiles
 from .gunicorn_streams import gunicorn_share
 from .node_bells import Bells, wait_readable
 
@@ -152,7 +152,7 @@ class _Master:
         self.said_ready = True
         name = _compat.pidfile_name(server)
         if name is not None:
-            _write_ready_file(f"{name}.ready", os.getpid())
+            _pidfiles.write_pid(f"{name}.ready", os.getpid())
 
     def _note_change(self) -> None:
         with self._changes:
@@ -248,26 +248,17 @@ def _uvicorn_quick_exit(signum: int, frame: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """In a worker that has loaded the app: mark it booted and ring the master, which says
-    it is ready (:meth:`_Master._note_ready`) once all its workers are."""
+    """In a worker that has loaded the app: mark it ready and ring the master, which says the
+    node is ready (:meth:`_Master._note_ready`) once all its workers are. A uvicorn worker is
+    ready later, when its app has started (the middleware marks its lifecycle ready at the
+    lifespan's start-up, and the lifecycle tells the node), unless it serves already."""
     master = _require_master()
     index = getattr(worker, "graceful_slot", None)
-    if index is not None:
+    if index is None:
+        return
+    if not _compat.is_uvicorn_worker(worker) or _shared.serving_here():
         master.shared.set_booted(index)
         master.bells.ring_master()
-
-
-def _write_ready_file(path: str, pid: int) -> None:
-    """Replace ``path`` by ``pid`` (a temporary file in its directory, then a rename: a reader
-    sees the old content or the new, never a part)."""
-    directory, name = os.path.split(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{pid}\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        _log.error("graceful: could not write the ready file %s: %s", path, exc)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -335,6 +335,14 @@ class SlotView:
     def others_inflight(self) -> int:
         return self.shared.total(exclude=self.index)
 
+    def ready(self) -> None:
+        """This worker serves (its app loaded and started): marked in its slot, and the master
+        rung, which says the node is ready once all its workers are."""
+        if self.index is not None:
+            self.shared.set_booted(self.index)
+            if self.bells is not None:
+                self.bells.ring_master()
+
     def others_served_while_draining(self) -> int:
         """Requests the other workers served while draining, those that have exited included."""
         return self.shared.served_while_draining(exclude=self.index)
@@ -569,6 +577,15 @@ def link_if_worker(lifecycle: Lifecycle) -> None:
     _adapted.add(lifecycle)
     if _link_of_process is not None:
         _link_of_process.link(lifecycle)
+
+
+def serving_here() -> bool:
+    """Whether a lifecycle of this worker serves already (a ``--preload``-ed app's, or one
+    marked ready before it was linked to the node)."""
+    link = _link_of_process
+    return link is not None and any(
+        lifecycle.phase is Phase.SERVING for lifecycle in list(link.followers)
+    )
 
 
 def sync_now(lifecycle: Lifecycle) -> None:

@@ -60,6 +60,7 @@ from .._runtime.lifecycle import Lifecycle, get_lifecycle
 from .._runtime.shutdown import StopSequence, log_through, terminal_signals_group
 from . import backlog as _backlog
 from . import compat
+from .uvicorn_reload import Reloader, usr2_installable
 
 compat.check_uvicorn_version(uvicorn.__version__)
 
@@ -108,6 +109,8 @@ class ServerLink:
         self._previous: dict[int, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker_stopping = False
+        #: A SIGTERM found a successor on the same socket (graceful reload): see dispatch.
+        self.handed_over = False
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -133,6 +136,22 @@ class ServerLink:
 
     def dispatch(self, signum: int) -> None:
         """Act on one signal (on the loop): start, speed up or force the stop."""
+        reloader = getattr(self.server, "reloader", None)
+        if (
+            signum == signal.SIGTERM
+            and reloader is not None
+            and reloader.successor_alive()
+            and not self.handed_over
+            and self.lifecycle.draining_since is None
+        ):
+            self.handed_over = True
+            self.lifecycle.hand_over()
+            logger.info(
+                "in-place restart: the new runner (pid %d) accepts on the same socket; "
+                "this one serves %gs more (handover_delay), then stops",
+                reloader.pid(),
+                self.lifecycle.config.delay,
+            )
         name = self.sequence.signal(signum)
         if name is not None:
             task = self.loop.create_task(self.sequence.run_async(name))
@@ -171,6 +190,8 @@ class ServerLink:
         :data:`backlog.WAIT_LIMIT` seconds."""
         gave_up = self.sequence.gave_up  # what is stuck in flight is not waited for again
         inflight = (lambda: 0) if gave_up else (lambda: self.lifecycle.inflight)
+        if self.handed_over and not gave_up:  # kept-alive connections get their answer first
+            inflight = functools.partial(compat.open_connections, self.server)
         close = functools.partial(compat.close_listeners, self.server)
         abort = functools.partial(compat.forcing_exit, self.server)
         try:
@@ -289,6 +310,7 @@ class Server(uvicorn.Server):
         self.link: ServerLink | None = None
         self._grace: float | None = None
         self.graceful_sockets_handed = False
+        self.reloader = Reloader(self, self.lifecycle.config.pid_file)
         if config.timeout_graceful_shutdown is None:
             compat.set_shutdown_timeout(config, self.lifecycle.config.drain_timeout)
             self._grace = HANDOVER_GRACE
@@ -300,15 +322,33 @@ class Server(uvicorn.Server):
             return
         loop = asyncio.get_running_loop()
         self.link = ServerLink(self, self.lifecycle, loop, grace=self._grace).install()
+        previous_usr2 = None
+        if usr2_installable():
+
+            def on_usr2(signum: int, frame: FrameType | None) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(self.reloader.start_successor)
+
+            previous_usr2 = signal.signal(signal.SIGUSR2, on_usr2)
         try:
             yield
         finally:
             self.link.uninstall()
+            if previous_usr2 is not None:
+                signal.signal(signal.SIGUSR2, previous_usr2)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the app started (lifespan) and the socket accepts
+            self.reloader.serving()
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         # Sockets handed in are someone else's too: their listen queue is left alone.
         self.graceful_sockets_handed = sockets is not None
-        await super().serve(sockets)
+        try:
+            await super().serve(sockets)
+        finally:
+            self.reloader.finished()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.link is None:
@@ -373,4 +413,13 @@ def _supervise(config: uvicorn.Config) -> None:
 
     for signum in SIGNALS:
         signal.signal(signum, forward)
+    if hasattr(signal, "SIGUSR2"):  # its default would end the supervisor
+        signal.signal(signal.SIGUSR2, _usr2_under_supervisor)
     supervisor.run()
+
+
+def _usr2_under_supervisor(signum: int, frame: FrameType | None) -> None:
+    logger.warning(
+        "SIGUSR2 ignored: --workers N has no in-place restart (run one process, or use "
+        "systemd socket activation)"
+    )

@@ -17,12 +17,13 @@ socket is served as if ``--fd 3`` had been given, ``--workers N`` included; ``--
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
-from . import compat
+from . import compat, uvicorn_reload
 from .socket_activation import SocketActivationError, take_listener, uvicorn_fd
 from .uvicorn import run
 
@@ -34,6 +35,7 @@ PROG = "python -m graceful.uvicorn"
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse uvicorn's options from ``argv`` (the command line when None) and serve; exits as
     uvicorn's command does (status 2 for a bad option, 3 when the server did not start)."""
+    uvicorn_reload.command_line = list(sys.argv[1:] if argv is None else argv)
     with compat.uvicorn_command_running(_run_inherited) as command:
         command.main(args=None if argv is None else list(argv), prog_name=PROG)
 

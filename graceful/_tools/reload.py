@@ -1,16 +1,17 @@
-"""``graceful reload PIDFILE``: restart a gunicorn node in place, on one machine, losing nothing.
+"""``graceful reload PIDFILE``: restart a node in place, on one machine, losing nothing.
 
-gunicorn's own upgrade sequence, driven and checked:
+gunicorn's own upgrade sequence, driven and checked (``python -m graceful.uvicorn`` follows
+the same one, with ``GRACEFUL_PID_FILE`` for gunicorn's ``--pid``):
 
-1. PIDFILE (gunicorn's ``--pid``) names the master. It must be a running gunicorn master of
-   this user, with no in-place restart under way; anything else is refused before any signal.
-2. SIGUSR2: gunicorn starts a new master from the same command line on the same listening
+1. PIDFILE names the master. It must be a running gunicorn master (or uvicorn runner) of this
+   user, with no in-place restart under way; anything else is refused before any signal.
+2. SIGUSR2: the master starts a new one from the same command line on the same listening
    sockets (it writes ``PIDFILE.2``); both generations accept from one listen queue, so no
    connection is refused between them.
-3. The new master is asked directly whether it is ready, not the port both answer on:
-   ``graceful.gunicorn`` writes ``PIDFILE.ready`` holding its pid once every worker of it has
-   loaded the app. If it exits first, or ``--timeout`` passes, it is stopped (SIGTERM: what
-   its workers took is served) and the old master keeps serving: exit 1.
+3. The new master is asked directly whether it is ready, not the port both answer on: it
+   writes ``PIDFILE.ready`` holding its pid once every worker of it serves (the app loaded;
+   an ASGI app's lifespan start-up done). If it exits first, or ``--timeout`` passes, it is
+   stopped (SIGTERM: what it took is served) and the old master keeps serving: exit 1.
 4. SIGTERM to the old master: it sees its successor and drains for ``handover_delay`` instead
    of the balancer's delay (kept-alive connections are closed after an answer), serves what
    is in flight, and exits; exit 0 once it is gone and the new master holds PIDFILE.
@@ -36,6 +37,9 @@ from .._core.errors import GracefulError
 from .options import seconds_type
 
 __all__ = ["ReloadError", "add_verb", "reload"]
+
+#: What a master's command line names (among its first three words).
+SERVERS = ("gunicorn", "graceful.uvicorn")
 
 #: How often the files and processes are looked at while waiting (seconds).
 POLL = 0.05
@@ -124,9 +128,13 @@ def read_pid(path: Path) -> int | None:
 
 
 def master_of(pidfile: Path) -> Process:
-    """The gunicorn master ``pidfile`` names, checked; :class:`ReloadError` (USAGE) otherwise."""
+    """The master ``pidfile`` names, checked; :class:`ReloadError` (USAGE) otherwise."""
     if not pidfile.exists():
-        raise ReloadError(USAGE, f"{pidfile}: no such file (start gunicorn with --pid {pidfile})")
+        raise ReloadError(
+            USAGE,
+            f"{pidfile}: no such file (start gunicorn with --pid {pidfile}, or "
+            f"python -m graceful.uvicorn with GRACEFUL_PID_FILE={pidfile})",
+        )
     if pidfile.is_symlink() or not pidfile.is_file():
         raise ReloadError(USAGE, f"{pidfile}: not a regular file")
     pid = read_pid(pidfile)
@@ -140,9 +148,13 @@ def master_of(pidfile: Path) -> Process:
     if os.geteuid() != 0 and _owner(pid) != os.geteuid():
         raise ReloadError(USAGE, f"{pidfile}: pid {pid} belongs to another user")
     command = _command_line(pid)
-    if not any("gunicorn" in part for part in command[:3]):
+    if not any(name in part for part in command[:3] for name in SERVERS):
         shown = " ".join(command)[:120] or "?"
-        raise ReloadError(USAGE, f"{pidfile}: pid {pid} is not a gunicorn master ({shown})")
+        raise ReloadError(
+            USAGE,
+            f"{pidfile}: pid {pid} is neither a gunicorn master nor a graceful.uvicorn runner "
+            f"({shown})",
+        )
     return process
 
 
@@ -166,7 +178,7 @@ def reload(
     say: Callable[[str], None] = print,
     clock: Callable[[], float] = time.monotonic,
 ) -> Reloaded:
-    """Restart the gunicorn master ``pidfile`` names in place (see the module's text)."""
+    """Restart the master ``pidfile`` names in place (see the module's text)."""
     old = master_of(pidfile)
     second, ready_file = Path(f"{pidfile}.2"), Path(f"{pidfile}.ready")
     busy = read_pid(second)
@@ -177,10 +189,10 @@ def reload(
         )
     started = clock()
     old.signal(signal.SIGUSR2)
-    say(f"SIGUSR2 sent to gunicorn master {old.pid}: a new master starts on the same sockets")
+    say(f"SIGUSR2 sent to master {old.pid}: a new master starts on the same sockets")
     new = _wait_ready(old, second, ready_file, started + timeout, clock)
     ready_after = clock() - started
-    say(f"new master {new.pid} is ready ({ready_after:.2f}s): every worker loaded the app")
+    say(f"new master {new.pid} is ready ({ready_after:.2f}s): every worker serves")
     old.signal(signal.SIGTERM)
     say(f"SIGTERM sent to the old master {old.pid}: it hands over (handover_delay) and exits")
     deadline = clock() + stop_timeout
@@ -222,7 +234,7 @@ def _wait_ready(
             if not new.alive():
                 raise ReloadError(
                     FAILED,
-                    f"the new master {new.pid} exited before it was ready (see gunicorn's "
+                    f"the new master {new.pid} exited before it was ready (see its "
                     f"error log: an import error, a worker that failed to boot?); the old "
                     f"master {old.pid} keeps serving",
                 )
@@ -254,13 +266,15 @@ def _stop(process: Process, wait: float = 60.0) -> None:
 def add_verb(verbs: Any, epilog: str | None) -> None:
     sub = verbs.add_parser(
         "reload",
-        help="restart a gunicorn node in place: a new master on the same sockets, then the "
-        "old one hands over (no balancer needed)",
+        help="restart a gunicorn or graceful.uvicorn node in place: a new master on the same "
+        "sockets, then the old one hands over (no balancer needed)",
         description=(__doc__ or "").split("\n\n", 1)[1] if __doc__ else None,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("pidfile", type=Path, metavar="PIDFILE", help="gunicorn's --pid file")
+    sub.add_argument(
+        "pidfile", type=Path, metavar="PIDFILE", help="gunicorn's --pid file, or GRACEFUL_PID_FILE"
+    )
     for option, what in (
         ("--timeout", "for the new master to be ready"),
         ("--stop-timeout", "for the old master to exit"),

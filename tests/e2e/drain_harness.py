@@ -5,7 +5,7 @@ any shim) and returns a :class:`DrainReport`; :func:`assert_lossless` checks it:
 
     report = sigterm_under_load(proc, "http://127.0.0.1:8000", record_dir)
     assert_lossless(report)
-    assert report.readyz_reaction is not None and report.readyz_reaction < 0.3
+    assert report.readyz_reaction is not None and report.readyz_reaction < 1.0
 
 The load balancer polls ``/readyz`` (and ``/livez``) every 100 ms on fresh connections and stops
 sending new requests at the first failed probe. Callers each keep one ``requests.Session``
@@ -342,9 +342,10 @@ def assert_clean_drain(
     assert report.readyz_failed_with == "status 503", summary
     if workers_alike:
         assert report.readyz_ok_after_failure == 0, summary
-    # An upper bound: it includes up to one probe interval (100 ms) and the probe itself.
+    # Within the delay, while the node still serves (it includes up to one probe interval and
+    # the probe itself); how fast is a benchmark figure, not a bound for a busy machine.
     reaction = report.readyz_reaction
-    assert reaction is not None and reaction < 0.3 + late, summary
+    assert reaction is not None and reaction < max(0.3, delay) + late, summary
     # /livez answered 200 through the delay and the wait, until the listener closed.
     assert report.livez_ok_until is not None and report.last_response_at is not None, summary
     if own_listeners:

@@ -161,7 +161,9 @@ def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, 
     )
     assert_lossless(report)
     assert report.readyz_failed_with == "status 503", report.summary()
-    assert report.readyz_reaction is not None and report.readyz_reaction < 0.3, report.summary()
+    # Within the delay, while the node still serves: how fast is a benchmark figure
+    # (benchmarks/README.md, the readiness reaction), not a bound for a busy machine.
+    assert report.readyz_reaction is not None and report.readyz_reaction < DELAY, report.summary()
     # /livez answered 200 until the listener closed: it never failed with a status.
     assert_livez_held(report)
     assert report.exit_code == 0, report.summary()

@@ -1,4 +1,5 @@
-"""One gunicorn node, no balancer, restarted in place with ``graceful reload`` under load.
+"""One node, no balancer, restarted in place with ``graceful reload`` under load: gunicorn
+(sync, gthread and uvicorn workers) and ``python -m graceful.uvicorn`` (one process).
 
 Callers on 127.0.0.1 only: keep-alive ones (a ``requests.Session`` each) and ones that open a
 new connection for every call (``http.client``), GETs and POSTs. The node is restarted in place
@@ -48,6 +49,7 @@ WORKERS = {
         *("--workers", "2", "--worker-class", "uvicorn_worker.UvicornWorker"),
         "reload_app:asgi_app",
     ),
+    "uvicorn": (),  # python -m graceful.uvicorn, one process
 }
 
 
@@ -197,17 +199,20 @@ def start_node(spawn: Spawn, tmp_path: Path, wait_until: WaitUntil) -> StartNode
             "GRACEFUL_HANDOVER_DELAY": "0.5",
             "GRACEFUL_DRAIN_TIMEOUT": "20",
         }
-        argv = [
-            *(
-                GUNICORN,
-                *(("-c", "python:graceful.gunicorn") if hooks else ()),
-                "--chdir",
-                str(APPS),
-            ),
-            *("--bind", f"127.0.0.1:{port}", "--pid", str(pidfile), "--graceful-timeout", "20"),
-            *WORKERS[workers],
-        ]
-        proc = spawn(argv, env=env, name=f"gunicorn-{workers}")
+        if workers == "uvicorn":  # graceful's runner: the pid file comes from the environment
+            env["GRACEFUL_PID_FILE"] = str(pidfile)
+            argv = [
+                *(sys.executable, "-m", "graceful.uvicorn", "reload_app:asgi_app"),
+                *("--app-dir", str(APPS), "--host", "127.0.0.1", "--port", str(port)),
+                "--no-access-log",
+            ]
+        else:
+            config = ("-c", "python:graceful.gunicorn") if hooks else ()
+            argv = [
+                *(GUNICORN, *config, "--chdir", str(APPS), "--bind", f"127.0.0.1:{port}"),
+                *("--pid", str(pidfile), "--graceful-timeout", "20", *WORKERS[workers]),
+            ]
+        proc = spawn(argv, env=env, name=workers)
         node = Node(proc, port, pidfile, version_file, ledger, argv, env)
         wait_ready(node, proc, wait_until, hooks=hooks)
         return node
@@ -282,8 +287,11 @@ def test_a_naive_restart_of_the_same_node_fails_calls(
     assert load.failures, "a naive restart lost nothing: this test cannot tell"
 
 
-def test_new_code_that_cannot_start_leaves_the_old_master_serving(start_node: StartNode) -> None:
-    node = start_node("sync")
+@pytest.mark.parametrize("workers", ["sync", "uvicorn"])
+def test_new_code_that_cannot_start_leaves_the_old_master_serving(
+    start_node: StartNode, workers: str
+) -> None:
+    node = start_node(workers)
     old = node.master()
     done = node.reload("broken", timeout=30)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -292,3 +300,33 @@ def test_new_code_that_cannot_start_leaves_the_old_master_serving(start_node: St
     done = node.reload("v1")  # the next deploy, fixed, goes through
     assert done.returncode == 0, done.stdout + done.stderr
     assert node.version() == "v1"
+
+
+def test_the_uvicorn_runner_with_workers_ignores_sigusr2_and_says_why(
+    spawn: Spawn, wait_until: WaitUntil, tmp_path: Path
+) -> None:
+    """uvicorn's supervisor has no in-place restart: SIGUSR2 (whose default would end it) is
+    ignored, with what to do instead."""
+    port = unused_port()
+    (tmp_path / "version").write_text("v0")
+    env = {"RELOAD_VERSION_FILE": str(tmp_path / "version"), "LEDGER_DIR": str(tmp_path)}
+    proc = spawn(
+        [
+            *(sys.executable, "-m", "graceful.uvicorn", "reload_app:asgi_app", "--workers", "2"),
+            *("--app-dir", str(APPS), "--host", "127.0.0.1", "--port", str(port)),
+        ],
+        env=env,
+        name="uvicorn-workers",
+    )
+    url = f"http://127.0.0.1:{port}/version"
+
+    def answers() -> bool:
+        try:
+            return requests.get(url, timeout=TIMEOUT).text == "v0"
+        except requests.RequestException:
+            return False
+
+    wait_until(answers, timeout=30, message=lambda: proc.output())
+    proc.send_signal(signal.SIGUSR2)
+    wait_until(lambda: "SIGUSR2 ignored: --workers N" in proc.output(), timeout=10)
+    assert proc.alive() and answers()

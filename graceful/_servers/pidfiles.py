@@ -1,0 +1,44 @@
+"""Pid files a node writes for ``graceful reload``: ``NAME`` (the running master), ``NAME.2``
+(a successor started by USR2 while its parent lives: gunicorn's names) and ``NAME.ready`` (the
+pid of the last master whose workers all serve). Each is replaced whole (a temporary file in
+the same directory, then a rename): a reader sees the old content or the new, never a part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+
+__all__ = ["remove_if_mine", "write_pid"]
+
+logger = logging.getLogger("graceful")
+
+
+def write_pid(path: str, pid: int) -> bool:
+    """Replace ``path`` by ``pid``; False (logged) when it cannot be written."""
+    directory, name = os.path.split(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"{pid}\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        logger.error("graceful: could not write the pid file %s: %s", path, exc)
+        return False
+    return True
+
+
+def remove_if_mine(path: str, pid: int) -> None:
+    """Remove ``path`` if it still holds ``pid`` (a successor may have written its own)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as handle:
+            if int(handle.read().strip() or 0) != pid:
+                return
+        os.unlink(path)
