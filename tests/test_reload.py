@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from graceful import Config
 from graceful._core.machine import Machine
@@ -27,6 +28,8 @@ def stand_in() -> Iterator[subprocess.Popen[bytes]]:
     code = "import sys, time; sys.stdin.read()  # gunicorn"
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
     try:
+        # Its command line shows once the new program runs (a moment after Popen returns).
+        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().count(b"gunicorn"))
         yield proc
     finally:
         proc.kill()

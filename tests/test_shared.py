@@ -420,6 +420,7 @@ def test_an_idle_worker_rings_the_master_once_when_the_node_starts_draining(
     view = SlotView(shared, index, bells)
     lifecycle = lifecycle_on(view, graceful_clock)
     lifecycle.mark_ready()
+    assert rang(bells.master_fd)  # ready: the master counts its ready workers (graceful reload)
     follower = WorkerFollower(lifecycle, view, lambda _: None).start()
     assert not rang(bells.master_fd)  # serving
     shared.write_header(Phase.DRAINING, "SIGTERM")
