@@ -384,6 +384,71 @@ def replace_uvicorn_worker_quit(worker: Any, handler: Callable[[int, Any], None]
     worker.handle_exit = handler
 
 
+#: gunicorn's gthread worker before 24.0 (a ``ThreadWorker`` without ``set_accept_enabled``)
+#: ends its loop at SIGTERM and closes every connection it holds but is not answering: ones
+#: it accepted but has not read yet, and kept-alive ones a request may be arriving on. 24.0
+#: stops accepting first and serves those. graceful gives the older worker that stop (see
+#: :mod:`graceful._servers.gunicorn_gthread`) through these attributes, read against gunicorn
+#: 22.0.0 and 23.0.0: ``poller`` (the loop's selector; a registered key's ``data`` is the
+#: callback the loop calls with the key's file object), ``_lock`` (guards the poller),
+#: ``sockets`` (the listeners), ``nr_conns`` (connections open), ``alive`` (the loop's flag).
+_GTHREAD_ATTRIBUTES = ("poller", "_lock", "sockets", "nr_conns", "alive")
+
+
+def gthread_stops_abruptly(worker: Any) -> bool:
+    """Whether ``worker`` is a gthread worker of a gunicorn before 24.0."""
+    thread_worker = any(cls.__name__ == "ThreadWorker" for cls in type(worker).__mro__)
+    return thread_worker and not hasattr(worker, "set_accept_enabled")
+
+
+def check_gthread_worker(worker: Any) -> None:
+    for name in _GTHREAD_ATTRIBUTES:
+        if not hasattr(worker, name):
+            raise _gunicorn_lacks(f"ThreadWorker.{name}")
+
+
+def gthread_add_waker(worker: Any) -> Callable[[], None]:
+    """A call that wakes the worker's loop from its ``poller.select`` (up to 1 s otherwise):
+    one end of a socket pair, registered in the poller, drained by the loop."""
+    import selectors
+    import socket
+
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+
+    def drain(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.recv(64)
+
+    with worker._lock:
+        worker.poller.register(reader, selectors.EVENT_READ, drain)
+
+    def wake() -> None:
+        with contextlib.suppress(OSError):  # a full pipe is already a wake-up
+            writer.send(b"w")
+
+    return wake
+
+
+def gthread_stop_accepting(worker: Any) -> None:
+    """Take the listeners out of the worker's loop; they stay open (the other workers, or the
+    new master of an in-place restart, accept on them)."""
+    with worker._lock:
+        for sock in worker.sockets:
+            with contextlib.suppress(KeyError, ValueError):
+                worker.poller.unregister(sock)
+
+
+def gthread_open_connections(worker: Any) -> int:
+    return int(worker.nr_conns)
+
+
+def gthread_end_loop(worker: Any) -> None:
+    """What gunicorn's own SIGTERM handler does: the loop ends at its next turn."""
+    worker.alive = False
+
+
 # -- hypercorn ---------------------------------------------------------------------------------
 
 #: The Hypercorn releases every accessor below was read against: the floor pinned in

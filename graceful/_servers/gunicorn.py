@@ -60,6 +60,7 @@ from .._runtime.lifecycle import Lifecycle, LifecycleError, Phase, get_lifecycle
 from .._runtime.shutdown import StopSequence, log_through
 from . import backlog as _backlog
 from . import compat as _compat
+from . import gunicorn_gthread as _gthread
 from . import node_shm as _shared
 from . import pidfiles as _pidfiles
 from .gunicorn_streams import gunicorn_share
@@ -252,6 +253,7 @@ def post_worker_init(worker: Any) -> None:
     node is ready (:meth:`_Master._note_ready`) once all its workers are. A uvicorn worker is
     ready later, when its app has started (the middleware marks its lifecycle ready at the
     lifespan's start-up, and the lifecycle tells the node), unless it serves already."""
+    _gthread.install(worker)  # gunicorn before 24: serve what a gthread worker holds at its stop
     master = _require_master()
     index = getattr(worker, "graceful_slot", None)
     if index is None:
