@@ -235,7 +235,7 @@ def test_serve_queued_gives_up_at_its_bound_and_says_what_is_left(
         started = time.monotonic()
         assert _backlog.serve_queued([listener], lambda: 1, timeout=0.2) is False
         assert time.monotonic() - started < 5
-    assert "2 queued connections and 1 requests in flight are left" in caplog.text
+    assert "2 queued connections and 1 requests in flight (or open" in caplog.text
 
 
 @linux
@@ -364,7 +364,7 @@ def test_the_wait_is_bounded_by_the_stop_s_budget_when_shorter(
     with connected(listener):
         wait_until(lambda: _backlog.queued(listener) == 1, timeout=5)
         assert _backlog.serve_gunicorn_backlog(arbiter([listener]), lambda: 0, 0.1) is False
-    assert "after 0.1s, 1 queued connections and 0 requests in flight are left" in caplog.text
+    assert "after 0.1s, 1 queued connections and 0 requests in flight (or open" in caplog.text
     assert _backlog.WAIT_LIMIT == 2.0
 
 

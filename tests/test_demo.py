@@ -291,6 +291,7 @@ def test_a_stop_signal_while_a_child_starts_is_raised_once_the_child_is_recorded
     ("options", "named"),
     [
         (["--nodes", "0"], "--nodes"),
+        (["--nodes", "17"], "--nodes"),
         (["--nodes", "two"], "--nodes"),
         (["--duration", "-1"], "--duration"),
         (["--duration", "0"], "--duration"),
@@ -377,6 +378,83 @@ def test_via_nginx_without_nginx_on_the_path_exits_2_saying_what_to_do(
     assert "install it or use --via pool" in err
 
 
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
+def test_one_node_is_valid_called_directly_with_gunicorn_or_uvicorn(server: str) -> None:
+    assert parsed("--nodes", "1").nodes == 1
+    settings = demo.settings_from(parsed("--nodes", "1", "--server", server))
+    assert (settings.server, settings.nodes, settings.via) == (server, 1, "direct")
+    assert settings.nginx is None  # no balancer
+
+
+def test_one_node_without_server_takes_uvicorn_or_gunicorn_whichever_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(demo, "installed", lambda name: name in ("requests", "gunicorn"))
+    assert demo.settings_from(parsed("--nodes", "1")).server == "gunicorn"
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "granian", "daphne"])
+def test_one_node_with_a_server_graceful_reload_cannot_restart_exits_2_saying_so(
+    server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert demo.main(["--nodes", "1", "--server", server]) == 2
+    err = one_line_error(capsys)
+    assert (
+        "--nodes 1 restarts in place with graceful reload, which supports gunicorn and "
+        "uvicorn; give --server gunicorn or --server uvicorn, or --nodes 2 or more for "
+        f"{server}"
+    ) in err
+
+
+@pytest.mark.parametrize("via", ["nginx", "pool", "httpx", "grpc"])
+def test_one_node_with_via_exits_2_saying_its_callers_call_it_directly(
+    via: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert demo.main(["--nodes", "1", "--via", via, "--server", "uvicorn"]) == 2
+    err = one_line_error(capsys)
+    assert f"--via {via} with --nodes 1" in err
+    assert "leave out --via, or give --nodes 2 or more" in err
+
+
+def test_one_node_without_uvicorn_or_gunicorn_exits_2_with_the_install_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "installed", lambda name: name in ("requests", "hypercorn"))
+    assert demo.main(["--nodes", "1"]) == 2
+    err = one_line_error(capsys)
+    assert "which supports gunicorn and uvicorn, and neither is installed" in err
+    assert "pip install 'graceful-drain[client,uvicorn]'" in err
+
+
+def test_one_gunicorn_node_without_gunicorn_s_console_script_exits_2_saying_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "gunicorn_script", lambda: None)
+    assert demo.main(["--nodes", "1", "--server", "gunicorn"]) == 2
+    err = one_line_error(capsys)
+    assert "gunicorn's console script is not beside" in err
+    assert "python -m gunicorn does not survive" in err
+
+
+def test_the_in_place_node_runs_gunicorn_s_script_with_its_pid_file_or_the_uvicorn_runner(
+    tmp_path: Path,
+) -> None:
+    pidfile = tmp_path / "node.pid"
+    argv = demo.in_place_argv("gunicorn", 8000, pidfile)
+    assert argv[0] == str(Path(sys.executable).with_name("gunicorn"))
+    assert argv[1:5] == ["-c", "python:graceful.gunicorn", "--pid", str(pidfile)]
+    assert demo.in_place_env("gunicorn", pidfile) == {}
+    argv = demo.in_place_argv("uvicorn", 8000, pidfile)
+    assert argv[:3] == [sys.executable, "-m", "graceful.uvicorn"]
+    assert demo.in_place_env("uvicorn", pidfile) == {"GRACEFUL_PID_FILE": str(pidfile)}
+
+
 def test_the_verb_registers_demo_without_a_node() -> None:
     parser = argparse.ArgumentParser(prog="graceful")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -410,6 +488,15 @@ def test_the_table_puts_each_round_in_its_column() -> None:
     assert rows[""] == ["HTTP 502: 2", ""]
     assert rows["p99 latency"] == ["40.0 ms", "20.0 ms"]
     assert rows["wall time"] == ["6.0 s", "6.5 s"]
+
+
+def test_the_one_node_table_names_its_columns_and_counts_restarts() -> None:
+    naive = demo_load.RoundResult(100, 7, {"connection refused": 7}, 3.0, 40.0, 6.0, 2)
+    graceful = demo_load.RoundResult(120, 0, {}, 4.0, 20.0, 6.5, 2)
+    text = demo.table(naive, graceful, ("naive restart", "graceful reload"), "restarts")
+    rows = [[cell.strip() for cell in line.split("|")] for line in text.splitlines() if "|" in line]
+    assert rows[0] == ["", "naive restart", "graceful reload"]
+    assert ["restarts", "2", "2"] in rows
 
 
 def _directives(text: str) -> list[str]:

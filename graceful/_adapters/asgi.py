@@ -121,12 +121,13 @@ class ASGIMiddleware(AdapterBase):
         self._ready_on_request = False
         lifecycle = self.lifecycle
         started = False
+        # The server is linked now, also when the app does not speak lifespan (it returns at
+        # once, and the server serves anyway): its start and its stop are followed from here.
+        self._goodbye.on_loop()
 
         async def watched_receive() -> Message:
             message = await receive()
-            if message["type"] == "lifespan.startup":
-                self._goodbye.on_loop()
-            elif message["type"] == "lifespan.shutdown":
+            if message["type"] == "lifespan.shutdown":
                 with contextlib.suppress(LifecycleError):
                     lifecycle.stop("server shutting down")
             return message

@@ -262,9 +262,14 @@ def _known_variables() -> frozenset[str]:
     )
 
 
+#: Variables graceful's own processes pass to each other (an in-place restart's new runner,
+#: a supervisor's workers): not settings, and not a typo either.
+BETWEEN_PROCESSES = frozenset({"GRACEFUL_SUCCESSOR_OF", "GRACEFUL_READY_SOCKET"})
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """The ``GRACEFUL_*`` names in ``environ`` that are no setting, sorted."""
-    known = _known_variables()
+    known = _known_variables() | BETWEEN_PROCESSES
     return sorted(key for key in environ if key.startswith(ENV_PREFIX) and key not in known)
 
 

@@ -305,7 +305,8 @@ def _quiet(
             return False
         if now - started >= timeout:
             logger.warning(
-                "after %.1fs, %d queued connections and %d requests in flight are left: "
+                "after %.1fs, %d queued connections and %d requests in flight (or open "
+                "connections, in an in-place restart) are left: "
                 "stopping anyway (the kernel resets the queued connections)",
                 timeout,
                 left,

@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 
-__all__ = ["remove_if_mine", "write_pid"]
+__all__ = ["read_pid", "remove_if_mine", "write_pid"]
 
 logger = logging.getLogger("graceful")
 
@@ -42,3 +42,13 @@ def remove_if_mine(path: str, pid: int) -> None:
             if int(handle.read().strip() or 0) != pid:
                 return
         os.unlink(path)
+
+
+def read_pid(path: str) -> int | None:
+    """The pid ``path`` holds, or None (no such file, or not a plain positive pid)."""
+    try:
+        with open(path) as handle:
+            text = handle.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and 0 < int(text) < 2**22 else None

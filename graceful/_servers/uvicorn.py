@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised by hiding uvicorn in 
 from .._runtime.lifecycle import Lifecycle, get_lifecycle
 from .._runtime.shutdown import StopSequence, log_through, terminal_signals_group
 from . import backlog as _backlog
-from . import compat
+from . import compat, uvicorn_reload
 from .uvicorn_reload import Reloader, usr2_installable
 
 compat.check_uvicorn_version(uvicorn.__version__)
@@ -136,20 +136,19 @@ class ServerLink:
 
     def dispatch(self, signum: int) -> None:
         """Act on one signal (on the loop): start, speed up or force the stop."""
-        reloader = getattr(self.server, "reloader", None)
         if (
             signum == signal.SIGTERM
-            and reloader is not None
-            and reloader.successor_alive()
             and not self.handed_over
             and self.lifecycle.draining_since is None
+            and (successor := self._successor()) is not None
         ):
             self.handed_over = True
             self.lifecycle.hand_over()
             logger.info(
-                "in-place restart: the new runner (pid %d) accepts on the same socket; "
+                "in-place restart: the new %s (pid %d) accepts on the same socket; "
                 "this one serves %gs more (handover_delay), then stops",
-                reloader.pid(),
+                successor[0],
+                successor[1],
                 self.lifecycle.config.delay,
             )
         name = self.sequence.signal(signum)
@@ -157,6 +156,15 @@ class ServerLink:
             task = self.loop.create_task(self.sequence.run_async(name))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _successor(self) -> tuple[str, int] | None:
+        """What takes over this server's socket in an in-place restart, while it lives: the
+        runner this one started, or (a worker of ``--workers N``) its supervisor's."""
+        reloader = getattr(self.server, "reloader", None)
+        if reloader is not None and reloader.successor_alive():
+            return "runner", reloader.pid()
+        pid = uvicorn_reload.supervisor_successor(self.lifecycle.config.pid_file)
+        return None if pid is None else ("supervisor", pid)
 
     def _pass_on(self, signum: int, frame: FrameType | None) -> None:
         previous = self._previous.get(signum, signal.SIG_DFL)
@@ -287,6 +295,10 @@ def attach(lifecycle: Lifecycle) -> ServerLink | None:
     if threading.current_thread() is not threading.main_thread():
         return link
     logger.info("graceful: SIGTERM drains this uvicorn server (pid %d)", os.getpid())
+    if os.environ.get(uvicorn_reload.READY_SOCKET):  # a worker of graceful's supervisor
+        task = loop.create_task(uvicorn_reload.tell_supervisor_when_started(owner))
+        link._tasks.add(task)
+        task.add_done_callback(link._tasks.discard)
     return link.install()
 
 
@@ -310,7 +322,11 @@ class Server(uvicorn.Server):
         self.link: ServerLink | None = None
         self._grace: float | None = None
         self.graceful_sockets_handed = False
-        self.reloader = Reloader(self, self.lifecycle.config.pid_file)
+        self.reloader = Reloader(
+            self.lifecycle.config.pid_file,
+            functools.partial(compat.listening_sockets, self),
+            self._sockets_handed,
+        )
         if config.timeout_graceful_shutdown is None:
             compat.set_shutdown_timeout(config, self.lifecycle.config.drain_timeout)
             self._grace = HANDOVER_GRACE
@@ -349,6 +365,9 @@ class Server(uvicorn.Server):
             await super().serve(sockets)
         finally:
             self.reloader.finished()
+
+    def _sockets_handed(self) -> None:
+        self.graceful_sockets_handed = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.link is None:
@@ -393,7 +412,8 @@ def _supervise(config: uvicorn.Config) -> None:
     delay. Here each signal goes on to the workers as it is, the moment it arrives; the
     supervisor then stops as usual (its own SIGTERM to the workers is ignored by then).
     """
-    supervisor = compat.new_supervisor(config, [config.bind_socket()])
+    sockets = [config.bind_socket()]
+    supervisor = compat.new_supervisor(config, sockets)
     parts = compat.supervisor_parts(supervisor)
     if parts is None:
         supervisor.run()  # a uvicorn whose supervisor we do not know: as it is
@@ -413,13 +433,41 @@ def _supervise(config: uvicorn.Config) -> None:
 
     for signum in SIGNALS:
         signal.signal(signum, forward)
-    if hasattr(signal, "SIGUSR2"):  # its default would end the supervisor
-        signal.signal(signal.SIGUSR2, _usr2_under_supervisor)
-    supervisor.run()
+    reloader = _supervisor_reloader(config, sockets, processes)
+    try:
+        supervisor.run()
+    finally:
+        if reloader is not None:
+            reloader.finished()
 
 
-def _usr2_under_supervisor(signum: int, frame: FrameType | None) -> None:
+def _supervisor_reloader(config: uvicorn.Config, sockets: list[Any], processes: Any) -> Any:
+    """The supervisor's part in the in-place restart (``pid_file`` set, SIGUSR2; see
+    :mod:`graceful._servers.uvicorn_reload`): it says ready once every worker has started."""
+    if not hasattr(signal, "SIGUSR2"):
+        return None
+    pid_file = get_lifecycle().config.pid_file
+    if pid_file is None:
+        signal.signal(signal.SIGUSR2, _usr2_without_pid_file)  # its default ends the supervisor
+        return None
+    reloader = Reloader(pid_file, lambda: list(sockets), lambda: None, what="supervisor")
+
+    def on_usr2(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=reloader.start_successor, name="graceful-usr2").start()
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    ready = uvicorn_reload.WorkersReady()
+    os.environ[uvicorn_reload.READY_SOCKET] = ready.name  # the workers inherit it
+
+    def workers() -> set[int]:
+        return {pid for each in list(processes) if (pid := compat.live_pid(each)) is not None}
+
+    ready.listen(workers, config.workers, reloader.serving)
+    return reloader
+
+
+def _usr2_without_pid_file(signum: int, frame: FrameType | None) -> None:
     logger.warning(
-        "SIGUSR2 ignored: --workers N has no in-place restart (run one process, or use "
-        "systemd socket activation)"
+        "SIGUSR2 ignored: an in-place restart needs a pid file (GRACEFUL_PID_FILE) for "
+        "graceful reload to follow it"
     )

@@ -49,7 +49,9 @@ def _run_inherited(app: Any, **options: Any) -> None:
         fd = uvicorn_fd(os.environ, os.getpid(), fd=given, uds=options.get("uds"))
     except SocketActivationError as exc:
         raise click.UsageError(str(exc)) from None  # uvicorn's exit status for a bad option: 2
-    if fd is not None and fd != given:  # systemd's socket, served as with --fd 3
+    # systemd's socket (served as with --fd 3), or the one an in-place restart's new runner
+    # inherits; a --fd of the user's own is left as it is.
+    if fd is not None and (fd != given or uvicorn_reload.SUCCESSOR_OF in os.environ):
         take_listener(fd)  # close-on-exec, and TCP_NODELAY that uvicorn's --fd misses
         options = {**options, "fd": fd}
     run(app, **options)

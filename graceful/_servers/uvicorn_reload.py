@@ -11,31 +11,40 @@ USR2 sequence, for one uvicorn process.
   ``handover_delay``, the listen queue is the successor's (the socket is never filtered, only
   this process's copy closed) and connections left open get their answer first.
 
-One process: with ``--workers N`` uvicorn's supervisor runs, which has no such restart (it
-ignores SIGUSR2, and says so); socket activation is the answer there.
+With ``--workers N`` the supervisor does the same (:func:`graceful._servers.uvicorn._supervise`):
+its SIGUSR2 starts a new supervisor on its socket, which says ready once each of its workers
+has started (each worker tells it over a datagram socket, :class:`WorkersReady`); its SIGTERM
+goes on to its workers, and each one that finds a live successor of its supervisor in
+``NAME.2`` (:func:`supervisor_successor`) hands over as a single runner does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import compat
-from .pidfiles import remove_if_mine, write_pid
+from .pidfiles import read_pid, remove_if_mine, write_pid
 
-__all__ = ["SUCCESSOR_OF", "Reloader"]
+__all__ = ["READY_SOCKET", "SUCCESSOR_OF", "Reloader", "WorkersReady", "supervisor_successor"]
 
 logger = logging.getLogger("graceful")
 
 #: The environment variable that tells a new runner the pid of the one that started it.
 SUCCESSOR_OF = "GRACEFUL_SUCCESSOR_OF"
+
+#: The environment variable that tells a supervisor's workers where to say they started (the
+#: name of an abstract UNIX datagram socket, see :class:`WorkersReady`).
+READY_SOCKET = "GRACEFUL_READY_SOCKET"
 
 #: The runner's own arguments (``python -m graceful.uvicorn ARGS``), set by its command line:
 #: None in a program that runs ``graceful.uvicorn.Server`` itself (nothing to start again).
@@ -45,8 +54,17 @@ command_line: list[str] | None = None
 class Reloader:
     """One runner's part in the in-place restart (see the module's documentation)."""
 
-    def __init__(self, server: Any, pid_file: str | None) -> None:
-        self.server = server
+    def __init__(
+        self,
+        pid_file: str | None,
+        sockets: Callable[[], list[Any]],
+        handed: Callable[[], None],
+        *,
+        what: str = "runner",
+    ) -> None:
+        #: The listening sockets a successor inherits, and what to do once they are shared.
+        self.sockets, self.handed = sockets, handed
+        self.what = what
         self.pid_file = pid_file
         self.parent = _parent_from_env()
         self.successor: subprocess.Popen[bytes] | None = None
@@ -85,17 +103,25 @@ class Reloader:
     # -- SIGUSR2 ---------------------------------------------------------------------------
 
     def start_successor(self) -> None:
-        """Start a new runner on this one's listening socket (on the loop, after SIGUSR2)."""
+        """Start a new runner on this one's listening socket (after SIGUSR2; not in the
+        signal handler itself)."""
+        what = self.what
         if self.successor_alive():
-            logger.warning("SIGUSR2 ignored: a new runner (pid %d) runs already", self.pid())
+            logger.warning("SIGUSR2 ignored: a new %s (pid %d) runs already", what, self.pid())
             return
         if self.parent is not None and _alive(self.parent):
-            logger.warning("SIGUSR2 ignored: this runner's parent runner still runs")
+            logger.warning("SIGUSR2 ignored: this %s's parent %s still runs", what, what)
             return
         if command_line is None:
             logger.warning("SIGUSR2 ignored: an in-place restart needs python -m graceful.uvicorn")
             return
-        sockets = compat.listening_sockets(self.server)
+        if any(arg == "--uds" or arg.startswith("--uds=") for arg in command_line):
+            # The new one would bind the path again, and this one remove it as it stops.
+            logger.error(
+                "SIGUSR2 ignored: --uds has no in-place restart (use --fd or a socket unit)"
+            )
+            return
+        sockets = self.sockets()
         if len(sockets) != 1:
             logger.error("SIGUSR2 ignored: %d listening sockets, one is needed", len(sockets))
             return
@@ -104,10 +130,11 @@ class Reloader:
         argv += ["--fd", str(fd)]
         env = {**os.environ, SUCCESSOR_OF: str(os.getpid())}
         # The socket is now someone else's too: its queue is not this runner's to serve.
-        self.server.graceful_sockets_handed = True
+        self.handed()
         self.successor = subprocess.Popen(argv, env=env, pass_fds=(fd,))  # noqa: S603
         logger.info(
-            "SIGUSR2: a new runner (pid %d) starts on this one's socket (fd %d)",
+            "SIGUSR2: a new %s (pid %d) starts on this one's socket (fd %d)",
+            what,
             self.successor.pid,
             fd,
         )
@@ -117,6 +144,83 @@ class Reloader:
 
     def pid(self) -> int:
         return -1 if self.successor is None else self.successor.pid
+
+
+def supervisor_successor(pid_file: str | None) -> int | None:
+    """In a worker of ``--workers N``: the new supervisor a SIGUSR2 started from this worker's
+    own, while it lives (it writes ``NAME.2`` as it starts). None otherwise."""
+    if pid_file is None:
+        return None
+    pid = read_pid(f"{pid_file}.2")
+    if pid is None or not _alive(pid) or _parent_of(pid) != os.getppid():
+        return None
+    return pid
+
+
+class WorkersReady:
+    """A supervisor's ear for its workers' "started": an abstract UNIX datagram socket (Linux)
+    whose name the workers find in :data:`READY_SOCKET`. The sender is known from the kernel
+    (``SCM_CREDENTIALS``), not from what it wrote, so only the supervisor's own workers count:
+    ``on_ready`` runs once ``needed`` of the pids ``workers()`` names have said so."""
+
+    def __init__(self) -> None:
+        self.name = f"graceful-ready-{os.getpid()}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+
+    def listen(
+        self, workers: Callable[[], set[int]], needed: int, on_ready: Callable[[], None]
+    ) -> None:
+        threading.Thread(
+            target=self._collect,
+            args=(workers, needed, on_ready),
+            name="graceful-workers-ready",
+            daemon=True,
+        ).start()
+
+    def _collect(
+        self, workers: Callable[[], set[int]], needed: int, on_ready: Callable[[], None]
+    ) -> None:
+        started: set[int] = set()
+        credentials = struct.Struct("3i")  # struct ucred: pid, uid, gid
+        try:
+            while len(started & workers()) < needed:
+                _, ancillary, _, _ = self.sock.recvmsg(16, socket.CMSG_SPACE(credentials.size))
+                for level, kind, data in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                        started.add(credentials.unpack(data[: credentials.size])[0])
+        except OSError:  # closed: the supervisor stops
+            return
+        finally:
+            self.sock.close()
+        on_ready()
+
+
+async def tell_supervisor_when_started(server: Any) -> None:
+    """In a supervisor's worker: once ``server`` (its ``uvicorn.Server``) has started (the
+    lifespan's start-up done, the socket accepting), say so to the supervisor (see
+    :class:`WorkersReady`). Looked at every 10 ms until it started or stops."""
+    name = os.environ.get(READY_SOCKET)
+    if not name:
+        return
+    while not getattr(server, "started", False):
+        if getattr(server, "should_exit", False):
+            return
+        await asyncio.sleep(0.01)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(b"started", "\0" + name)
+        except OSError as exc:
+            logger.warning("graceful: could not tell the supervisor this worker started: %s", exc)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _parent_from_env() -> int | None:

@@ -18,6 +18,14 @@ node never is). Without nginx
 (:mod:`graceful._tools.demo_grpc`) and the callers share one channel: a plain round-robin one,
 then :func:`graceful.grpc.channel`.
 
+With ``--nodes 1`` there is no balancer and no pool: one gunicorn or uvicorn node, which the
+callers call directly (a ``requests.Session`` each, no retries), restarted :data:`IN_PLACE_RESTARTS`
+times in each round: naively (without the library; SIGTERM, wait for the exit, start again),
+then in place with ``graceful reload`` (:mod:`graceful._tools.reload`; the node runs gunicorn's
+console script with ``-c python:graceful.gunicorn --pid PIDFILE``, or ``python -m
+graceful.uvicorn`` with ``GRACEFUL_PID_FILE``, the library's hand-over settings by default).
+A new master (gunicorn's) or runner (uvicorn's) stays in the first one's process group.
+
 Every process it starts is in its own process group and is killed on the way out, also on
 Ctrl-C, SIGTERM or SIGHUP. Exit status: 0 when the graceful round failed no request, 1
 otherwise, 2 for bad options or a missing server, 130 when interrupted.
@@ -38,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TextIO, get_args
@@ -55,8 +63,13 @@ __all__ = ["add_verb", "main", "run"]
 
 #: What the nodes run, and how the load reaches them.
 ServerName = Literal["uvicorn", "gunicorn", "hypercorn", "granian", "daphne"]
-Via = Literal["nginx", "pool", "httpx", "grpc"]
+#: ``direct``: ``--nodes 1``, the callers call the one node themselves (not an option of --via).
+Via = Literal["nginx", "pool", "httpx", "grpc", "direct"]
 SERVERS: tuple[ServerName, ...] = get_args(ServerName)
+#: The servers ``graceful reload`` restarts in place: those ``--nodes 1`` runs.
+IN_PLACE_SERVERS: tuple[ServerName, ...] = ("uvicorn", "gunicorn")
+#: How often ``--nodes 1`` restarts its node in each round.
+IN_PLACE_RESTARTS = 2
 #: The demo's callers use requests (the client extra) and its nodes a server.
 INSTALL_HINT = "pip install 'graceful-drain[client,uvicorn]'"
 DEFAULT_DURATION = 10.0
@@ -102,9 +115,9 @@ def _count(text: str) -> int:
         value = parse_count(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 2:
+    if value < 1:
         raise argparse.ArgumentTypeError(
-            f"{value} is too few: at least 2 (one node serves while another restarts)"
+            f"{value} is too few: at least 1 (1: one node, restarted in place)"
         )
     if value > 16:
         raise argparse.ArgumentTypeError(f"{value} is too many for one machine: at most 16")
@@ -148,7 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_count,
         default=DEFAULT_NODES,
         metavar="N",
-        help=f"how many nodes (2 to 16; default {DEFAULT_NODES})",
+        help=f"how many nodes (1 to 16; default {DEFAULT_NODES}); 1: one node, no balancer, "
+        "restarted in place with graceful reload (gunicorn or uvicorn)",
     )
     add(
         "--server",
@@ -161,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("nginx", "pool", "httpx", "grpc"),
         help="the load goes through nginx, or calls the nodes itself (graceful.client.Pool; "
         "httpx: an httpx.Client over graceful.httpx.PoolTransport; grpc: gRPC nodes and "
-        "graceful.grpc.channel); default: nginx when it is on the PATH, else pool",
+        "graceful.grpc.channel); default: nginx when it is on the PATH, else pool; not with "
+        "--nodes 1 (its callers call the node directly)",
     )
     add("--json", action="store_true", help="print the result as JSON instead of a table")
 
@@ -228,6 +243,48 @@ def node_argv(server: ServerName, graceful: bool, port: int) -> list[str]:
         *("--workers", "1", "-k", "gthread", "--threads", "16", "--keep-alive", "10"),
         *("--graceful-timeout", "10", "--log-level", "warning", app),
     ]
+
+
+def gunicorn_script() -> Path | None:
+    """gunicorn's console script beside this Python, or None. ``graceful reload`` needs it: on
+    SIGUSR2 gunicorn runs its own command line again, which ``python -m gunicorn`` does not
+    survive."""
+    script = Path(sys.executable).with_name("gunicorn")
+    return script if script.is_file() and os.access(script, os.X_OK) else None
+
+
+def gunicorn_workers() -> list[str]:
+    """The in-place node's workers: gthread, as the other nodes run (gunicorn 22 and 23 too:
+    graceful's hooks give their gthread workers gunicorn 24's stop)."""
+    return ["--workers", "1", "-k", "gthread", "--threads", "16", "--keep-alive", "10"]
+
+
+def in_place_argv(server: ServerName, port: int, pidfile: Path) -> list[str]:
+    """The command line of ``--nodes 1``'s graceful node, which ``graceful reload`` restarts
+    in place (uvicorn's pid file: :func:`in_place_env`)."""
+    if server == "uvicorn":
+        return [
+            *(sys.executable, "-m", "graceful.uvicorn", "graceful._tools.demo_app:asgi_app"),
+            *("--host", "127.0.0.1", "--port", str(port)),
+            *("--log-level", "warning", "--timeout-keep-alive", "10"),
+        ]
+    if server != "gunicorn":
+        raise DemoError(f"--nodes 1 runs gunicorn or uvicorn, not {server}")
+    script = gunicorn_script()
+    if script is None:
+        raise DemoError(f"gunicorn's console script is not beside {sys.executable}")
+    return [
+        *(str(script), "-c", "python:graceful.gunicorn", "--pid", str(pidfile)),
+        *("--bind", f"127.0.0.1:{port}", *gunicorn_workers()),
+        *("--graceful-timeout", "10", "--log-level", "warning"),
+        "graceful._tools.demo_app:wsgi_app",
+    ]
+
+
+def in_place_env(server: ServerName, pidfile: Path) -> dict[str, str]:
+    """The graceful settings of ``--nodes 1``'s node: the library's defaults (nobody else
+    can take its traffic: no reject mode; the hand-over's own delay), and uvicorn's pid file."""
+    return {"GRACEFUL_PID_FILE": str(pidfile)} if server == "uvicorn" else {}
 
 
 def free_port() -> int:
@@ -315,12 +372,16 @@ class Cluster:
         count: int,
         *,
         grpc: bool = False,
+        in_place: bool = False,
     ) -> None:
         self.processes = processes
         self.server = server
         self.graceful = graceful
         #: gRPC nodes (``--via grpc``) instead of the server's HTTP ones.
         self.grpc = grpc
+        #: ``--nodes 1``: the graceful node runs with a pid file and is restarted in place
+        #: (:meth:`reload`); the naive one is the same as in the other rounds.
+        self.in_place = in_place and graceful
         ports: set[int] = set()
         while len(ports) < count:
             ports.add(free_port())
@@ -330,7 +391,16 @@ class Cluster:
             for index, port in enumerate(sorted(ports))
         ]
 
+    def pidfile(self, node: Node) -> Path:
+        return node.log.with_suffix(".pid")
+
     def start(self, node: Node) -> None:
+        if self.in_place:
+            pidfile = self.pidfile(node)
+            argv = in_place_argv(self.server, node.port, pidfile)
+            env = child_env(in_place_env(self.server, pidfile))
+            node.proc = self.processes.start(argv, node.log, env)
+            return
         env = child_env(GRACEFUL_ENV if self.graceful else {})
         if self.grpc:
             from . import demo_grpc
@@ -377,6 +447,21 @@ class Cluster:
             proc.wait(5)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind in its group
+
+    def reload(self, node: Node, say: Callable[[str], None]) -> None:
+        """Restart ``node`` in place with ``graceful reload`` (its master's group keeps the new
+        one: :meth:`Processes.kill_all` ends it); :class:`DemoError` with the command's message
+        when it fails."""
+        from .reload import ReloadError, reload
+
+        pidfile = self.pidfile(node)
+        try:
+            reload(pidfile, timeout=START_TIMEOUT, stop_timeout=STOP_TIMEOUT, say=say)
+        except ReloadError as exc:
+            raise DemoError(
+                f"graceful reload {pidfile} failed (exit {exc.code}): {exc}\n"
+                f"the node's log:\n{tail(node.log)}"
+            ) from None
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -532,7 +617,14 @@ class Settings:
 # -- the table ----------------------------------------------------------------------------------
 
 
-def table(naive: RoundResult, graceful: RoundResult) -> str:
+def table(
+    naive: RoundResult,
+    graceful: RoundResult,
+    columns: tuple[str, str] = ("naive", "graceful"),
+    restarts: str = "nodes restarted",
+) -> str:
+    """The two rounds side by side, under ``columns``; ``restarts``: the last row's name."""
+
     def kinds(result: RoundResult) -> list[str]:
         return [f"{kind}: {count}" for kind, count in result.failures.items()] or ["none"]
 
@@ -553,9 +645,9 @@ def table(naive: RoundResult, graceful: RoundResult) -> str:
         ("p50 latency", f"{naive.p50_ms:.1f} ms", f"{graceful.p50_ms:.1f} ms"),
         ("p99 latency", f"{naive.p99_ms:.1f} ms", f"{graceful.p99_ms:.1f} ms"),
         ("wall time", f"{naive.wall_s:.1f} s", f"{graceful.wall_s:.1f} s"),
-        ("nodes restarted", str(naive.restarts), str(graceful.restarts)),
+        (restarts, str(naive.restarts), str(graceful.restarts)),
     ]
-    header = ("", "naive", "graceful")
+    header = ("", *columns)
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
     lines = []
     for row in [header, *rows]:
@@ -595,6 +687,8 @@ def stop_signals(interrupted: threading.Event, processes: Processes) -> Iterator
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    if args.nodes == 1:
+        return _one_node_settings(args)
     server = args.server or default_server()
     if server is None:
         raise DemoError(f"neither uvicorn nor gunicorn is installed; install one: {INSTALL_HINT}")
@@ -612,6 +706,42 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if via == "grpc" and not (installed("grpc") and installed("grpc_health")):
         raise DemoError("--via grpc: grpcio is not installed; pip install 'graceful-drain[grpc]'")
     return Settings(server, args.nodes, args.duration, via, nginx)
+
+
+def _one_node_settings(args: argparse.Namespace) -> Settings:
+    """``--nodes 1``: gunicorn or uvicorn (what ``graceful reload`` restarts), called directly."""
+    if args.via is not None:
+        raise DemoError(
+            f"--via {args.via} with --nodes 1: one node has no balancer or pool, its callers "
+            "call it directly; leave out --via, or give --nodes 2 or more"
+        )
+    if args.server is not None and args.server not in IN_PLACE_SERVERS:
+        raise DemoError(
+            "--nodes 1 restarts in place with graceful reload, which supports gunicorn and "
+            f"uvicorn; give --server gunicorn or --server uvicorn, or --nodes 2 or more for "
+            f"{args.server}"
+        )
+    server: ServerName | None = args.server or next(
+        (name for name in IN_PLACE_SERVERS if installed(name)), None
+    )
+    if server is None:
+        raise DemoError(
+            "--nodes 1 restarts in place with graceful reload, which supports gunicorn and "
+            f"uvicorn, and neither is installed; install one: {INSTALL_HINT}"
+        )
+    hint = INSTALL_HINT.replace("uvicorn", server)
+    if not installed(server):
+        raise DemoError(f"--server {server}: {server} is not installed; install it: {hint}")
+    if not installed("requests"):
+        raise DemoError(f"the demo's callers need requests (the client extra); install: {hint}")
+    if server == "gunicorn" and gunicorn_script() is None:
+        raise DemoError(
+            f"--nodes 1 --server gunicorn: gunicorn's console script is not beside "
+            f"{sys.executable} (graceful reload has gunicorn run its own command line again, "
+            "which python -m gunicorn does not survive); install gunicorn into this Python's "
+            f"environment: {hint}"
+        )
+    return Settings(server, 1, args.duration, "direct", None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -666,6 +796,14 @@ def run(args: argparse.Namespace) -> int:
             "ok": ok,
         }
         print(json.dumps(document, indent=2))
+    elif settings.via == "direct":
+        print(
+            f"1 {settings.server} node, no load balancer, restarted in place under load "
+            f"({THREADS} callers calling it directly, GETs and POSTs):\n"
+        )
+        print(table(naive, graceful, ("naive restart", "graceful reload"), "restarts"))
+        verdict = "no request failed" if ok else f"{graceful.failed} requests failed"
+        print(f"\ngraceful reload: {verdict}; naive restart: {naive.failed} failed")
     else:
         through = {
             "nginx": "nginx",

@@ -24,6 +24,7 @@ from typing import Any
 import requests
 
 from .demo import (
+    IN_PLACE_RESTARTS,
     PACE,
     REQUEST_TIMEOUT,
     START_TIMEOUT,
@@ -91,10 +92,12 @@ def _httpx_failure_kind(exc: BaseException) -> str | None:
 
 class Load:
     """``THREADS`` callers, each alternating ``GET /items/<n>`` and ``POST /items`` (an id in
-    the body and an ``Idempotency-Key``), until :meth:`stop`."""
+    the body and an ``Idempotency-Key``; the id starts with ``tag``, the round's name), until
+    :meth:`stop`."""
 
-    def __init__(self, call: Callable[[str, str, dict[str, Any]], Any]) -> None:
+    def __init__(self, call: Callable[[str, str, dict[str, Any]], Any], tag: str = "") -> None:
         self.call = call
+        self.tag = tag
         self.outcomes: list[Outcome] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -116,7 +119,7 @@ class Load:
             if self.stopping.is_set():
                 return
             if turn % 2:
-                oid = uuid.uuid4().hex
+                oid = f"{self.tag}-{uuid.uuid4().hex}" if self.tag else uuid.uuid4().hex
                 method, path = "POST", "/items"
                 kwargs: dict[str, Any] = {
                     "data": {"id": oid},
@@ -191,11 +194,19 @@ def run_round(
     interrupted: threading.Event,
 ) -> RoundResult:
     label = "graceful" if graceful else "naive"
+    one = settings.via == "direct"  # --nodes 1: restarted in place, called directly
     cluster = Cluster(
-        processes, folder, settings.server, graceful, settings.nodes, grpc=settings.via == "grpc"
+        processes,
+        folder,
+        settings.server,
+        graceful,
+        settings.nodes,
+        grpc=settings.via == "grpc",
+        in_place=one,
     )
     closing: list[Callable[[], None]] = []
-    progress.set(label, f"starting {settings.nodes} {settings.server} nodes")
+    what = f"1 {settings.server} node" if one else f"{settings.nodes} {settings.server} nodes"
+    progress.set(label, f"starting {what}")
     for node in cluster.nodes:
         cluster.start(node)
     for node in cluster.nodes:
@@ -204,19 +215,13 @@ def run_round(
     pool: Any = None
     seen: Any = None  # --via grpc: the processes the calls reached
     call: Callable[[str, str, dict[str, Any]], Any]
-    sessions: threading.local = threading.local()
-    if settings.via == "nginx" and settings.nginx is not None:
+    if one:
+        call = _session_caller(cluster.nodes[0].url)
+    elif settings.via == "nginx" and settings.nginx is not None:
         nginx = Nginx(processes, settings.nginx, folder)
         progress.set(label, "starting nginx")
         front = nginx.start(cluster.nodes, graceful)
-        base = nginx.url
-
-        def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
-            session = getattr(sessions, "session", None)
-            if session is None:
-                session = sessions.session = requests.Session()
-            return session.request(method, base + path, timeout=REQUEST_TIMEOUT, **kwargs)
-
+        call = _session_caller(nginx.url)
     elif settings.via == "httpx":
         call, pool = _httpx_caller(cluster, graceful, settings.nodes)
     elif settings.via == "grpc":
@@ -247,7 +252,7 @@ def run_round(
             node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin, no retries
             return session.request(method, node.url + path, timeout=REQUEST_TIMEOUT, **kwargs)
 
-    load = Load(call).start()
+    load = Load(call, label).start()
     restarts = 0
     try:
         started = time.monotonic()
@@ -255,17 +260,20 @@ def run_round(
         warm_up = min(2.0, settings.duration * 0.15)
         if interrupted.wait(warm_up):
             raise KeyboardInterrupt
-        for node in cluster.nodes:
-            progress.set(label, f"restarting node {node.index + 1}/{settings.nodes}")
-            cluster.stop(node)
-            cluster.start(node)
-            cluster.wait_ready(node, interrupted)
-            if pool is not None:  # back in the pool's rotation before the next one goes
-                wait_in_service(pool, node.url, interrupted)
-            if seen is not None and graceful and node.proc is not None:
-                wait_reached(seen, node.proc.pid, interrupted)  # back in the channel's
-            restarts += 1
-        progress.set(label, "every node restarted; load running")
+        if one:
+            restarts = _restart_in_place(cluster, graceful, label, warm_up, progress, interrupted)
+        else:
+            for node in cluster.nodes:
+                progress.set(label, f"restarting node {node.index + 1}/{settings.nodes}")
+                cluster.stop(node)
+                cluster.start(node)
+                cluster.wait_ready(node, interrupted)
+                if pool is not None:  # back in the pool's rotation before the next one goes
+                    wait_in_service(pool, node.url, interrupted)
+                if seen is not None and graceful and node.proc is not None:
+                    wait_reached(seen, node.proc.pid, interrupted)  # back in the channel's
+                restarts += 1
+        progress.set(label, f"{'the node' if one else 'every node'} restarted; load running")
         left = max(1.0, settings.duration - (time.monotonic() - started))
         if interrupted.wait(left):
             raise KeyboardInterrupt
@@ -283,6 +291,55 @@ def run_round(
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(front.pid, signal.SIGKILL)
     return RoundResult.of(load, restarts)
+
+
+def _session_caller(base: str) -> Callable[[str, str, dict[str, Any]], requests.Response]:
+    """Calls to ``base`` (nginx, or ``--nodes 1``'s node): a plain ``requests.Session`` per
+    caller thread, keep-alive, no retries."""
+    sessions = threading.local()
+
+    def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
+        session = getattr(sessions, "session", None)
+        if session is None:
+            session = sessions.session = requests.Session()
+            session.mount("http://", requests.adapters.HTTPAdapter(max_retries=0))
+        response: requests.Response = session.request(
+            method, base + path, timeout=REQUEST_TIMEOUT, **kwargs
+        )
+        return response
+
+    return call
+
+
+def _restart_in_place(
+    cluster: Cluster,
+    graceful: bool,
+    label: str,
+    pause: float,
+    progress: Progress,
+    interrupted: threading.Event,
+) -> int:
+    """``--nodes 1``: restart the node :data:`IN_PLACE_RESTARTS` times, ``pause`` seconds
+    apart: naively (SIGTERM, wait for the exit, start again), or in place with ``graceful
+    reload``. Returns how many restarts were done."""
+    node = cluster.nodes[0]
+    for number in range(1, IN_PLACE_RESTARTS + 1):
+        step = f"restart {number}/{IN_PLACE_RESTARTS}"
+        if graceful:
+            progress.set(label, f"{step}: graceful reload")
+
+            def say(line: str, step: str = step) -> None:
+                progress.set(label, f"{step}: {line}")
+
+            cluster.reload(node, say)
+        else:
+            progress.set(label, f"{step}: SIGTERM, wait for the exit, start again")
+            cluster.stop(node)
+            cluster.start(node)
+            cluster.wait_ready(node, interrupted)
+        if number < IN_PLACE_RESTARTS and interrupted.wait(pause):
+            raise KeyboardInterrupt  # the next deploy comes a little later
+    return IN_PLACE_RESTARTS
 
 
 def _httpx_caller(

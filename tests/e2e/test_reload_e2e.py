@@ -1,5 +1,6 @@
 """One node, no balancer, restarted in place with ``graceful reload`` under load: gunicorn
-(sync, gthread and uvicorn workers) and ``python -m graceful.uvicorn`` (one process).
+(sync, gthread and uvicorn workers) and ``python -m graceful.uvicorn`` (one process, and
+``--workers 2``).
 
 Callers on 127.0.0.1 only: keep-alive ones (a ``requests.Session`` each) and ones that open a
 new connection for every call (``http.client``), GETs and POSTs. The node is restarted in place
@@ -50,6 +51,7 @@ WORKERS = {
         "reload_app:asgi_app",
     ),
     "uvicorn": (),  # python -m graceful.uvicorn, one process
+    "uvicorn-supervisor": ("--workers", "2"),  # python -m graceful.uvicorn --workers 2
 }
 
 
@@ -199,12 +201,13 @@ def start_node(spawn: Spawn, tmp_path: Path, wait_until: WaitUntil) -> StartNode
             "GRACEFUL_HANDOVER_DELAY": "0.5",
             "GRACEFUL_DRAIN_TIMEOUT": "20",
         }
-        if workers == "uvicorn":  # graceful's runner: the pid file comes from the environment
+        if workers.startswith("uvicorn") and workers != "uvicorn-worker":
+            # graceful's runner: the pid file comes from the environment
             env["GRACEFUL_PID_FILE"] = str(pidfile)
             argv = [
                 *(sys.executable, "-m", "graceful.uvicorn", "reload_app:asgi_app"),
                 *("--app-dir", str(APPS), "--host", "127.0.0.1", "--port", str(port)),
-                "--no-access-log",
+                *("--no-access-log", *WORKERS[workers]),
             ]
         else:
             config = ("-c", "python:graceful.gunicorn") if hooks else ()
@@ -287,7 +290,7 @@ def test_a_naive_restart_of_the_same_node_fails_calls(
     assert load.failures, "a naive restart lost nothing: this test cannot tell"
 
 
-@pytest.mark.parametrize("workers", ["sync", "uvicorn"])
+@pytest.mark.parametrize("workers", ["sync", "uvicorn", "uvicorn-supervisor"])
 def test_new_code_that_cannot_start_leaves_the_old_master_serving(
     start_node: StartNode, workers: str
 ) -> None:
@@ -302,11 +305,11 @@ def test_new_code_that_cannot_start_leaves_the_old_master_serving(
     assert node.version() == "v1"
 
 
-def test_the_uvicorn_runner_with_workers_ignores_sigusr2_and_says_why(
+def test_the_uvicorn_supervisor_without_a_pid_file_ignores_sigusr2_and_says_why(
     spawn: Spawn, wait_until: WaitUntil, tmp_path: Path
 ) -> None:
-    """uvicorn's supervisor has no in-place restart: SIGUSR2 (whose default would end it) is
-    ignored, with what to do instead."""
+    """Without GRACEFUL_PID_FILE nothing could follow an in-place restart: SIGUSR2 (whose
+    default would end the supervisor) is ignored, with what to do instead."""
     port = unused_port()
     (tmp_path / "version").write_text("v0")
     env = {"RELOAD_VERSION_FILE": str(tmp_path / "version"), "LEDGER_DIR": str(tmp_path)}
@@ -328,5 +331,6 @@ def test_the_uvicorn_runner_with_workers_ignores_sigusr2_and_says_why(
 
     wait_until(answers, timeout=30, message=lambda: proc.output())
     proc.send_signal(signal.SIGUSR2)
-    wait_until(lambda: "SIGUSR2 ignored: --workers N" in proc.output(), timeout=10)
+    said = "SIGUSR2 ignored: an in-place restart needs a pid file"
+    wait_until(lambda: said in proc.output(), timeout=10)
     assert proc.alive() and answers()
