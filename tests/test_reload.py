@@ -187,3 +187,113 @@ def test_only_the_actual_parent_is_taken_for_the_runner_it_succeeds(
     expected = os.getppid() if value == str(os.getppid()) else None
     assert _parent_from_env() == expected
     assert SUCCESSOR_OF not in os.environ  # read once: not passed on to what it starts
+
+
+# -- the uvicorn supervisor (--workers N) ------------------------------------------------------
+
+
+def test_the_supervisor_counts_only_its_own_workers_started() -> None:
+    """Who said "started" is the kernel's word (SCM_CREDENTIALS), not the message's: a
+    process that is no worker of the supervisor is not counted, whatever it writes."""
+    import socket
+    import threading
+
+    from graceful._servers.uvicorn_reload import WorkersReady
+
+    ready = WorkersReady()
+    done = threading.Event()
+    code = (
+        "import socket, sys; sys.stdin.readline(); "
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+        f"s.sendto(b'started', '\\0{ready.name}'); sys.stdin.read()"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        ready.listen(lambda: {worker.pid}, 1, done.set)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(str(worker.pid).encode(), "\0" + ready.name)  # a lie about who
+        assert not done.wait(0.3)
+        assert worker.stdin is not None
+        worker.stdin.write(b"go\n")
+        worker.stdin.flush()
+        assert done.wait(30)
+    finally:
+        worker.kill()
+        worker.wait(10)
+
+
+def test_the_supervisor_is_ready_once_every_worker_said_so() -> None:
+    import socket
+    import threading
+
+    from graceful._servers.uvicorn_reload import WorkersReady
+
+    ready = WorkersReady()
+    done = threading.Event()
+    code = (
+        "import socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+        f"s.sendto(b'started', '\\0{ready.name}'); import sys; sys.stdin.read()"
+    )
+    workers = [
+        subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE) for _ in range(2)
+    ]
+    try:
+        ready.listen(lambda: {w.pid for w in workers}, 2, done.set)
+        assert done.wait(30)
+    finally:
+        for each in workers:
+            each.kill()
+            each.wait(10)
+    # Its socket is closed once it has heard enough: nobody listens at the name any more.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        wait_until(lambda: sock.connect_ex("\0" + ready.name) != 0, timeout=10)
+
+
+def test_a_worker_hands_over_only_to_a_live_successor_of_its_own_supervisor(
+    tmp_path: Path,
+) -> None:
+    """``NAME.2`` must name a live process whose parent is this worker's parent."""
+    from graceful._servers.pidfiles import write_pid
+    from graceful._servers.uvicorn_reload import supervisor_successor
+
+    name = str(tmp_path / "uvicorn.pid")
+    assert supervisor_successor(None) is None
+    assert supervisor_successor(name) is None  # no NAME.2
+    sibling = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )  # our child: its parent is not ours
+    try:
+        write_pid(f"{name}.2", sibling.pid)
+        assert supervisor_successor(name) is None
+        write_pid(f"{name}.2", os.getpid())  # alive, but not a child of our parent either
+        assert supervisor_successor(name) is None
+        Path(f"{name}.2").write_text("12 34\n")
+        assert supervisor_successor(name) is None
+    finally:
+        sibling.kill()
+        sibling.wait(10)
+    # A child of this test's own parent: seen from a child of ours, which has the same parent.
+    probe = (
+        "import os, sys; from graceful._servers.uvicorn_reload import supervisor_successor; "
+        f"print(supervisor_successor({name!r}))"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        write_pid(f"{name}.2", child.pid)
+        # A sibling of ``child`` (both ours) finds it.
+        seen = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30, check=True
+        )
+        assert seen.stdout.strip() == str(child.pid)
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_variables_between_graceful_s_own_processes_are_not_unknown_settings() -> None:
+    from graceful._core.config import unknown_variables
+
+    env = {"GRACEFUL_SUCCESSOR_OF": "1", "GRACEFUL_READY_SOCKET": "x", "GRACEFUL_DELAI": "1"}
+    assert unknown_variables(env) == ["GRACEFUL_DELAI"]

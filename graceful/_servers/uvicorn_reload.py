@@ -152,7 +152,7 @@ def supervisor_successor(pid_file: str | None) -> int | None:
     if pid_file is None:
         return None
     pid = read_pid(f"{pid_file}.2")
-    if pid is None or not _alive(pid) or _parent_of(pid) != os.getppid():
+    if pid is None or pid == os.getpid() or not _alive(pid) or _parent_of(pid) != os.getppid():
         return None
     return pid
 

@@ -268,6 +268,10 @@ def test_five_in_place_restarts_under_load_lose_nothing_and_run_each_post_once(
     ran = node.ran()
     assert len(ran) == len(set(ran)), "a POST ran twice"
     assert set(load.acked) <= set(ran)
+    # Each old generation handed over (handover_delay), rather than draining for the delay.
+    successor = {"uvicorn": "runner", "uvicorn-supervisor": "supervisor"}.get(workers, "master")
+    handed = node.proc.output().count(f"in-place restart: the new {successor} (pid")
+    assert handed >= 5, node.proc.output()[-3000:]
 
 
 def test_a_naive_restart_of_the_same_node_fails_calls(
