@@ -1,10 +1,14 @@
 """``graceful demo``: watch a naive restart fail requests and a graceful one fail none.
 
-Starts ``--nodes`` local nodes of a small app (:mod:`graceful._tools.demo_app`) on 127.0.0.1, drives
-steady load (a few threads, GETs and POSTs with ids), and restarts every node twice:
+Starts ``--nodes`` local nodes of a small app (:mod:`graceful._tools.demo_app`, or the user's own
+with ``--app``: :mod:`graceful._tools.demo_user_app`) on 127.0.0.1, drives steady load (a few
+threads, GETs and POSTs with ids), and restarts every node in each round:
 
 1. naively: nodes without the library, each sent SIGTERM and started again;
-2. gracefully: nodes with the library's middleware and server shims, in reject mode, each sent
+2. tuned (``--via nginx``, ``pool`` or ``httpx``): the same nodes without the library, called
+   with the best settings a proxy or client has without it (nginx: the shipped snippet and
+   ``max_fails=0``; requests and httpx: retries on connection errors);
+3. gracefully: nodes with the library's middleware and server shims, in reject mode, each sent
    SIGTERM (they drain) and started again once the old one has exited.
 
 With nginx on the PATH (``--via nginx``) the load goes through nginx: in the naive round with
@@ -12,7 +16,8 @@ nginx's own defaults, in the graceful round with ``integrations/nginx/graceful-p
 draining node's 503 and a refused connection are sent to the next node; a POST that reached a
 node never is). Without nginx
 (``--via pool``) the naive round calls the nodes round-robin with a plain ``requests.Session``
-(no retries) and the graceful round through :class:`graceful.client.Pool`. With ``--via httpx``
+(no retries), the tuned one with retries on connection errors only, and the graceful round
+through :class:`graceful.client.Pool`. With ``--via httpx``
 (httpx installed) the same with a plain ``httpx.Client``, and ``httpx.Client`` over
 :class:`graceful.httpx.PoolTransport`. With ``--via grpc`` the nodes are gRPC servers
 (:mod:`graceful._tools.demo_grpc`) and the callers share one channel: a plain round-robin one,
@@ -37,7 +42,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -46,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, TextIO, get_args
@@ -58,6 +62,7 @@ from . import fetch
 
 if TYPE_CHECKING:
     from .demo_load import Load, RoundResult
+    from .demo_user_app import UserApp
 
 __all__ = ["add_verb", "main", "run"]
 
@@ -66,6 +71,8 @@ ServerName = Literal["uvicorn", "gunicorn", "hypercorn", "granian", "daphne"]
 #: ``direct``: ``--nodes 1``, the callers call the one node themselves (not an option of --via).
 Via = Literal["nginx", "pool", "httpx", "grpc", "direct"]
 SERVERS: tuple[ServerName, ...] = get_args(ServerName)
+#: The rounds: without the library; without it, the proxy's or client's settings tuned; with it.
+RoundName = Literal["naive", "tuned", "graceful"]
 #: The servers ``graceful reload`` restarts in place: those ``--nodes 1`` runs.
 IN_PLACE_SERVERS: tuple[ServerName, ...] = ("uvicorn", "gunicorn")
 #: How often ``--nodes 1`` restarts its node in each round.
@@ -100,7 +107,10 @@ proxy_next_upstream error timeout http_503;
 proxy_request_buffering on;
 """
 #: nginx's own retry rules with upstream keep-alive: a site without the library's snippet.
-PLAIN_PROXY = 'proxy_http_version 1.1;\nproxy_set_header Connection "";\n'
+#: (The client's Host passed on, as every site does: a Django app's ALLOWED_HOSTS checks it.)
+PLAIN_PROXY = (
+    'proxy_http_version 1.1;\nproxy_set_header Connection "";\nproxy_set_header Host $host;\n'
+)
 
 
 class DemoError(GracefulError):
@@ -178,6 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "graceful.grpc.channel); default: nginx when it is on the PATH, else pool; not with "
         "--nodes 1 (its callers call the node directly)",
     )
+    from .demo_user_app import add_arguments as add_app_arguments
+
+    add_app_arguments(parser)
     add("--json", action="store_true", help="print the result as JSON instead of a table")
 
 
@@ -200,48 +213,64 @@ def add_verb(
 # -- the nodes ----------------------------------------------------------------------------------
 
 
-#: The demo app without the library, for the naive round of an ASGI server.
-APP_PLAIN = "graceful._tools.demo_app:asgi_plain"
+@dataclasses.dataclass(frozen=True)
+class NodeApp:
+    """What a node serves: ``module:plain`` without the library, ``module:wrapped`` behind it
+    (a lazy module attribute: serving one never builds the other)."""
+
+    module: str
+    plain: str
+    wrapped: str
+    interface: Literal["wsgi", "asgi"]
+
+    def target(self, graceful: bool) -> str:
+        return f"{self.module}:{self.wrapped if graceful else self.plain}"
 
 
-def node_argv(server: ServerName, graceful: bool, port: int) -> list[str]:
+DEMO_WSGI = NodeApp("graceful._tools.demo_app", "wsgi_plain", "wsgi_app", "wsgi")
+DEMO_ASGI = NodeApp("graceful._tools.demo_app", "asgi_plain", "asgi_app", "asgi")
+
+
+def node_argv(
+    server: ServerName, graceful: bool, port: int, app: NodeApp | None = None
+) -> list[str]:
+    """A node's command line: ``app`` (default: the demo's own, WSGI under gunicorn, ASGI
+    elsewhere) under ``server``; an ASGI app under gunicorn runs uvicorn's worker."""
+    if app is None:
+        app = DEMO_WSGI if server == "gunicorn" else DEMO_ASGI
+    target = app.target(graceful)
     if server == "uvicorn":
-        app = (
-            "graceful._tools.demo_app:asgi_app"
-            if graceful
-            else "graceful._tools.demo_app:asgi_plain"
-        )
         return [
-            *(sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)),
+            *(sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port)),
             *("--log-level", "warning", "--timeout-keep-alive", "10"),
         ]
     if server == "hypercorn":
-        # Hypercorn evaluates the app's name in the module's namespace, where the demo app's
-        # lazy attributes are not: the module's own __getattr__ builds it.
-        app = 'graceful._tools.demo_app:__getattr__("asgi_app")' if graceful else APP_PLAIN
+        # Hypercorn evaluates the app's name in the module's namespace, where a lazy attribute
+        # is not: the module's own __getattr__ builds it.
+        if graceful:
+            target = f'{app.module}:__getattr__("{app.wrapped}")'
         command = "graceful.hypercorn" if graceful else "hypercorn"
         return [
-            *(sys.executable, "-m", command, app, "--bind", f"127.0.0.1:{port}"),
+            *(sys.executable, "-m", command, target, "--bind", f"127.0.0.1:{port}"),
             *("--keep-alive", "10", "--log-level", "warning"),
         ]
     if server == "granian":
-        app = "graceful._tools.demo_app:asgi_app" if graceful else APP_PLAIN
         return [
-            *(sys.executable, "-m", "granian", "--interface", "asgi", app),
+            *(sys.executable, "-m", "granian", "--interface", app.interface, target),
             *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
         ]
     if server == "daphne":
-        app = "graceful._tools.demo_app:asgi_app" if graceful else APP_PLAIN
         return [
             *(sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)),
-            *("-v", "0", app),
+            *("-v", "0", target),
         ]
     hooks = ["-c", "python:graceful.gunicorn"] if graceful else []
-    app = "graceful._tools.demo_app:wsgi_app" if graceful else "graceful._tools.demo_app:wsgi_plain"
+    workers = gunicorn_workers()
+    if app.interface == "asgi":
+        workers = ["--workers", "1", "-k", "uvicorn_worker.UvicornWorker", "--keep-alive", "10"]
     return [
-        *(sys.executable, "-m", "gunicorn", *hooks, "--bind", f"127.0.0.1:{port}"),
-        *("--workers", "1", "-k", "gthread", "--threads", "16", "--keep-alive", "10"),
-        *("--graceful-timeout", "10", "--log-level", "warning", app),
+        *(sys.executable, "-m", "gunicorn", *hooks, "--bind", f"127.0.0.1:{port}", *workers),
+        *("--graceful-timeout", "10", "--log-level", "warning", target),
     ]
 
 
@@ -259,12 +288,14 @@ def gunicorn_workers() -> list[str]:
     return ["--workers", "1", "-k", "gthread", "--threads", "16", "--keep-alive", "10"]
 
 
-def in_place_argv(server: ServerName, port: int, pidfile: Path) -> list[str]:
+def in_place_argv(
+    server: ServerName, port: int, pidfile: Path, app: NodeApp | None = None
+) -> list[str]:
     """The command line of ``--nodes 1``'s graceful node, which ``graceful reload`` restarts
-    in place (uvicorn's pid file: :func:`in_place_env`)."""
+    in place (uvicorn's pid file: :func:`in_place_env`); ``app``: default the demo's own."""
     if server == "uvicorn":
         return [
-            *(sys.executable, "-m", "graceful.uvicorn", "graceful._tools.demo_app:asgi_app"),
+            *(sys.executable, "-m", "graceful.uvicorn", (app or DEMO_ASGI).target(True)),
             *("--host", "127.0.0.1", "--port", str(port)),
             *("--log-level", "warning", "--timeout-keep-alive", "10"),
         ]
@@ -277,7 +308,7 @@ def in_place_argv(server: ServerName, port: int, pidfile: Path) -> list[str]:
         *(str(script), "-c", "python:graceful.gunicorn", "--pid", str(pidfile)),
         *("--bind", f"127.0.0.1:{port}", *gunicorn_workers()),
         *("--graceful-timeout", "10", "--log-level", "warning"),
-        "graceful._tools.demo_app:wsgi_app",
+        (app or DEMO_WSGI).target(True),
     ]
 
 
@@ -373,10 +404,21 @@ class Cluster:
         *,
         grpc: bool = False,
         in_place: bool = False,
+        label: str | None = None,
+        app: NodeApp | None = None,
+        env: Mapping[str, str] | None = None,
+        probe: str | None = None,
     ) -> None:
         self.processes = processes
         self.server = server
         self.graceful = graceful
+        #: The user's app (``--app``) and what its nodes need in their environment; None: the
+        #: demo's own.
+        self.app = app
+        self.env = dict(env or {})
+        #: Without the library: ready once a GET of this path answers below 500 (``--app``:
+        #: ``--path``); None: the demo app's ``/items/ready`` answers 200.
+        self.probe = probe
         #: gRPC nodes (``--via grpc``) instead of the server's HTTP ones.
         self.grpc = grpc
         #: ``--nodes 1``: the graceful node runs with a pid file and is restarted in place
@@ -385,7 +427,7 @@ class Cluster:
         ports: set[int] = set()
         while len(ports) < count:
             ports.add(free_port())
-        kind = "graceful" if graceful else "naive"
+        kind = label or ("graceful" if graceful else "naive")
         self.nodes = [
             Node(index, port, folder / f"{kind}-node{index}.log")
             for index, port in enumerate(sorted(ports))
@@ -397,17 +439,17 @@ class Cluster:
     def start(self, node: Node) -> None:
         if self.in_place:
             pidfile = self.pidfile(node)
-            argv = in_place_argv(self.server, node.port, pidfile)
-            env = child_env(in_place_env(self.server, pidfile))
+            argv = in_place_argv(self.server, node.port, pidfile, self.app)
+            env = child_env({**self.env, **in_place_env(self.server, pidfile)})
             node.proc = self.processes.start(argv, node.log, env)
             return
-        env = child_env(GRACEFUL_ENV if self.graceful else {})
+        env = child_env({**self.env, **(GRACEFUL_ENV if self.graceful else {})})
         if self.grpc:
             from . import demo_grpc
 
             argv = demo_grpc.argv(sys.executable, node.port, self.graceful)
         else:
-            argv = node_argv(self.server, self.graceful, node.port)
+            argv = node_argv(self.server, self.graceful, node.port, self.app)
         node.proc = self.processes.start(argv, node.log, env)
 
     def ready(self, node: Node) -> bool:
@@ -415,9 +457,14 @@ class Cluster:
             from . import demo_grpc
 
             return demo_grpc.ready(node.port)
-        path = "/readyz" if self.graceful else "/items/ready"
-        try:
-            return fetch.request("GET", node.url + path, timeout=2.0).status_code == 200
+        if self.graceful or self.probe is None:
+            path = "/readyz" if self.graceful else "/items/ready"
+            try:
+                return fetch.request("GET", node.url + path, timeout=2.0).status_code == 200
+            except (fetch.NoAnswer, fetch.Unreachable):
+                return False
+        try:  # the user's app, without the library: any answer of its own (a 404 too)
+            return fetch.request("GET", node.url + self.probe, timeout=2.0).status_code < 500
         except (fetch.NoAnswer, fetch.Unreachable):
             return False
 
@@ -485,15 +532,20 @@ class Nginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, nodes: Sequence[Node], graceful: bool) -> subprocess.Popen[bytes]:
-        site = self.folder / ("nginx-graceful" if graceful else "nginx-naive")
+    def start(
+        self, nodes: Sequence[Node], label: str, probe: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """nginx in front of ``nodes`` for the round ``label``; started once a GET of ``probe``
+        (``--app``'s ``--path``) answers below 500, or of the demo app's ``/items/ready`` 200."""
+        site = self.folder / f"nginx-{label}"
         site.mkdir()
-        # Graceful: integrations/nginx/upstream.conf's max_fails=0 and the shipped snippet.
-        # Naive: nginx's defaults (max_fails=1 fail_timeout=10s; a POST that reached a node
-        # is not sent to another one), upstream keep-alive as usual.
-        params = " max_fails=0" if graceful else ""
+        # Graceful and tuned: integrations/nginx/upstream.conf's max_fails=0 and the shipped
+        # snippet. Naive: nginx's defaults (max_fails=1 fail_timeout=10s; a POST that reached a
+        # node is not sent to another one), upstream keep-alive as usual.
+        shipped = label != "naive"
+        params = " max_fails=0" if shipped else ""
         servers = "".join(f"        server 127.0.0.1:{node.port}{params};\n" for node in nodes)
-        if graceful:
+        if shipped:
             proxy = f"include {SNIPPET};" if SNIPPET.is_file() else SNIPPET_DIRECTIVES
         else:
             proxy = PLAIN_PROXY
@@ -527,7 +579,8 @@ http {{
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             with contextlib.suppress(fetch.NoAnswer, fetch.Unreachable):
-                if fetch.request("GET", self.url + "/items/ready", timeout=2.0).status_code == 200:
+                answer = fetch.request("GET", self.url + (probe or "/items/ready"), timeout=2.0)
+                if answer.status_code == 200 or (probe and answer.status_code < 500):
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise DemoError(f"nginx did not start:\n{tail(site / 'error.log')}")
@@ -612,50 +665,15 @@ class Settings:
     duration: float
     via: Via
     nginx: str | None
+    #: ``--app``: the user's app (its kind told, its module written); None: the demo's own.
+    app: UserApp | None = None
 
-
-# -- the table ----------------------------------------------------------------------------------
-
-
-def table(
-    naive: RoundResult,
-    graceful: RoundResult,
-    columns: tuple[str, str] = ("naive", "graceful"),
-    restarts: str = "nodes restarted",
-) -> str:
-    """The two rounds side by side, under ``columns``; ``restarts``: the last row's name."""
-
-    def kinds(result: RoundResult) -> list[str]:
-        return [f"{kind}: {count}" for kind, count in result.failures.items()] or ["none"]
-
-    rows: list[tuple[str, str, str]] = [
-        ("requests sent", str(naive.sent), str(graceful.sent)),
-        ("failed", str(naive.failed), str(graceful.failed)),
-    ]
-    naive_kinds, graceful_kinds = kinds(naive), kinds(graceful)
-    for number in range(max(len(naive_kinds), len(graceful_kinds))):
-        rows.append(
-            (
-                "failure kinds" if number == 0 else "",
-                naive_kinds[number] if number < len(naive_kinds) else "",
-                graceful_kinds[number] if number < len(graceful_kinds) else "",
-            )
-        )
-    rows += [
-        ("p50 latency", f"{naive.p50_ms:.1f} ms", f"{graceful.p50_ms:.1f} ms"),
-        ("p99 latency", f"{naive.p99_ms:.1f} ms", f"{graceful.p99_ms:.1f} ms"),
-        ("wall time", f"{naive.wall_s:.1f} s", f"{graceful.wall_s:.1f} s"),
-        (restarts, str(naive.restarts), str(graceful.restarts)),
-    ]
-    header = ("", *columns)
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-    lines = []
-    for row in [header, *rows]:
-        lines.append(
-            f"{row[0]:<{widths[0]}} | {row[1]:>{widths[1]}} | {row[2]:>{widths[2]}}".rstrip()
-        )
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    def rounds(self) -> tuple[RoundName, ...]:
+        """The rounds, in order: a tuned one where a proxy or a client has settings to tune
+        (not for ``--via grpc``, not for one node called directly)."""
+        if self.via in ("nginx", "pool", "httpx"):
+            return ("naive", "tuned", "graceful")
+        return ("naive", "graceful")
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -687,6 +705,12 @@ def stop_signals(interrupted: threading.Event, processes: Processes) -> Iterator
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    for option, value in (("--path", args.path), ("--post-path", args.post_path)):
+        if value is not None and args.app is None:
+            raise DemoError(
+                f"{option} applies to your app: give --app MODULE:APP too (the demo's own app "
+                "has routes of its own)"
+            )
     if args.nodes == 1:
         return _one_node_settings(args)
     server = args.server or default_server()
@@ -703,6 +727,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise DemoError("--via nginx: nginx is not on the PATH; install it or use --via pool")
     if via == "httpx" and not installed("httpx"):
         raise DemoError("--via httpx: httpx is not installed; pip install 'graceful-drain[httpx]'")
+    if via == "grpc" and args.app is not None:
+        raise DemoError(
+            "--app with --via grpc: the gRPC round runs the demo's own gRPC service, not an "
+            "HTTP app; give --via nginx, pool or httpx"
+        )
     if via == "grpc" and not (installed("grpc") and installed("grpc_health")):
         raise DemoError("--via grpc: grpcio is not installed; pip install 'graceful-drain[grpc]'")
     return Settings(server, args.nodes, args.duration, via, nginx)
@@ -756,15 +785,20 @@ def run(args: argparse.Namespace) -> int:
     processes = Processes()
     progress = Progress(sys.stderr, quiet=False)
     from .demo_load import run_round  # needs requests: checked by settings_from
+    from .demo_report import ok, report
 
     results: dict[str, RoundResult] = {}
     with stop_signals(interrupted, processes):
         # Removed only after every process is gone: nginx writes into it until it exits.
         folder = tempfile.mkdtemp(prefix="graceful-demo-")
         try:
-            for with_library in (False, True):
-                results["graceful" if with_library else "naive"] = run_round(
-                    settings, processes, Path(folder), with_library, progress, interrupted
+            if args.app is not None:
+                from .demo_user_app import resolve
+
+                settings = resolve(settings, args, processes, Path(folder))
+            for label in settings.rounds():
+                results[label] = run_round(
+                    settings, processes, Path(folder), label, progress, interrupted
                 )
         except KeyboardInterrupt:
             interrupted.set()
@@ -783,44 +817,8 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
             processes.kill_all()
             shutil.rmtree(folder, ignore_errors=True)
-    naive, graceful = results["naive"], results["graceful"]
-    ok = graceful.failed == 0
-    if args.json:
-        document = {
-            "server": settings.server,
-            "nodes": settings.nodes,
-            "via": settings.via,
-            "duration": settings.duration,
-            "naive": dataclasses.asdict(naive),
-            "graceful": dataclasses.asdict(graceful),
-            "ok": ok,
-        }
-        print(json.dumps(document, indent=2))
-    elif settings.via == "direct":
-        print(
-            f"1 {settings.server} node, no load balancer, restarted in place under load "
-            f"({THREADS} callers calling it directly, GETs and POSTs):\n"
-        )
-        print(table(naive, graceful, ("naive restart", "graceful reload"), "restarts"))
-        verdict = "no request failed" if ok else f"{graceful.failed} requests failed"
-        print(f"\ngraceful reload: {verdict}; naive restart: {naive.failed} failed")
-    else:
-        through = {
-            "nginx": "nginx",
-            "pool": "the client pool",
-            "httpx": "httpx's PoolTransport",
-            "grpc": "one gRPC channel",
-        }[settings.via]
-        kind = "gRPC" if settings.via == "grpc" else settings.server
-        calls = "Get and Create calls" if settings.via == "grpc" else "GETs and POSTs"
-        print(
-            f"{settings.nodes} {kind} nodes, each restarted under load "
-            f"({THREADS} callers through {through}, {calls}):\n"
-        )
-        print(table(naive, graceful))
-        verdict = "no request failed" if ok else f"{graceful.failed} requests failed"
-        print(f"\ngraceful restart: {verdict}; naive restart: {naive.failed} failed")
-    return 0 if ok else 1
+    print(report(settings, results, args.json))
+    return 0 if ok(results) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -33,10 +33,27 @@ from .demo import (
     Nginx,
     Processes,
     Progress,
+    RoundName,
     Settings,
 )
+from .demo_recorder import ID_HEADER, ran_twice
 
-__all__ = ["Load", "RoundResult", "failure_kind", "run_round", "wait_in_service"]
+if TYPE_CHECKING:
+    from .demo_user_app import UserApp
+
+__all__ = [
+    "FAILED_STATUSES",
+    "Load",
+    "RoundResult",
+    "failure_kind",
+    "run_round",
+    "tuned_retry",
+    "wait_in_service",
+]
+
+#: ``--app``: the statuses that count as failed (a proxy's, or a server's with no app to ask);
+#: any other is the app's own answer.
+FAILED_STATUSES = frozenset({502, 503, 504})
 
 # -- the load -----------------------------------------------------------------------------------
 
@@ -93,11 +110,18 @@ def _httpx_failure_kind(exc: BaseException) -> str | None:
 class Load:
     """``THREADS`` callers, each alternating ``GET /items/<n>`` and ``POST /items`` (an id in
     the body and an ``Idempotency-Key``; the id starts with ``tag``, the round's name), until
-    :meth:`stop`."""
+    :meth:`stop`. With ``app`` (``--app``): ``GET --path``, and ``POST --post-path`` (a JSON
+    body ``{"id": ...}`` and the id in :data:`ID_HEADER`) when there is one."""
 
-    def __init__(self, call: Callable[[str, str, dict[str, Any]], Any], tag: str = "") -> None:
+    def __init__(
+        self,
+        call: Callable[[str, str, dict[str, Any]], Any],
+        tag: str = "",
+        app: UserApp | None = None,
+    ) -> None:
         self.call = call
         self.tag = tag
+        self.app = app
         self.outcomes: list[Outcome] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -118,27 +142,36 @@ class Load:
         for turn in itertools.count():
             if self.stopping.is_set():
                 return
-            if turn % 2:
-                oid = f"{self.tag}-{uuid.uuid4().hex}" if self.tag else uuid.uuid4().hex
-                method, path = "POST", "/items"
-                kwargs: dict[str, Any] = {
-                    "data": {"id": oid},
-                    "headers": {"Idempotency-Key": oid},
-                }
-            else:
-                method, path, kwargs = "GET", f"/items/{number}-{turn}", {}
+            method, path, kwargs = self._next(number, turn)
             began = time.monotonic()
             failure: str | None = None
             try:
                 response = self.call(method, path, kwargs)
                 response.close()
-                if response.status_code not in (200, 201):
+                if self._failed(response.status_code):
                     failure = f"HTTP {response.status_code}"
             except Exception as exc:  # every failure is counted, by kind
                 failure = failure_kind(exc)
             with self.lock:
                 self.outcomes.append(Outcome(time.monotonic() - began, failure))
             self.stopping.wait(PACE)
+
+    def _next(self, number: int, turn: int) -> tuple[str, str, dict[str, Any]]:
+        """Caller ``number``'s request of ``turn``."""
+        oid = f"{self.tag}-{uuid.uuid4().hex}" if self.tag else uuid.uuid4().hex
+        if self.app is not None:
+            if turn % 2 and self.app.post_path is not None:
+                kwargs = {"json": {"id": oid}, "headers": {ID_HEADER: oid}}
+                return "POST", self.app.post_path, kwargs
+            return "GET", self.app.path, {}
+        if turn % 2:
+            return "POST", "/items", {"data": {"id": oid}, "headers": {"Idempotency-Key": oid}}
+        return "GET", f"/items/{number}-{turn}", {}
+
+    def _failed(self, status: int) -> bool:
+        if self.app is not None:
+            return status in FAILED_STATUSES
+        return status not in (200, 201)
 
     def counts(self) -> tuple[int, int]:
         with self.lock:
@@ -167,9 +200,12 @@ class RoundResult:
     p99_ms: float
     wall_s: float
     restarts: int
+    #: ``--app``: how many POST ids the recorder saw reach the app more than once; None: not
+    #: counted (the demo's own app).
+    ran_twice: int | None = None
 
     @classmethod
-    def of(cls, load: Load, restarts: int) -> RoundResult:
+    def of(cls, load: Load, restarts: int, twice: int | None = None) -> RoundResult:
         with load.lock:
             outcomes = list(load.outcomes)
         kinds = Counter(o.failure for o in outcomes if o.failure)
@@ -182,6 +218,7 @@ class RoundResult:
             p99_ms=round(percentile(latencies, 0.99), 1),
             wall_s=round(load.seconds, 1),
             restarts=restarts,
+            ran_twice=twice,
         )
 
 
@@ -189,12 +226,26 @@ def run_round(
     settings: Settings,
     processes: Processes,
     folder: Path,
-    graceful: bool,
+    label: RoundName,
     progress: Progress,
     interrupted: threading.Event,
 ) -> RoundResult:
-    label = "graceful" if graceful else "naive"
+    """One round: ``naive`` (no library), ``tuned`` (no library; the proxy's or the client's
+    best settings) or ``graceful``."""
+    graceful = label == "graceful"
     one = settings.via == "direct"  # --nodes 1: restarted in place, called directly
+    ledger: Path | None = None
+    app_options: dict[str, Any] = {}
+    if settings.app is not None:
+        from .demo_user_app import node_app, node_env
+
+        ledger = folder / f"ledger-{label}"
+        ledger.mkdir()
+        app_options = {
+            "app": node_app(settings.app),
+            "env": node_env(folder, ledger),
+            "probe": settings.app.path,
+        }
     cluster = Cluster(
         processes,
         folder,
@@ -203,6 +254,8 @@ def run_round(
         settings.nodes,
         grpc=settings.via == "grpc",
         in_place=one,
+        label=label,
+        **app_options,
     )
     closing: list[Callable[[], None]] = []
     what = f"1 {settings.server} node" if one else f"{settings.nodes} {settings.server} nodes"
@@ -220,10 +273,11 @@ def run_round(
     elif settings.via == "nginx" and settings.nginx is not None:
         nginx = Nginx(processes, settings.nginx, folder)
         progress.set(label, "starting nginx")
-        front = nginx.start(cluster.nodes, graceful)
+        probe = None if settings.app is None else settings.app.path
+        front = nginx.start(cluster.nodes, label, probe)
         call = _session_caller(nginx.url)
     elif settings.via == "httpx":
-        call, pool = _httpx_caller(cluster, graceful, settings.nodes)
+        call, pool = _httpx_caller(cluster, label, settings.nodes)
     elif settings.via == "grpc":
         from .demo_grpc import caller
 
@@ -244,15 +298,18 @@ def run_round(
             return response
 
     else:
+        # Naive: no retries. Tuned: retries where nothing was sent (a refused connection).
+        retries: Any = tuned_retry() if label == "tuned" else 0
         session = requests.Session()
-        session.mount("http://", requests.adapters.HTTPAdapter(max_retries=0, pool_maxsize=32))
+        adapter = requests.adapters.HTTPAdapter(max_retries=retries, pool_maxsize=32)
+        session.mount("http://", adapter)
         turn = itertools.count()
 
         def call(method: str, path: str, kwargs: dict[str, Any]) -> requests.Response:
-            node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin, no retries
+            node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin
             return session.request(method, node.url + path, timeout=REQUEST_TIMEOUT, **kwargs)
 
-    load = Load(call, label).start()
+    load = Load(call, label, settings.app).start()
     restarts = 0
     try:
         started = time.monotonic()
@@ -290,7 +347,7 @@ def run_round(
         if front is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(front.pid, signal.SIGKILL)
-    return RoundResult.of(load, restarts)
+    return RoundResult.of(load, restarts, None if ledger is None else ran_twice(ledger))
 
 
 def _session_caller(base: str) -> Callable[[str, str, dict[str, Any]], requests.Response]:
@@ -342,15 +399,33 @@ def _restart_in_place(
     return IN_PLACE_RESTARTS
 
 
+def tuned_retry() -> Any:
+    """The tuned round's retries for requests (urllib3): a connection refused or timed out at
+    connect was never sent, so it is sent again, up to 3 times, POSTs too; a read error (the
+    request may have run) and a status are not retried."""
+    from urllib3.util.retry import Retry
+
+    return Retry(
+        total=3,
+        connect=3,
+        read=0,
+        status=0,
+        other=0,
+        allowed_methods=None,
+        backoff_factor=0,
+    )
+
+
 def _httpx_caller(
-    cluster: Cluster, graceful: bool, nodes: int
+    cluster: Cluster, label: RoundName, nodes: int
 ) -> tuple[Callable[[str, str, dict[str, Any]], Any], Any]:
     """``--via httpx``: the call of one round, and what holds the nodes' states (the
-    graceful round's ``PoolTransport``; closed with the round) or None."""
+    graceful round's ``PoolTransport``; closed with the round) or None. Naive: a plain
+    ``httpx.Client``; tuned: one whose transport retries failed connects (``retries=3``)."""
     import httpx
 
     timeout = httpx.Timeout(REQUEST_TIMEOUT[1], connect=REQUEST_TIMEOUT[0])
-    if graceful:
+    if label == "graceful":
         from .._client.httpx_sync import PoolTransport
 
         transport = PoolTransport(
@@ -362,11 +437,12 @@ def _httpx_caller(
             return client.request(method, path, **kwargs)
 
         return call, transport
-    plain = httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(retries=0))
+    retries = 3 if label == "tuned" else 0
+    plain = httpx.Client(timeout=timeout, transport=httpx.HTTPTransport(retries=retries))
     turn = itertools.count()
 
     def call_plain(method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
-        node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin, no retries
+        node = cluster.nodes[next(turn) % len(cluster.nodes)]  # round-robin
         return plain.request(method, node.url + path, **kwargs)
 
     return call_plain, None
