@@ -10,7 +10,10 @@ nothing unless a test asks for one:
   app in process and starts a drain while the request is in flight;
 - ``graceful_live_server``: :func:`live_drain` with its processes killed at teardown: starts
   your app under gunicorn (with ``graceful.gunicorn``) or uvicorn on 127.0.0.1, puts load on
-  it, sends SIGTERM and reports the requests that were lost.
+  it, sends SIGTERM and reports the requests that were lost;
+- ``graceful_cluster``: starts :class:`graceful.testing.Cluster` (N nodes of your app on
+  127.0.0.1), ended at teardown: restart them in turn under load spread as a load balancer
+  with health checks spreads it, with a ledger of every request and of the POSTs your app ran.
 
 ::
 
@@ -24,6 +27,12 @@ nothing unless a test asks for one:
     def test_sigterm_loses_nothing(graceful_live_server):
         report = graceful_live_server("myapp:app", server="gunicorn", path="/orders/1")
         assert report.lost == 0 and report.exit_code == 0, report.summary()
+
+
+    def test_a_rolling_restart_loses_nothing(graceful_cluster):
+        cluster = graceful_cluster("myapp:app", server="gunicorn", nodes=3)
+        report = cluster.restart_under_load("/", post_path="/orders")
+        report.assert_lossless()   # nothing failed, every POST ran once, every exit 0
 """
 
 from __future__ import annotations
@@ -41,7 +50,15 @@ import pytest
 
 from ._core.config import Config
 from ._runtime.lifecycle import Lifecycle, Phase, get_lifecycle, set_lifecycle
-from .testing import Call, DrainResult, FakeClock, Load, drain_under_load, free_port
+from .testing import (
+    Call,
+    Cluster,
+    DrainResult,
+    FakeClock,
+    Load,
+    drain_under_load,
+    free_port,
+)
 
 __all__ = [
     "FakeClock",
@@ -415,3 +432,23 @@ def graceful_live_server() -> Callable[..., LiveDrainReport]:
     """:func:`live_drain`: each server it starts is ended (its whole process group) before it
     returns, also when the run failed."""
     return live_drain
+
+
+@pytest.fixture
+def graceful_cluster() -> Iterator[Callable[..., Cluster]]:
+    """Start a :class:`graceful.testing.Cluster`: ``graceful_cluster(app, **options)`` takes
+    its arguments and returns it started (every node ready); each one started is closed at
+    teardown (its loads stopped, every node's process group ended), also when the test failed.
+    """
+    clusters: list[Cluster] = []
+
+    def start(app: str, **options: Any) -> Cluster:
+        cluster = Cluster(app, **options)
+        clusters.append(cluster)
+        return cluster.start()
+
+    try:
+        yield start
+    finally:
+        for cluster in clusters:
+            cluster.close()

@@ -203,6 +203,59 @@ def test_live_server_reports_no_loss_with_graceful_and_the_losses_without(
     result.stdout.fnmatch_lines(["*test_naive_app_loses_requests*", "*lost [1-9]*"])
 
 
+USER_SHOP = """
+import graceful
+
+
+def shop(environ, start_response):
+    if environ["REQUEST_METHOD"] == "POST":
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"created"]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+app = graceful.WSGIMiddleware(shop)
+"""
+
+
+@pytest.mark.e2e
+def test_the_cluster_fixture_proves_a_rolling_restart_in_a_user_s_own_tests(
+    pytester: pytest.Pytester,
+) -> None:
+    """The README's example, in a user's test file: two gunicorn nodes of their app restarted in
+    turn under load, lossless; the same nodes without the library's hooks and middleware
+    (``command``: plain gunicorn) fail the same assertion."""
+    pytester.makepyfile(shop=USER_SHOP)
+    pytester.makepyfile(
+        """
+        import sys
+
+
+        def test_a_rolling_restart_loses_nothing(graceful_cluster):
+            cluster = graceful_cluster(
+                "shop:app", server="gunicorn", nodes=2, args=("-k", "gthread"), delay=0.5
+            )
+            report = cluster.restart_under_load("/", post_path="/orders")
+            report.assert_lossless()
+            assert len(report.restarts) == 2 and report.ran
+
+
+        def test_a_naive_rolling_restart_is_caught(graceful_cluster):
+            def plain(app, port):
+                return [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
+                        "-k", "gthread", app]
+
+            cluster = graceful_cluster("shop:shop", command=plain, nodes=2, ready_path="/")
+            cluster.restart_under_load("/", post_path="/orders").assert_lossless()
+        """
+    )
+    result = pytester.runpytest(*PLUGIN)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_a_naive_rolling_restart_is_caught*", "*requests failed*"])
+
+
 def test_the_module_is_importable_without_a_pytest_session() -> None:
     import graceful.testing
     from graceful.pytest_plugin import FakeClock

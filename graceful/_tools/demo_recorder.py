@@ -1,89 +1,15 @@
-"""The recorder of ``graceful demo --app``: a thin WSGI or ASGI wrapper in front of the user's
-app that writes down which POSTs reached it, so the demo can count the ones that ran twice
-without asking anything of the app.
-
-A POST that carries the demo's id header (:data:`ID_HEADER`) has its id appended, one line,
-to ``<ledger dir>/<pid>.ran`` before the app is called; the ledger dir is
-``$DEMO_APP_LEDGER_DIR`` (set by the demo for each round; unset: nothing is written). Every
-other request goes to the app untouched. It sits in front of the app in every round, behind
-graceful's middleware in the graceful one: a request the middleware answers itself (a probe, a
-draining node's 503) never reaches the app, so it is not recorded.
-
-Imported by the nodes (the module ``graceful demo`` writes in its folder): the standard
-library only.
-"""
+"""The recorder of ``graceful demo --app``: :mod:`graceful.testing._recorder` (the nodes'
+module that ``graceful demo`` writes imports it from here)."""
 
 from __future__ import annotations
 
-import os
-from collections import Counter
-from collections.abc import Iterable
-from pathlib import Path
-
-from .._core.types import ASGIApp, Environ, Receive, Scope, Send, StartResponse, WSGIApp
+from ..testing._recorder import (
+    ID_HEADER,
+    LEDGER_ENV,
+    ASGIRecorder,
+    WSGIRecorder,
+    ran_twice,
+    record,
+)
 
 __all__ = ["ID_HEADER", "LEDGER_ENV", "ASGIRecorder", "WSGIRecorder", "ran_twice", "record"]
-
-#: The header carrying each POST's id (the same id is in its JSON body).
-ID_HEADER = "X-Graceful-Demo-Id"
-#: The variable naming the round's ledger dir (not ``GRACEFUL_*``: those are graceful's settings).
-LEDGER_ENV = "DEMO_APP_LEDGER_DIR"
-_WSGI_KEY = "HTTP_" + ID_HEADER.upper().replace("-", "_")
-_ASGI_KEY = ID_HEADER.lower().encode()
-
-
-def record(folder: str, item: str) -> None:
-    """Append ``item`` to ``<folder>/<pid>.ran``: one ``write`` of one line (whole, beside
-    other threads' lines)."""
-    line = (item.replace("\n", " ").replace("\r", " ") + "\n").encode("utf-8", "replace")
-    fd = os.open(
-        os.path.join(folder, f"{os.getpid()}.ran"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
-    )
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def ran_twice(folder: Path) -> int:
-    """How many ids the ledger in ``folder`` holds more than once (over all its processes)."""
-    counted: Counter[str] = Counter()
-    for path in folder.glob("*.ran"):
-        counted.update(line for line in path.read_text(errors="replace").splitlines() if line)
-    return sum(1 for times in counted.values() if times > 1)
-
-
-def _ledger() -> str | None:
-    return os.environ.get(LEDGER_ENV) or None
-
-
-class WSGIRecorder:
-    """``app`` with every POST's demo id written down before the app runs."""
-
-    def __init__(self, app: WSGIApp) -> None:
-        self.app = app
-        self.ledger = _ledger()
-
-    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        if self.ledger is not None and environ.get("REQUEST_METHOD") == "POST":
-            item = environ.get(_WSGI_KEY)
-            if item:
-                record(self.ledger, str(item))
-        return self.app(environ, start_response)
-
-
-class ASGIRecorder:
-    """``app`` with every HTTP POST's demo id written down before the app runs; other scopes
-    (lifespan, websockets) pass through as they are."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.ledger = _ledger()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.ledger is not None and scope["type"] == "http" and scope.get("method") == "POST":
-            for name, value in scope.get("headers", ()):
-                if name.lower() == _ASGI_KEY:
-                    record(self.ledger, value.decode("latin-1"))
-                    break
-        await self.app(scope, receive, send)

@@ -18,6 +18,15 @@ plugin, and public for yours (standard library only; no test framework, no serve
       result = drain_under_load(argv, port, Load(call=Call(path="/orders/1"), callers=8))
       assert result.lost == 0 and result.exit_code == 0, result.summary()
 
+- :class:`Cluster`: N nodes of an app on 127.0.0.1, restarted in turn (:meth:`Cluster.restart`,
+  :meth:`Cluster.restart_in_turn`) under load spread as a load balancer with health checks
+  spreads it (:meth:`Cluster.load`), and a :class:`ClusterReport` of every request and of the
+  POSTs the app ran (a recorder in front of it counts them): ``assert_lossless()``::
+
+      with Cluster("shop.app:app", server="gunicorn", nodes=3) as cluster:
+          report = cluster.restart_under_load("/", post_path="/orders")
+      report.assert_lossless()   # nothing failed, every POST ran once, every exit 0
+
 - :func:`serve_lifespan`, :func:`read_body` and :func:`append_line` for the apps such tests
   serve; :func:`nginx_head` and :func:`nginx_temp_paths` for an nginx in front of them that
   keeps its files in one folder.
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 from ._apps import append_line, read_body, serve_lifespan
 from ._clock import FakeClock
+from ._cluster import Cluster, ClusterLoad, ClusterReport, NodeExchange, Restart
 from ._errors import ProcessExited, WaitTimeout
 from ._load import (
     Call,
@@ -50,14 +60,19 @@ from ._wait import (
 
 __all__ = [
     "Call",
+    "Cluster",
+    "ClusterLoad",
+    "ClusterReport",
     "DrainResult",
     "Exchange",
     "ExitWatch",
     "FakeClock",
     "Load",
+    "NodeExchange",
     "Process",
     "ProcessExited",
     "Processes",
+    "Restart",
     "WaitTimeout",
     "append_line",
     "child_env",

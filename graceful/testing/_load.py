@@ -28,6 +28,7 @@ __all__ = [
     "Load",
     "drain_under_load",
     "failure_kind",
+    "send_call",
     "sigterm_under_load",
 ]
 
@@ -275,31 +276,10 @@ class _Run:
         self, connection: http.client.HTTPConnection | None, number: int, call: Call
     ) -> http.client.HTTPConnection | None:
         """One request on the caller's keep-alive connection; the connection to use next."""
-        if connection is not None and _dropped(connection):
-            connection.close()  # the server closed it while idle: a new one, as a proxy does
-            connection = None
-        if connection is None:
-            connection = http.client.HTTPConnection(
-                LOCALHOST, self.port, timeout=self.load.request_timeout
-            )
-        sent_at = time.monotonic()
-        try:
-            connection.request(call.method, call.path, call.body or None, dict(call.headers))
-            response = connection.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            text = f"{type(exc).__name__}: {exc}"[:200]
-            self.record(Exchange(number, call, sent_at, None, None, failure_kind(exc), text))
-            return None
-        answered_at = time.monotonic()
-        status = response.status
-        failure = None if call.accepts(status) else f"status {status}"
-        detail = "" if failure is None else repr(body[:80])
-        self.record(Exchange(number, call, sent_at, status, answered_at, failure, detail))
-        if response.will_close:
-            connection.close()
-            return None
+        exchange, connection = send_call(
+            connection, self.port, number, call, self.load.request_timeout
+        )
+        self.record(exchange)
         return connection
 
     def record(self, exchange: Exchange) -> None:
@@ -336,6 +316,41 @@ class _Run:
 
     def left(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
+
+
+def send_call(
+    connection: http.client.HTTPConnection | None,
+    port: int,
+    caller: int,
+    call: Call,
+    timeout: float,
+) -> tuple[Exchange, http.client.HTTPConnection | None]:
+    """``call`` on ``connection`` (a keep-alive one to 127.0.0.1:``port``; None or dropped by
+    the server: a new one, as a proxy opens) and what came of it; never retried. Returns the
+    exchange and the connection to use next (None when it was closed)."""
+    if connection is not None and _dropped(connection):
+        connection.close()  # the server closed it while idle: a new one, as a proxy does
+        connection = None
+    if connection is None:
+        connection = http.client.HTTPConnection(LOCALHOST, port, timeout=timeout)
+    sent_at = time.monotonic()
+    try:
+        connection.request(call.method, call.path, call.body or None, dict(call.headers))
+        response = connection.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        connection.close()
+        text = f"{type(exc).__name__}: {exc}"[:200]
+        return Exchange(caller, call, sent_at, None, None, failure_kind(exc), text), None
+    answered_at = time.monotonic()
+    status = response.status
+    failure = None if call.accepts(status) else f"status {status}"
+    detail = "" if failure is None else repr(body[:80])
+    exchange = Exchange(caller, call, sent_at, status, answered_at, failure, detail)
+    if response.will_close:
+        connection.close()
+        return exchange, None
+    return exchange, connection
 
 
 def _dropped(connection: http.client.HTTPConnection) -> bool:
