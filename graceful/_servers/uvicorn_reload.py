@@ -132,6 +132,11 @@ class Reloader:
         # The socket is now someone else's too: its queue is not this runner's to serve.
         self.handed()
         self.successor = subprocess.Popen(argv, env=env, pass_fds=(fd,))  # noqa: S603
+        if self.pid_file is not None:
+            # Named at once (it names itself too, once it runs): a successor that fails before
+            # that, at its app's import say, is then seen to exit, not waited for until the
+            # reload's --timeout.
+            write_pid(f"{self.pid_file}.2", self.successor.pid)
         logger.info(
             "SIGUSR2: a new %s (pid %d) starts on this one's socket (fd %d)",
             what,
