@@ -35,7 +35,7 @@ SMOKE: dict[str, tuple[tuple[str, ...], str, float]] = {
     ),
     "shutdown_overhead": (("--rounds", "1", "--slow", "0.2"), "shutdown overhead with shims: ", 60),
     "rollout_failures": (
-        ("--warm-up", "1", "--calls-between", "10"),
+        ("--warm-up", "1", "--calls-between", "10", "--parts", "pool"),
         "failed requests during a rolling restart: ",
         150,
     ),
