@@ -36,7 +36,8 @@ from __future__ import annotations
 
 from ._apps import append_line, read_body, serve_lifespan
 from ._clock import FakeClock
-from ._cluster import Cluster, ClusterLoad, ClusterReport, NodeExchange, Restart
+from ._cluster import Cluster, ClusterLoad
+from ._cluster_report import ClusterReport, NodeExchange, Restart
 from ._errors import ProcessExited, WaitTimeout
 from ._load import (
     Call,
