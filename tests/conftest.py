@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
 import pytest
 
 from graceful.testing import Process, Processes, child_env
 from graceful.testing import free_port as unused_port
 from graceful.testing import poll_until as wait_until
+
+if TYPE_CHECKING:
+    from demo_runs import Marked
 
 __all__ = [
     "Proc",
@@ -132,3 +136,18 @@ def spawn(tmp_path: Path) -> Iterator[Spawn]:
             proc.stop()
             sys.stdout.write(f"--- output of {proc.argv} (exit {proc.popen.returncode})\n")
             sys.stdout.write(proc.output())
+
+
+@pytest.fixture
+def marked(tmp_path: Path) -> Iterator[Marked]:
+    """A fresh mark and ``TMPDIR`` for one run of ``graceful demo`` (``demo_runs``); at
+    teardown every process of the run is killed, also when the test failed."""
+    from demo_runs import Marked
+
+    folder = tmp_path / "demo-tmp"
+    folder.mkdir()
+    value = Marked(uuid.uuid4().hex, folder)
+    try:
+        yield value
+    finally:
+        value.kill_all()

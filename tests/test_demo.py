@@ -1,9 +1,8 @@
 """``graceful demo`` for real: short runs of the command as a subprocess, its JSON, its options,
 and that it leaves no process behind, also when interrupted.
 
-Each run is marked with a variable of its own in its environment (the nodes inherit it) and a
-``TMPDIR`` of its own (nginx's command line names its folder there: nginx writes its process
-title over its environment), so the test finds every process the demo started through ``/proc``.
+Each run is marked (``demo_runs``: a variable in its environment the nodes inherit, a ``TMPDIR``
+of its own), so the test finds every process the demo started through ``/proc``.
 """
 
 from __future__ import annotations
@@ -18,13 +17,13 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import child_env
+from demo_runs import demo_argv, run_demo
 
 from graceful._tools import demo as demo
 from graceful._tools import demo_load as demo_load
@@ -32,92 +31,12 @@ from graceful._tools import demo_recorder, demo_report, demo_user_app
 
 if TYPE_CHECKING:
     from conftest import WaitUntil
+    from demo_runs import Marked
 
 pytestmark = pytest.mark.e2e
 
 ROUND_KEYS = {"sent", "failed", "failures", "p50_ms", "p99_ms", "wall_s", "restarts"}
 TUNED = ("naive", "tuned", "graceful")
-
-
-@dataclasses.dataclass(frozen=True)
-class Marked:
-    """One demo run's mark and its ``TMPDIR``."""
-
-    mark: str
-    folder: Path
-
-    def env(self) -> dict[str, str]:
-        # The demo scrubs GRACEFUL_* from its nodes' environment: the mark has another name.
-        return child_env({"DEMO_TEST_MARK": self.mark, "TMPDIR": str(self.folder)})
-
-    def pids(self, groups: Collection[int] = ()) -> set[int]:
-        """Live processes of the run: their environment carries the mark, their command line
-        names the run's folder (nginx's master), or they are in the process group of one of
-        those or in ``groups`` (nginx's workers). Zombies are not counted: they are gone."""
-        needle = f"DEMO_TEST_MARK={self.mark}".encode()
-        folder = str(self.folder).encode()
-        found: set[int] = set()
-        group_of: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                state, _parent, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-                if state == "Z":
-                    continue
-                pid = int(entry.name)
-                group_of[pid] = int(group)
-                environ = (entry / "environ").read_bytes().split(b"\0")
-                if needle in environ or folder in (entry / "cmdline").read_bytes():
-                    found.add(pid)
-        wanted = {group_of[pid] for pid in found} | set(groups)
-        return found | {pid for pid, group in group_of.items() if group in wanted}
-
-    def groups(self) -> set[int]:
-        """The process groups of the run's live processes."""
-        groups: set[int] = set()
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                groups.add(os.getpgid(pid))
-        return groups
-
-
-@pytest.fixture
-def marked(tmp_path: Path) -> Iterator[Marked]:
-    """A fresh mark and folder; at teardown every process of the run is killed (also on
-    failure)."""
-    folder = tmp_path / "demo-tmp"
-    folder.mkdir()
-    value = Marked(uuid.uuid4().hex, folder)
-    yield value
-    for pid in value.pids():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def demo_argv(*options: str) -> list[str]:
-    return [sys.executable, "-m", "graceful._tools.demo", *options]
-
-
-def run_demo(
-    marked: Marked, *options: str, timeout: float = 120.0
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(
-        demo_argv(*options),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=marked.env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def servers() -> list[str]:

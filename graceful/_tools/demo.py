@@ -31,6 +31,9 @@ console script with ``-c python:graceful.gunicorn --pid PIDFILE``, or ``python -
 graceful.uvicorn`` with ``GRACEFUL_PID_FILE``, the library's hand-over settings by default).
 A new master (gunicorn's) or runner (uvicorn's) stays in the first one's process group.
 
+With ``--report FILE`` it also writes an HTML page (:mod:`graceful._tools.demo_html`): the
+table, each round's latency over time with its restarts marked, and the commands.
+
 Every process it starts is in its own process group and is killed on the way out, also on
 Ctrl-C, SIGTERM or SIGHUP. Exit status: 0 when the graceful round failed no request, 1
 otherwise, 2 for bad options or a missing server, 130 when interrupted.
@@ -43,6 +46,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -61,6 +65,7 @@ from ..testing import nginx_head, nginx_temp_paths
 from . import fetch
 
 if TYPE_CHECKING:
+    from .demo_html import RoundTrace
     from .demo_load import Load, RoundResult
     from .demo_user_app import UserApp
 
@@ -192,6 +197,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_app_arguments(parser)
     add("--json", action="store_true", help="print the result as JSON instead of a table")
+    add(
+        "--report",
+        metavar="FILE",
+        help="also write a self-contained HTML page to FILE (the table, each round's latency "
+        "over time with its restarts, the commands): to attach to a change request",
+    )
 
 
 def add_verb(
@@ -374,6 +385,12 @@ class Processes:
                 proc.wait(5)
 
 
+def shell_command(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    """``argv`` as a shell would take it, quoted, ``env``'s settings in front."""
+    settings = [f"{name}={shlex.quote(value)}" for name, value in (env or {}).items()]
+    return " ".join([*settings, shlex.join(argv)])
+
+
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRACEFUL_")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -387,6 +404,8 @@ class Node:
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: Its command line, shell-quoted, its settings in front (``--report``).
+    command: str = ""
 
     @property
     def url(self) -> str:
@@ -440,17 +459,19 @@ class Cluster:
         if self.in_place:
             pidfile = self.pidfile(node)
             argv = in_place_argv(self.server, node.port, pidfile, self.app)
-            env = child_env({**self.env, **in_place_env(self.server, pidfile)})
-            node.proc = self.processes.start(argv, node.log, env)
+            extra = {**self.env, **in_place_env(self.server, pidfile)}
+            node.command = shell_command(argv, extra)
+            node.proc = self.processes.start(argv, node.log, child_env(extra))
             return
-        env = child_env({**self.env, **(GRACEFUL_ENV if self.graceful else {})})
+        extra = {**self.env, **(GRACEFUL_ENV if self.graceful else {})}
         if self.grpc:
             from . import demo_grpc
 
             argv = demo_grpc.argv(sys.executable, node.port, self.graceful)
         else:
             argv = node_argv(self.server, self.graceful, node.port, self.app)
-        node.proc = self.processes.start(argv, node.log, env)
+        node.command = shell_command(argv, extra)
+        node.proc = self.processes.start(argv, node.log, child_env(extra))
 
     def ready(self, node: Node) -> bool:
         if self.grpc:
@@ -773,8 +794,69 @@ def _one_node_settings(args: argparse.Namespace) -> Settings:
     return Settings(server, 1, args.duration, "direct", None)
 
 
+def report_target(text: str | None) -> Path | None:
+    """``--report FILE``, checked before anything starts: its folder exists and takes a new
+    file (one is made there and removed), and FILE is no folder; :class:`DemoError` naming
+    ``--report`` otherwise."""
+    if text is None:
+        return None
+    if not text:
+        raise DemoError("--report '': give a file name")
+    path = Path(text)
+    if path.is_dir():
+        raise DemoError(f"--report {text}: a folder, not a file; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise DemoError(f"--report {text}: there is no folder {folder}; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise DemoError(f"--report {text}: cannot write in {folder}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` at once: a new file beside it, then renamed over it (a
+    reader never sees half a page; an old page stays whole until the new one is complete)."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(temporary, 0o644)  # a page to share, not mkstemp's 0600
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The demo's own command line, shell-quoted: as ``main`` was given it, else as this
+    process was started."""
+    given: Sequence[str] | None = getattr(args, "command_line", None)
+    return shlex.join(given if given is not None else sys.orig_argv)
+
+
+def made_by() -> str:
+    """When and with what the page was made (its foot)."""
+    import datetime
+    import platform
+
+    from .._version import __version__
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"Made by graceful demo (graceful-drain {__version__}) on {now}; Python "
+        f"{platform.python_version()}, {platform.platform(terse=True)}, "
+        f"{os.cpu_count() or '?'} CPUs."
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        report_path = report_target(getattr(args, "report", None))
         settings = settings_from(args)
     except DemoError as exc:
         print(f"graceful demo: {exc}", file=sys.stderr)
@@ -785,9 +867,10 @@ def run(args: argparse.Namespace) -> int:
     processes = Processes()
     progress = Progress(sys.stderr, quiet=False)
     from .demo_load import run_round  # needs requests: checked by settings_from
-    from .demo_report import ok, report
+    from .demo_report import ok, page, report
 
     results: dict[str, RoundResult] = {}
+    traces: dict[str, RoundTrace] = {}
     with stop_signals(interrupted, processes):
         # Removed only after every process is gone: nginx writes into it until it exits.
         folder = tempfile.mkdtemp(prefix="graceful-demo-")
@@ -797,7 +880,7 @@ def run(args: argparse.Namespace) -> int:
 
                 settings = resolve(settings, args, processes, Path(folder))
             for label in settings.rounds():
-                results[label] = run_round(
+                results[label], traces[label] = run_round(
                     settings, processes, Path(folder), label, progress, interrupted
                 )
         except KeyboardInterrupt:
@@ -817,7 +900,15 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
             processes.kill_all()
             shutil.rmtree(folder, ignore_errors=True)
-    print(report(settings, results, args.json))
+    print(report(settings, results, args.json), flush=True)
+    if report_path is not None:
+        html = page(settings, results, traces, command_line(args), made_by())
+        try:
+            write_report(report_path, html)
+        except OSError as exc:
+            print(f"graceful demo: --report {report_path}: cannot write: {exc}", file=sys.stderr)
+            return 2
+        print(f"report written to {report_path}", file=sys.stderr)
     return 0 if ok(results) else 1
 
 
@@ -825,7 +916,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m graceful._tools.demo``: the same as ``graceful demo``."""
     parser = argparse.ArgumentParser(prog="graceful demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if argv is not None:  # not this process's own command line (a test's): the page says this
+        args.command_line = ["graceful", "demo", *argv]
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from .demo import (
     RoundName,
     Settings,
 )
+from .demo_html import Restart, RoundTrace, Sample
 from .demo_recorder import ID_HEADER, ran_twice
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ __all__ = [
     "RoundResult",
     "failure_kind",
     "run_round",
+    "through",
     "tuned_retry",
     "wait_in_service",
 ]
@@ -62,6 +64,8 @@ FAILED_STATUSES = frozenset({502, 503, 504})
 class Outcome:
     seconds: float
     failure: str | None
+    #: When it was sent, in seconds since the load started (``--report``'s plot).
+    at: float = 0.0
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -111,7 +115,11 @@ class Load:
     """``THREADS`` callers, each alternating ``GET /items/<n>`` and ``POST /items`` (an id in
     the body and an ``Idempotency-Key``; the id starts with ``tag``, the round's name), until
     :meth:`stop`. With ``app`` (``--app``): ``GET --path``, and ``POST --post-path`` (a JSON
-    body ``{"id": ...}`` and the id in :data:`ID_HEADER`) when there is one."""
+    body ``{"id": ...}`` and the id in :data:`ID_HEADER`) when there is one.
+
+    Every request's outcome is kept (:meth:`samples`: ``--report``'s plot); a round's load is
+    bounded (``--duration``, at most 600 s, each caller pausing :data:`PACE` between two
+    requests), and so is that list."""
 
     def __init__(
         self,
@@ -153,7 +161,9 @@ class Load:
             except Exception as exc:  # every failure is counted, by kind
                 failure = failure_kind(exc)
             with self.lock:
-                self.outcomes.append(Outcome(time.monotonic() - began, failure))
+                self.outcomes.append(
+                    Outcome(time.monotonic() - began, failure, began - self.started)
+                )
             self.stopping.wait(PACE)
 
     def _next(self, number: int, turn: int) -> tuple[str, str, dict[str, Any]]:
@@ -172,6 +182,15 @@ class Load:
         if self.app is not None:
             return status in FAILED_STATUSES
         return status not in (200, 201)
+
+    def elapsed(self) -> float:
+        """Seconds since the load started: the clock of the round's plot."""
+        return time.monotonic() - self.started
+
+    def samples(self) -> list[Sample]:
+        """Each request: when it was sent, its latency, failed or not."""
+        with self.lock:
+            return [Sample(o.at, o.seconds * 1000, o.failure is not None) for o in self.outcomes]
 
     def counts(self) -> tuple[int, int]:
         with self.lock:
@@ -229,9 +248,10 @@ def run_round(
     label: RoundName,
     progress: Progress,
     interrupted: threading.Event,
-) -> RoundResult:
+) -> tuple[RoundResult, RoundTrace]:
     """One round: ``naive`` (no library), ``tuned`` (no library; the proxy's or the client's
-    best settings) or ``graceful``."""
+    best settings) or ``graceful``; its figures, and its trace for ``--report`` (each request,
+    when each node was signalled and was ready again, the commands)."""
     graceful = label == "graceful"
     one = settings.via == "direct"  # --nodes 1: restarted in place, called directly
     ledger: Path | None = None
@@ -311,6 +331,7 @@ def run_round(
 
     load = Load(call, label, settings.app).start()
     restarts = 0
+    marks: list[Restart] = []
     try:
         started = time.monotonic()
         progress.set(label, "load running", load)
@@ -318,10 +339,13 @@ def run_round(
         if interrupted.wait(warm_up):
             raise KeyboardInterrupt
         if one:
-            restarts = _restart_in_place(cluster, graceful, label, warm_up, progress, interrupted)
+            restarts = _restart_in_place(
+                cluster, graceful, label, warm_up, progress, interrupted, load, marks
+            )
         else:
             for node in cluster.nodes:
                 progress.set(label, f"restarting node {node.index + 1}/{settings.nodes}")
+                signalled = load.elapsed()
                 cluster.stop(node)
                 cluster.start(node)
                 cluster.wait_ready(node, interrupted)
@@ -329,6 +353,7 @@ def run_round(
                     wait_in_service(pool, node.url, interrupted)
                 if seen is not None and graceful and node.proc is not None:
                     wait_reached(seen, node.proc.pid, interrupted)  # back in the channel's
+                marks.append(Restart(f"node {node.index + 1}", signalled, load.elapsed()))
                 restarts += 1
         progress.set(label, f"{'the node' if one else 'every node'} restarted; load running")
         left = max(1.0, settings.duration - (time.monotonic() - started))
@@ -347,7 +372,45 @@ def run_round(
         if front is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(front.pid, signal.SIGKILL)
-    return RoundResult.of(load, restarts, None if ledger is None else ran_twice(ledger))
+    result = RoundResult.of(load, restarts, None if ledger is None else ran_twice(ledger))
+    commands = [node.command for node in cluster.nodes]
+    return result, RoundTrace(load.samples(), marks, commands, through(settings, label))
+
+
+def through(settings: Settings, label: RoundName) -> str:
+    """How the round's load reached the nodes, for ``--report``: with ``--via nginx``, which
+    nginx configuration; else the callers' client and its settings."""
+    graceful = label == "graceful"
+    if settings.via == "direct":
+        return "The callers call the one node directly: a requests.Session each, no retries."
+    if settings.via == "nginx":
+        if label == "naive":
+            return (
+                "Through nginx with its defaults (each server max_fails=1 fail_timeout=10s; a "
+                "POST that reached a node never sent to another), upstream keep-alive; not "
+                "the library's snippet."
+            )
+        return (
+            "Through nginx with the library's snippet, integrations/nginx/graceful-proxy.conf "
+            "(proxy_next_upstream error timeout http_503), and max_fails=0 on every server."
+        )
+    if settings.via == "grpc":
+        if graceful:
+            return "One channel from graceful.grpc.channel."
+        return "One plain gRPC channel, round-robin over the nodes."
+    if settings.via == "httpx":
+        if graceful:
+            return "An httpx.Client over graceful.httpx.PoolTransport."
+        retries = 3 if label == "tuned" else 0
+        return f"A plain httpx.Client, round-robin, httpx.HTTPTransport(retries={retries})."
+    if graceful:
+        return "graceful.client.Pool (requests)."
+    if label == "tuned":
+        return (
+            "A requests.Session, round-robin, retrying connection errors only: urllib3 "
+            "Retry(total=3, connect=3, read=0, status=0, other=0, allowed_methods=None)."
+        )
+    return "A plain requests.Session, round-robin, no retries."
 
 
 def _session_caller(base: str) -> Callable[[str, str, dict[str, Any]], requests.Response]:
@@ -375,10 +438,13 @@ def _restart_in_place(
     pause: float,
     progress: Progress,
     interrupted: threading.Event,
+    load: Load,
+    marks: list[Restart],
 ) -> int:
     """``--nodes 1``: restart the node :data:`IN_PLACE_RESTARTS` times, ``pause`` seconds
     apart: naively (SIGTERM, wait for the exit, start again), or in place with ``graceful
-    reload``. Returns how many restarts were done."""
+    reload``; each restart's times (``load``'s clock) added to ``marks``. Returns how many
+    restarts were done."""
     node = cluster.nodes[0]
     for number in range(1, IN_PLACE_RESTARTS + 1):
         step = f"restart {number}/{IN_PLACE_RESTARTS}"
@@ -388,12 +454,15 @@ def _restart_in_place(
             def say(line: str, step: str = step) -> None:
                 progress.set(label, f"{step}: {line}")
 
+            signalled = load.elapsed()
             cluster.reload(node, say)
         else:
             progress.set(label, f"{step}: SIGTERM, wait for the exit, start again")
+            signalled = load.elapsed()
             cluster.stop(node)
             cluster.start(node)
             cluster.wait_ready(node, interrupted)
+        marks.append(Restart(f"restart {number}", signalled, load.elapsed()))
         if number < IN_PLACE_RESTARTS and interrupted.wait(pause):
             raise KeyboardInterrupt  # the next deploy comes a little later
     return IN_PLACE_RESTARTS

@@ -9,9 +9,21 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .demo import Settings
+    from .demo_html import RoundTrace
     from .demo_load import RoundResult
 
-__all__ = ["column_titles", "document", "ok", "report", "round_dict", "table"]
+__all__ = [
+    "column_titles",
+    "document",
+    "ok",
+    "page",
+    "report",
+    "round_dict",
+    "rows",
+    "summary",
+    "table",
+    "titled",
+]
 
 #: How the load reaches the nodes, as the first line says it.
 THROUGH = {
@@ -30,48 +42,56 @@ def column_titles(settings: Settings) -> dict[str, str]:
     return {"naive": "naive", "tuned": tuned, "graceful": "graceful"}
 
 
-def table(rounds: Sequence[tuple[str, RoundResult]], restarts: str = "nodes restarted") -> str:
-    """The rounds side by side, each under its title; ``restarts``: the last row's name. A
-    "POSTs run twice" row when the rounds counted them (``--app``)."""
+def rows(
+    rounds: Sequence[tuple[str, RoundResult]], restarts: str = "nodes restarted"
+) -> list[list[str]]:
+    """The table's cells, the header first (an empty corner, then each round's title): a row
+    per figure, its name first; ``restarts``: the last row's name. A "POSTs run twice" row
+    when the rounds counted them (``--app``). The text table and the HTML page show these."""
 
     def kinds(result: RoundResult) -> list[str]:
         return [f"{kind}: {count}" for kind, count in result.failures.items()] or ["none"]
 
     results = [result for _, result in rounds]
-    rows: list[list[str]] = [
+    body: list[list[str]] = [
         ["requests sent", *(str(result.sent) for result in results)],
         ["failed", *(str(result.failed) for result in results)],
     ]
     columns = [kinds(result) for result in results]
     for number in range(max(len(column) for column in columns)):
-        rows.append(
+        body.append(
             [
                 "failure kinds" if number == 0 else "",
                 *(column[number] if number < len(column) else "" for column in columns),
             ]
         )
     if any(result.ran_twice is not None for result in results):
-        rows.append(
+        body.append(
             [
                 "POSTs run twice",
                 *("-" if r.ran_twice is None else str(r.ran_twice) for r in results),
             ]
         )
-    rows += [
+    body += [
         ["p50 latency", *(f"{result.p50_ms:.1f} ms" for result in results)],
         ["p99 latency", *(f"{result.p99_ms:.1f} ms" for result in results)],
         ["wall time", *(f"{result.wall_s:.1f} s" for result in results)],
         [restarts, *(str(result.restarts) for result in results)],
     ]
-    header = ["", *(title for title, _ in rounds)]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [["", *(title for title, _ in rounds)], *body]
+
+
+def table(rounds: Sequence[tuple[str, RoundResult]], restarts: str = "nodes restarted") -> str:
+    """The rounds side by side, each under its title (:func:`rows`)."""
+    cells = rows(rounds, restarts)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = []
-    for row in [header, *rows]:
-        cells = [
+    for row in cells:
+        line = [
             f"{row[0]:<{widths[0]}}",
             *(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:], strict=True)),
         ]
-        lines.append(" | ".join(cells).rstrip())
+        lines.append(" | ".join(line).rstrip())
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
@@ -112,14 +132,11 @@ def document(settings: Settings, results: Mapping[str, RoundResult]) -> dict[str
     return out
 
 
-def report(settings: Settings, results: Mapping[str, RoundResult], as_json: bool) -> str:
-    """The text to print: the JSON document, or a heading, the table and a verdict."""
-    if as_json:
-        return json.dumps(document(settings, results), indent=2)
+def summary(settings: Settings, results: Mapping[str, RoundResult]) -> tuple[str, str, str]:
+    """The heading (what ran), the name of the table's last row (``restarts`` or ``nodes
+    restarted``) and the verdict line: for the text and the HTML page alike."""
     from .demo import THREADS
 
-    titles = column_titles(settings)
-    rounds = [(titles[name], result) for name, result in results.items()]
     graceful, naive = results["graceful"], results["naive"]
     verdict = "no request failed" if graceful.failed == 0 else f"{graceful.failed} requests failed"
     if graceful.ran_twice:
@@ -135,18 +152,51 @@ def report(settings: Settings, results: Mapping[str, RoundResult], as_json: bool
             f"1 {settings.server} node{app}, no load balancer, restarted in place under load "
             f"({THREADS} callers calling it directly, {calls}):"
         )
-        body = table(rounds, "restarts")
         tail = f"graceful reload: {verdict}; naive restart: {naive.failed} failed"
-    else:
-        kind = "gRPC" if settings.via == "grpc" else settings.server
-        if settings.via == "grpc":
-            calls = "Get and Create calls"
-        head = (
-            f"{settings.nodes} {kind} nodes{app}, each restarted under load "
-            f"({THREADS} callers through {THROUGH[settings.via]}, {calls}):"
-        )
-        body = table(rounds)
-        tail = f"graceful restart: {verdict}; naive restart: {naive.failed} failed"
-        if "tuned" in results:
-            tail += f"; tuned, no library: {results['tuned'].failed} failed"
-    return f"{head}\n\n{body}\n\n{tail}"
+        return head, "restarts", tail
+    kind = "gRPC" if settings.via == "grpc" else settings.server
+    if settings.via == "grpc":
+        calls = "Get and Create calls"
+    head = (
+        f"{settings.nodes} {kind} nodes{app}, each restarted under load "
+        f"({THREADS} callers through {THROUGH[settings.via]}, {calls}):"
+    )
+    tail = f"graceful restart: {verdict}; naive restart: {naive.failed} failed"
+    if "tuned" in results:
+        tail += f"; tuned, no library: {results['tuned'].failed} failed"
+    return head, "nodes restarted", tail
+
+
+def titled(settings: Settings, results: Mapping[str, RoundResult]) -> list[tuple[str, RoundResult]]:
+    """Each round under its column title, in order."""
+    titles = column_titles(settings)
+    return [(titles[name], result) for name, result in results.items()]
+
+
+def report(settings: Settings, results: Mapping[str, RoundResult], as_json: bool) -> str:
+    """The text to print: the JSON document, or a heading, the table and a verdict."""
+    if as_json:
+        return json.dumps(document(settings, results), indent=2)
+    head, restarts, tail = summary(settings, results)
+    return f"{head}\n\n{table(titled(settings, results), restarts)}\n\n{tail}"
+
+
+def page(
+    settings: Settings,
+    results: Mapping[str, RoundResult],
+    traces: Mapping[str, RoundTrace],
+    command: str,
+    made: str,
+) -> str:
+    """``--report``'s HTML page (:func:`graceful._tools.demo_html.page`): the heading, the
+    table, each round's latency over time and restarts, ``command`` (the demo's own, quoted)
+    and each round's nodes' commands; ``made``: when and with what, for the page's foot."""
+    from .demo_html import RoundPage
+    from .demo_html import page as html_page
+
+    head, restarts, tail = summary(settings, results)
+    rounds = [
+        RoundPage(title, result, traces[name])
+        for (title, result), name in zip(titled(settings, results), results, strict=True)
+    ]
+    return html_page(head, tail, rounds, command, ok(results), restarts=restarts, made=made)

@@ -10,24 +10,19 @@ no process is left. A broken app exits 2 with one line on stderr.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
-import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import child_env
+from demo_runs import run_demo
 
 from graceful._tools import demo
 
 if TYPE_CHECKING:
     from conftest import WaitUntil
+    from demo_runs import Marked
 
 pytestmark = pytest.mark.e2e
 
@@ -38,60 +33,11 @@ ROUND_KEYS = {"sent", "failed", "failures", "p50_ms", "p99_ms", "wall_s", "resta
 ROUNDS = ("naive", "tuned", "graceful")
 
 
-def marked_pids(mark: str) -> set[int]:
-    """Live processes (zombies left out) whose environment carries ``mark``."""
-    needle = f"DEMO_APP_TEST_MARK={mark}".encode()
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.add(int(entry.name))
-    return found
-
-
-@pytest.fixture
-def mark() -> Iterator[str]:
-    """A fresh mark; whatever process still carries it at teardown is killed."""
-    value = uuid.uuid4().hex
-    yield value
-    for pid in marked_pids(value):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def run_demo(
-    folder: str, mark: str, *options: str, env: dict[str, str] | None = None
+def demo_in(
+    folder: str, marked: Marked, *options: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m graceful demo OPTIONS`` from ``tests/e2e/apps/FOLDER``, bounded."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "graceful", "demo", *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=APPS / folder,
-        env=child_env({"DEMO_APP_TEST_MARK": mark, **(env or {})}),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT)
-    finally:
-        if proc.returncode is None:  # timed out, or the test was interrupted
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def no_process_left(mark: str, wait_until: WaitUntil) -> None:
-    wait_until(
-        lambda: not marked_pids(mark),
-        timeout=10,
-        message=lambda: f"processes of the demo left: {marked_pids(mark)}",
-    )
+    """``graceful demo OPTIONS`` from ``tests/e2e/apps/FOLDER``, bounded."""
+    return run_demo(marked, *options, timeout=RUN_TIMEOUT, cwd=APPS / folder, env=env)
 
 
 DJANGO = {"DJANGO_SETTINGS_MODULE": "django_bakery.settings"}
@@ -120,11 +66,11 @@ def test_a_user_s_app_restarted_gracefully_fails_nothing_and_runs_no_post_twice(
     kind: str,
     server: str,
     env: dict[str, str],
-    mark: str,
+    marked: Marked,
     wait_until: WaitUntil,
 ) -> None:
     options = ["--app", spec, "--post-path", "/orders", "--duration", "3", "--json"]
-    done = run_demo(folder, mark, *options, "--nodes", "2", "--via", "pool", env=env)
+    done = demo_in(folder, marked, *options, "--nodes", "2", "--via", "pool", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     document: dict[str, Any] = json.loads(done.stdout)
     # The kind was told and the default server for it chosen.
@@ -144,17 +90,17 @@ def test_a_user_s_app_restarted_gracefully_fails_nothing_and_runs_no_post_twice(
     assert graceful["failures"] == {}
     assert graceful["ran_twice"] == 0, graceful
     assert document["ok"] is True
-    no_process_left(mark, wait_until)
+    marked.none_left(wait_until)
 
 
 def test_a_user_s_app_through_nginx_shows_the_three_columns_and_posts_run_twice(
-    mark: str, wait_until: WaitUntil
+    marked: Marked, wait_until: WaitUntil
 ) -> None:
     """nginx must be installed (as the demo's other nginx tests require): a missing one fails.
     The table, not the JSON: three columns, and the recorder's row."""
     assert demo.nginx_binary() is not None, "nginx is not on the PATH"
     options = ["--app", "fastapi_bakery:app", "--post-path", "/orders", "--duration", "3"]
-    done = run_demo("demo_user_fastapi", mark, *options, "--nodes", "2", "--via", "nginx")
+    done = demo_in("demo_user_fastapi", marked, *options, "--nodes", "2", "--via", "nginx")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("2 uvicorn nodes of fastapi_bakery:app"), done.stdout
@@ -167,7 +113,7 @@ def test_a_user_s_app_through_nginx_shows_the_three_columns_and_posts_run_twice(
     assert rows["POSTs run twice"][2] == "0", done.stdout
     assert all(cell.isdigit() for cell in rows["POSTs run twice"]), done.stdout
     assert lines[-1].startswith("graceful restart: no request failed; naive restart: ")
-    no_process_left(mark, wait_until)
+    marked.none_left(wait_until)
 
 
 @pytest.mark.parametrize(
@@ -187,10 +133,10 @@ def test_a_user_s_app_through_nginx_shows_the_three_columns_and_posts_run_twice(
     ids=["no-such-module", "the-import-raises"],
 )
 def test_a_broken_app_exits_2_with_one_line_on_stderr_saying_why(
-    spec: str, says: str, mark: str, wait_until: WaitUntil
+    spec: str, says: str, marked: Marked, wait_until: WaitUntil
 ) -> None:
-    done = run_demo("demo_user_broken", mark, "--app", spec, "--via", "pool", "--duration", "3")
+    done = demo_in("demo_user_broken", marked, "--app", spec, "--via", "pool", "--duration", "3")
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout == ""
     assert done.stderr == says + "\n", done.stderr
-    no_process_left(mark, wait_until)
+    marked.none_left(wait_until)

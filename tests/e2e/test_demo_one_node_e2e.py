@@ -9,26 +9,21 @@ POST's id (``naive-...`` or ``graceful-...``) to ``<pid>.ran`` there before its 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import child_env
+from demo_runs import run_demo
 
 from graceful._tools import demo
 
 if TYPE_CHECKING:
     from conftest import WaitUntil
+    from demo_runs import Marked
 
 pytestmark = pytest.mark.e2e
 
@@ -37,50 +32,10 @@ RUN_TIMEOUT = 120.0
 ROUND_KEYS = {"sent", "failed", "failures", "p50_ms", "p99_ms", "wall_s", "restarts"}
 
 
-def marked_pids(mark: str) -> set[int]:
-    """Live processes (zombies left out) whose environment carries ``mark``."""
-    needle = f"DEMO_ONE_NODE_MARK={mark}".encode()
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.add(int(entry.name))
-    return found
-
-
-@pytest.fixture
-def mark() -> Iterator[str]:
-    """A fresh mark; whatever process still carries it at teardown is killed."""
-    value = uuid.uuid4().hex
-    yield value
-    for pid in marked_pids(value):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def run_demo(server: str, mark: str, ledger: Path) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "graceful", "demo", "--nodes", "1", "--duration", "3"]
-    env = child_env({"DEMO_ONE_NODE_MARK": mark, "DEMO_LEDGER_DIR": str(ledger)})
-    proc = subprocess.Popen(
-        [*argv, "--server", server, "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT)
-    finally:
-        if proc.returncode is None:  # timed out, or the test was interrupted
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def one_node_demo(server: str, marked: Marked, ledger: Path) -> subprocess.CompletedProcess[str]:
+    options = ["--nodes", "1", "--duration", "3", "--server", server, "--json"]
+    env = {"DEMO_LEDGER_DIR": str(ledger)}
+    return run_demo(marked, *options, timeout=RUN_TIMEOUT, env=env)
 
 
 def ledger_of(folder: Path) -> dict[str, list[str]]:
@@ -95,11 +50,11 @@ def posts_bounds(sent: int) -> tuple[float, float]:
 
 @pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
 def test_one_node_restarted_in_place_fails_nothing_where_a_naive_restart_fails_calls(
-    server: str, mark: str, tmp_path: Path, wait_until: WaitUntil
+    server: str, marked: Marked, tmp_path: Path, wait_until: WaitUntil
 ) -> None:
     ledger = tmp_path / "ledger"
     ledger.mkdir()
-    done = run_demo(server, mark, ledger)
+    done = one_node_demo(server, marked, ledger)
     assert done.returncode == 0, done.stdout + done.stderr
     document: dict[str, Any] = json.loads(done.stdout)
     assert set(document) == {"server", "nodes", "via", "duration", "naive", "graceful", "ok"}
@@ -140,8 +95,4 @@ def test_one_node_restarted_in_place_fails_nothing_where_a_naive_restart_fails_c
     assert 0 < len(naive_ids) <= posts_bounds(naive["sent"])[1]
 
     # Every process of the run is gone: the nodes, and the masters the reloads started.
-    wait_until(
-        lambda: not marked_pids(mark),
-        timeout=10,
-        message=lambda: f"processes of the demo left: {marked_pids(mark)}",
-    )
+    marked.none_left(wait_until)
