@@ -237,8 +237,8 @@ def test_a_watcher_backing_off_tries_again_as_soon_as_the_node_is_back_in_servic
 
     draining = answer("200 OK", [("Graceful-State", "draining")], b"raw")
     node = nodes({EVENTS: events}, default=draining)
-    pool = pools(node.url, probe_interval=0.05)  # pauses from 0.05 s: the 9th is >= 12.8 s
-    wait_until(lambda: pool.watch(node.url).failures >= 9, timeout=60, message="backoff")
+    pool = pools(node.url, probe_interval=0.05)  # pauses from 0.05 s: the 7th is >= 3.2 s
+    wait_until(lambda: pool.watch(node.url).failures >= 7, timeout=60, message="backoff")
 
     streams["ready"] = True
     pool.get("/x")  # Graceful-State: draining takes it out; the next probe has it back

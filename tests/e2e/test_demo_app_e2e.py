@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 APPS = Path(__file__).resolve().parent / "apps"
-#: Bound on one run: three rounds of 3 s of load, two nodes restarted in each, start-ups too.
+#: Bound on one run: three rounds of 2 s of load, two nodes restarted in each, start-ups too.
 RUN_TIMEOUT = 180.0
 ROUND_KEYS = {"sent", "failed", "failures", "p50_ms", "p99_ms", "wall_s", "restarts", "ran_twice"}
 ROUNDS = ("naive", "tuned", "graceful")
@@ -69,7 +69,7 @@ def test_a_user_s_app_restarted_gracefully_fails_nothing_and_runs_no_post_twice(
     marked: Marked,
     wait_until: WaitUntil,
 ) -> None:
-    options = ["--app", spec, "--post-path", "/orders", "--duration", "3", "--json"]
+    options = ["--app", spec, "--post-path", "/orders", "--duration", "2", "--json"]
     done = demo_in(folder, marked, *options, "--nodes", "2", "--via", "pool", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     document: dict[str, Any] = json.loads(done.stdout)
@@ -99,7 +99,7 @@ def test_a_user_s_app_through_nginx_shows_the_three_columns_and_posts_run_twice(
     """nginx must be installed (as the demo's other nginx tests require): a missing one fails.
     The table, not the JSON: three columns, and the recorder's row."""
     assert demo.nginx_binary() is not None, "nginx is not on the PATH"
-    options = ["--app", "fastapi_bakery:app", "--post-path", "/orders", "--duration", "3"]
+    options = ["--app", "fastapi_bakery:app", "--post-path", "/orders", "--duration", "2"]
     done = demo_in("demo_user_fastapi", marked, *options, "--nodes", "2", "--via", "nginx")
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
