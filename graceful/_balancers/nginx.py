@@ -36,7 +36,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 from .._core.errors import GracefulError
+from .._runtime.files import replace_whole
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -402,36 +402,15 @@ def _link_or(exc: OSError) -> str:
 
 
 def _write_atomic(path: Path, data: bytes, like: os.stat_result | None) -> None:
-    """Replace ``path`` by ``data``: a temporary file in the same directory, fsync, rename.
-
-    The temporary file is created exclusively (never through a link) and the rename replaces
-    whatever is at ``path`` (a symbolic link included) without following it."""
+    """Replace ``path`` by ``data`` whole and durably (:func:`replace_whole`: never through a
+    link, a symbolic link at ``path`` replaced, not followed), with ``like``'s mode (and owner,
+    as root)."""
+    mode = None if like is None else stat.S_IMODE(like.st_mode)
+    owner = None if like is None or os.geteuid() != 0 else (like.st_uid, like.st_gid)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        replace_whole(path, data, mode=mode, owner=owner, durable=True)
     except OSError as exc:
         raise UpstreamFileError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            if like is not None:
-                os.fchmod(handle.fileno(), stat.S_IMODE(like.st_mode))
-                if os.geteuid() == 0:
-                    os.fchown(handle.fileno(), like.st_uid, like.st_gid)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise UpstreamFileError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-    with contextlib.suppress(OSError):  # the rename is done; make it durable where possible
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
 
 def _children(pid: int) -> set[int]:

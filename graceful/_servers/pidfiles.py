@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+
+from .._runtime.files import replace_whole
 
 __all__ = ["read_pid", "remove_if_mine", "write_pid"]
 
@@ -18,17 +19,8 @@ logger = logging.getLogger("graceful")
 
 def write_pid(path: str, pid: int) -> bool:
     """Replace ``path`` by ``pid``; False (logged) when it cannot be written."""
-    directory, name = os.path.split(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"{pid}\n")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        replace_whole(path, f"{pid}\n".encode())
     except OSError as exc:
         logger.error("graceful: could not write the pid file %s: %s", path, exc)
         return False

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO, get_args
 
 from .._core.config import parse_count, parse_seconds
 from .._core.errors import GracefulError
+from .._runtime.files import replace_whole
 from ..testing import nginx_head, nginx_temp_paths
 from . import fetch
 
@@ -818,18 +819,10 @@ def report_target(text: str | None) -> Path | None:
 
 
 def write_report(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` at once: a new file beside it, then renamed over it (a
-    reader never sees half a page; an old page stays whole until the new one is complete)."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(temporary, 0o644)  # a page to share, not mkstemp's 0600
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    """Write ``text`` to ``path`` at once (:func:`replace_whole`: a reader never sees half a
+    page; an old page stays whole until the new one is complete), readable by all: a page to
+    share."""
+    replace_whole(path, text.encode(), mode=0o644)
 
 
 def command_line(args: argparse.Namespace) -> str:
