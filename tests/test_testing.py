@@ -28,6 +28,7 @@ from graceful.testing import (
     Process,
     ProcessExited,
     WaitTimeout,
+    _wait,
     drain_under_load,
     free_port,
     poll_until,
@@ -192,6 +193,40 @@ def test_free_port_gives_a_port_that_can_be_bound_and_listened_on() -> None:
         sock.bind(("127.0.0.1", port))
         sock.listen()
         wait_listening("127.0.0.1", port, 5)
+
+
+def test_free_port_never_gives_one_port_twice_while_its_claim_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_wait, "PORT_CLAIMS", str(tmp_path / "claims"))
+    given = [free_port() for _ in range(200)]
+    assert len(set(given)) == len(given)
+    assert sorted(int(name) for name in os.listdir(tmp_path / "claims")) == sorted(given)
+
+
+def test_a_port_claimed_elsewhere_is_skipped_until_its_claim_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claims = tmp_path / "claims"
+    monkeypatch.setattr(_wait, "PORT_CLAIMS", str(claims))
+    ports = iter([40001, 40001, 40003])
+    monkeypatch.setattr(_wait, "_kernels_choice", lambda host: next(ports))
+    claims.mkdir()
+    (claims / "40001").touch()  # another process's, just now
+    assert free_port() == 40003
+    stale = time.time() - _wait.PORT_HOLD - 1
+    os.utime(claims / "40001", (stale, stale))
+    monkeypatch.setattr(_wait, "_kernels_choice", lambda host: 40001)
+    assert free_port() == 40001  # taken over, and now fresh again
+    assert time.time() - (claims / "40001").stat().st_mtime < _wait.PORT_HOLD
+
+
+def test_free_port_still_gives_a_port_where_claims_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "file").touch()
+    monkeypatch.setattr(_wait, "PORT_CLAIMS", str(tmp_path / "file" / "claims"))
+    assert 0 < free_port() < 65536
 
 
 def test_wait_listening_times_out_on_a_port_nobody_listens_on() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -28,11 +30,56 @@ LOCALHOST = "127.0.0.1"
 
 
 def free_port(host: str = LOCALHOST) -> int:
-    """A TCP port on ``host`` that nothing listens on right now (the kernel's choice)."""
+    """A TCP port on ``host`` that nothing listens on right now (the kernel's choice), and that
+    no other caller of this function on the machine was given in the last
+    :data:`PORT_HOLD` seconds.
+
+    A port is free only until its server binds it; test runs side by side (``pytest -n``,
+    several sessions) would otherwise each be given the same port now and then. A claim is a
+    file named after the port in :data:`PORT_CLAIMS` (created exclusively, so exactly one
+    caller wins it), taken over once older than :data:`PORT_HOLD`.
+    """
+    for _ in range(_PORT_TRIES):
+        port = _kernels_choice(host)
+        if _claim(port):
+            return port
+    return port  # every try was claimed by another caller within PORT_HOLD: the last anyway
+
+
+def _kernels_choice(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+#: Where :func:`free_port` records the ports it gave out, one empty file each.
+PORT_CLAIMS = os.path.join(tempfile.gettempdir(), f"graceful-testing-ports-{os.getuid()}")
+#: How long a port given out stays another caller's (covers a server's start-up).
+PORT_HOLD = 120.0
+_PORT_TRIES = 50
+
+
+def _claim(port: int) -> bool:
+    """Whether this process may hand ``port`` out: nobody claimed it in :data:`PORT_HOLD`."""
+    path = os.path.join(PORT_CLAIMS, str(port))
+    for _ in range(2):
+        try:
+            os.makedirs(PORT_CLAIMS, mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(path).st_mtime < PORT_HOLD:
+                    return False
+                os.unlink(path)  # stale: claim it afresh
+            except FileNotFoundError:
+                pass  # another caller is taking it over: try once more
+            except OSError:
+                return False
+        except OSError:
+            return True  # no claims folder here: the kernel's choice alone
+    return False
 
 
 class _Deadline(Generic[T]):
