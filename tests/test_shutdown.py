@@ -271,3 +271,55 @@ def test_in_the_foreground_of_its_terminal_a_sigint_came_from_the_keyboard() -> 
     finally:
         os.close(slave)
         os.close(master)
+
+
+#: A process whose main thread sleeps in a lock for good (as Granian's WSGI worker's does), and
+#: a signal that lands on another of its threads: where the kernel puts a signal sent to the
+#: process when the main thread has one pending already. Its C handler runs on that thread;
+#: the Python one would wait for the main thread to run Python again.
+_SLEEPING_MAIN = """
+import os, signal, sys, threading
+import graceful
+from graceful.testing import poll_until
+
+lifecycle = graceful.Lifecycle(graceful.Config(delay=0))
+lifecycle.mark_ready()
+main_tid = threading.get_native_id()
+
+def stopped():
+    print("stopped in phase", lifecycle.phase.value, flush=True)
+    os._exit(0)
+
+graceful.install_signal_handlers(lifecycle, on_stop=stopped)
+other = threading.Thread(target=threading.Event().wait, daemon=True)
+other.start()
+
+def main_asleep():
+    with open(f"/proc/self/task/{main_tid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "S"
+
+def send():
+    poll_until(main_asleep, 20, message="the main thread to sleep")
+    print("sending to the other thread", flush=True)
+    signal.pthread_kill(other.ident, getattr(signal, sys.argv[1]))
+
+threading.Thread(target=send, daemon=True).start()
+threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_landing_on_another_thread_while_the_main_one_sleeps_still_stops(
+    name: str, spawn: Spawn, wait_until: WaitUntil, tmp_path: Path
+) -> None:
+    script = tmp_path / "sleeping_main.py"
+    script.write_text(_SLEEPING_MAIN)
+    proc = spawn([sys.executable, str(script), name], name="sleeping-main")
+    wait_until(
+        lambda: "stopped in phase" in proc.output() or not proc.alive(),
+        timeout=20,
+        message=lambda: f"the stop after {name} on another thread:\n{proc.output()}",
+    )
+    assert proc.wait(10) == 0, proc.output()
+    assert "sending to the other thread" in proc.output()
+    assert "stopped in phase stopping" in proc.output()

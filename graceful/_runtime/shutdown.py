@@ -7,7 +7,8 @@ it moves the lifecycle, logs, and calls ``on_stop`` once; the waits are yielded 
 :meth:`StopSequence.steps`, so the same steps run in a thread (:meth:`StopSequence.run`, used by
 :func:`install_signal_handlers`) or on an event loop (:meth:`StopSequence.run_async`, used by the
 uvicorn shim). Signal handlers only record the signal (``SimpleQueue.put`` is safe in a signal
-handler); a daemon thread, or the event loop, does the work.
+handler); a daemon thread, or the event loop, does the work. A signal that lands on another
+thread while the main one sleeps is seen through the wakeup fd (:mod:`.wakeup`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .._core.logsafe import escape
 from .._core.phases import Event
 from .._core.stop import GiveUp, Joined, Mode, Move, Reaction, Signal, Stop, StopPlan, Wait
 from .lifecycle import Lifecycle, LifecycleError, Phase
+from .wakeup import Occurrences, WakeupPipe
 
 __all__ = [
     "SignalHandlers",
@@ -220,6 +222,8 @@ class SignalHandlers:
         self.lifecycle = lifecycle
         self.sequence = StopSequence(lifecycle, on_stop, on_force)
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._occurrences = Occurrences(self._signals.put)
+        self._pipe: WakeupPipe | None = None
         self._previous: dict[int, Any] = {}
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="graceful-signals", daemon=True
@@ -234,18 +238,24 @@ class SignalHandlers:
                 "install_signal_handlers() must be called from the main thread "
                 "(Python delivers signals only there)"
             )
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for signum in _SIGNALS:
             self._previous[signum] = signal.signal(signum, self._record)
+        # Also seen when the signal lands on another thread while the main one sleeps.
+        self._pipe = WakeupPipe.take(_SIGNALS, self._occurrences.from_pipe)
         self._dispatcher.start()
         return self
 
     def uninstall(self) -> None:
+        """Put the previous handlers back (from the main thread)."""
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+        if self._pipe is not None:
+            self._pipe.release()
+            self._pipe = None
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        self._signals.put(signum)
+        self._occurrences.from_handler(signum)
 
     # -- work (threads) --------------------------------------------------------------------
 
