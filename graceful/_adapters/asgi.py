@@ -83,13 +83,17 @@ class ASGIMiddleware(AdapterBase):
             await self.app(scope, receive, send)
             return
         method = scope["method"]
-        http1 = scope.get("http_version", "1.1") in _HTTP1
-        now, announce, rejection = self._arrive(method)
-        if rejection is not None:
-            await _respond(rejection, send, close=http1)
-            return
-        late = announce and self._goodbye.said
-        exchange = Exchange(send, receive, announce, http1, scope, late)
+        if self._steady and not self.lifecycle.announcing:
+            now = self._clock()
+            exchange = Exchange(send, receive, False, True, scope)  # (http1: only to announce)
+        else:
+            http1 = scope.get("http_version", "1.1") in _HTTP1
+            now, announce, rejection = self._arrive(method)
+            if rejection is not None:
+                await _respond(rejection, send, close=http1)
+                return
+            late = announce and self._goodbye.said
+            exchange = Exchange(send, receive, announce, http1, scope, late)
         exchanges = self._exchanges
         exchanges.add(exchange)
         token = tracker.begin(method, path, now)

@@ -64,6 +64,9 @@ class AdapterBase:
         self._end = lifecycle.requests.end
         self._match = self.surface.match
         self._unchecked = True
+        #: Once the first request's checks are done, with no drain file to look at: a request
+        #: that arrives while the node serves needs only the clock (the hot path's one test).
+        self._steady = False
         # Every probe and control path starts with one of these: one C-level test lets every
         # other request through, and only a path that passes it is matched exactly.
         self._surface_starts = (*self.surface.routes, self.surface.prefix)
@@ -71,6 +74,7 @@ class AdapterBase:
     def _first_request(self) -> None:
         """Once per middleware: warn when gunicorn runs without graceful's hooks."""
         self._unchecked = False
+        self._steady = self.drain_file is None
         if self.lifecycle.node is None and "gunicorn.arbiter" in sys.modules:
             logger.warning(
                 "graceful: gunicorn is running without graceful's hooks, so SIGTERM will not "

@@ -156,10 +156,14 @@ class WSGIMiddleware(AdapterBase):
             if route is not None:
                 return self._serve(route, environ, start_response)
         method = environ.get("REQUEST_METHOD", "")
-        now, announce, rejection = self._arrive(method)
-        if rejection is not None:
-            return _respond(rejection, start_response)
-        start_response = (_announcing if announce else _serving)(start_response)
+        if self._steady and not self.lifecycle.announcing:
+            now = self._clock()
+            start_response = _serving(start_response)
+        else:
+            now, announce, rejection = self._arrive(method)
+            if rejection is not None:
+                return _respond(rejection, start_response)
+            start_response = (_announcing if announce else _serving)(start_response)
         end = self._end
         token = self._begin(method, path, now)
         try:
