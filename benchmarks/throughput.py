@@ -25,6 +25,10 @@ time of each node's whole process tree over the same ``--idle-seconds`` (30).
                                     [--servers uvicorn,gunicorn-gthread,hypercorn,granian,daphne]
 
 ``--control`` is an A/A run throughout: the "graceful" servers serve the plain app too.
+``--pin`` runs the load generator on the first CPU this process may use and every server's
+threads on the others (``sched_setaffinity``), so that client and server do not take turns on
+one core: less noise on a small machine, and CPU per request measured without the client's
+cache traffic.
 Goals: >= 0.99x in requests per second and CPU per request for each server; the graceful
 node's idle CPU within 1 % of the plain one's.
 
@@ -231,6 +235,16 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
+def pin(pid: int, cpus: Sequence[int]) -> None:
+    """Every thread of ``pid`` and its descendants to ``cpus`` (threads started later inherit
+    it from the thread that starts them)."""
+    for process in _tree(pid):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{process}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), cpus)
+
+
 def _thread_seconds(pid: int, tid: str) -> float:
     """CPU time of one thread: ``schedstat`` counts nanoseconds; ``stat`` clock ticks (10 ms)."""
     task = Path(f"/proc/{pid}/task/{tid}")
@@ -315,7 +329,15 @@ def main() -> int:
         action="store_true",
         help="an A/A run: the 'graceful' servers run the plain app too (the noise floor)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the load generator on one CPU, the servers on the others (needs 2 CPUs or more)",
+    )
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        parser.error(f"--pin needs at least 2 CPUs; this process may use {len(cpus)}")
     servers = [name for name in args.servers.split(",") if name]
     unknown = set(servers) - set(SERVERS + MORE_SERVERS)
     if unknown:
@@ -348,6 +370,10 @@ def main() -> int:
             for node in idle_nodes:
                 wait_ready(node, args.idle_workers)
                 load(node.port, 2 * args.idle_workers, 0.2)  # every worker warm
+            if args.pin:
+                os.sched_setaffinity(0, cpus[:1])
+                for each in running:
+                    pin(each.proc.pid, cpus[1:])
             by_key = {(each.name, each.variant): each for each in running}
             for number in range(args.rounds):
                 line = []
@@ -381,9 +407,11 @@ def report(
     figures: dict[str, Figures],
     idle: dict[str, float],
 ) -> int:
+    pinned = ", client and servers on CPUs of their own" if args.pin else ""
     print(
         f"\n{args.rounds} rounds of 4 x {args.seconds:g} s (A B B A) per pair, "
-        f"{args.connections} keep-alive connections, GET /ping; medians over rounds (min-max)\n"
+        f"{args.connections} keep-alive connections, GET /ping{pinned}; medians over rounds "
+        "(min-max)\n"
     )
     print(
         "| pair (A vs B) | A req/s | B req/s | B/A req/s | server CPU per request A / B "
