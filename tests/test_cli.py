@@ -289,7 +289,7 @@ def test_wait_on_an_unreachable_node_keeps_trying_then_exits_6_naming_the_error(
 def test_wrong_or_missing_token_exits_4_and_changes_nothing(
     verb: str, token: str | None, make_node: MakeNode, run: Callable[..., Run]
 ) -> None:
-    node = make_node()
+    node = make_node(delay=60.0)  # a drain's phase then moves only when told, however slow the run
     if verb == "resume":
         node.lifecycle.drain()
     before = node.lifecycle.phase
