@@ -90,3 +90,36 @@ def _nonblocking_pipe() -> tuple[int, int]:
 def _close(*fds: int) -> None:
     for fd in fds:
         os.close(fd)
+
+
+def test_a_forked_child_s_signals_are_not_read_as_the_parent_s() -> None:
+    """The child inherits the wakeup fd; were it kept, the child's SIGUSR1 would reach the
+    parent's reader before the parent's own SIGUSR2, since the pipe keeps their order."""
+    got: list[int] = []
+    parents = threading.Event()
+
+    def seen(signum: int) -> None:
+        got.append(signum)
+        if signum == signal.SIGUSR2:
+            parents.set()
+
+    usr1, usr2 = signal.SIGUSR1, signal.SIGUSR2
+    previous = {signum: signal.signal(signum, lambda *args: None) for signum in (usr1, usr2)}
+    pipe = WakeupPipe.take([usr1, usr2], seen)
+    try:
+        assert pipe is not None
+        child = os.fork()
+        if child == 0:  # the child: one signal of its own, then out
+            try:
+                signal.raise_signal(usr1)
+            finally:
+                os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        signal.raise_signal(usr2)  # the parent's own, after the child's
+        assert parents.wait(10)
+        assert got == [usr2]
+    finally:
+        if pipe is not None:
+            pipe.release()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -18,6 +18,7 @@ once, from whichever side saw it first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -61,6 +62,7 @@ class WakeupPipe:
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self._read_fd, self._write_fd = read_fd, write_fd
+        self._released = False
 
     @classmethod
     def take(cls, signals: Collection[int], on_signal: Callable[[int], None]) -> WakeupPipe | None:
@@ -77,6 +79,8 @@ class WakeupPipe:
             os.close(write_fd)
             return None
         pipe = cls(read_fd, write_fd)
+        # A child forked from here inherits the wakeup fd: its signals would be read as ours.
+        os.register_at_fork(after_in_child=pipe._forget_in_child)
         wanted = frozenset(signals)
 
         def read() -> None:
@@ -96,10 +100,26 @@ class WakeupPipe:
     def release(self) -> None:
         """Give the wakeup fd back (main thread), unless somebody has set another since; the
         reading thread ends."""
+        if self._give_back():
+            os.close(self._write_fd)  # the reader reads the end of the pipe
+
+    def _give_back(self) -> bool:
+        """Unset the wakeup fd where it is still ours; whether the pipe may be closed."""
+        if self._released:
+            return False
         try:
             current = signal.set_wakeup_fd(-1)
         except ValueError:  # not the main thread: left as it is (closing it would be unsafe)
-            return
+            return False
         if current != self._write_fd:
             signal.set_wakeup_fd(current)  # not ours any more: left as it was
-        os.close(self._write_fd)  # the reader reads the end of the pipe
+        self._released = True
+        return True
+
+    def _forget_in_child(self) -> None:
+        """In a forked child (whose forking thread is its main thread): the pipe is the
+        parent's, and no thread of the child reads it."""
+        if self._give_back():
+            for fd in (self._read_fd, self._write_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
