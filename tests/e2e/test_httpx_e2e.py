@@ -39,8 +39,8 @@ NODES = 3
 DELAY = 0.5
 CALLERS = 6
 #: Bounds on the load: calls per caller, and seconds in all (the restarts end it sooner).
-MAX_CALLS = 2000
-MAX_SECONDS = 40.0
+MAX_CALLS = 20_000
+MAX_SECONDS = 180.0
 #: Answers the load must get before the first restart and between two restarts.
 BETWEEN = 30
 TIMEOUT = httpx.Timeout(20.0, connect=3.05)
@@ -152,7 +152,12 @@ class Load:
     def wait_for(self, more: int) -> None:
         """Until the load got ``more`` answers than it has now (it runs meanwhile)."""
         target = self.answers + more
-        wait_until(lambda: self.answers >= target, timeout=20, message=f"{more} more answers")
+        wait_until(
+            lambda: self.answers >= target,
+            timeout=20,
+            message=lambda: f"{more} more answers ({self.answers} so far, "
+            f"{time.monotonic() - self.deadline + MAX_SECONDS:.0f}s of the load's {MAX_SECONDS:g})",
+        )
 
 
 def rolling_restart(cluster: Cluster, load: Load, states: Callable[[], list[NodeState]]) -> None:
