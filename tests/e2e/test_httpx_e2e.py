@@ -155,8 +155,10 @@ class Load:
         wait_until(
             lambda: self.answers >= target,
             timeout=20,
-            message=lambda: f"{more} more answers ({self.answers} so far, "
-            f"{time.monotonic() - self.deadline + MAX_SECONDS:.0f}s of the load's {MAX_SECONDS:g})",
+            message=lambda: (
+                f"{more} more answers ({self.answers} so far, "
+                f"{time.monotonic() - self.deadline + MAX_SECONDS:.0f}s of the load's {MAX_SECONDS:g})"
+            ),
         )
 
 
