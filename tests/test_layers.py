@@ -139,7 +139,9 @@ def test_the_core_imports_no_io_clock_thread_logging_framework_or_layer_above(
     assert check(path) == []
 
 
-LAYERED = [path for folder in sorted(LAYER_OF) for path in modules_under(folder) if folder != "_core"]
+LAYERED = [
+    path for folder in sorted(LAYER_OF) for path in modules_under(folder) if folder != "_core"
+]
 
 
 @pytest.mark.parametrize("path", LAYERED, ids=[module_name(p) for p in LAYERED])
