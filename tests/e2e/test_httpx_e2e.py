@@ -152,14 +152,12 @@ class Load:
     def wait_for(self, more: int) -> None:
         """Until the load got ``more`` answers than it has now (it runs meanwhile)."""
         target = self.answers + more
-        wait_until(
-            lambda: self.answers >= target,
-            timeout=20,
-            message=lambda: (
-                f"{more} more answers ({self.answers} so far, "
-                f"{time.monotonic() - self.deadline + MAX_SECONDS:.0f}s of the load's {MAX_SECONDS:g})"
-            ),
-        )
+
+        def progress() -> str:
+            spent = time.monotonic() - self.deadline + MAX_SECONDS
+            return f"{more} more answers ({self.answers} so far, {spent:.0f}s of {MAX_SECONDS:g})"
+
+        wait_until(lambda: self.answers >= target, timeout=20, message=progress)
 
 
 def rolling_restart(cluster: Cluster, load: Load, states: Callable[[], list[NodeState]]) -> None:
