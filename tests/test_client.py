@@ -286,6 +286,15 @@ def status(pool: Client | Pool, url: str) -> NodeStatus:
     return next(node for node in pool.nodes if node.url == url)
 
 
+def watching(pool: Client | Pool) -> str:
+    """What the pool's events watchers are doing, where the pool says (a failure's detail)."""
+    for holder in (pool, getattr(pool, "_transport", None), getattr(pool, "transport", None)):
+        watches = getattr(holder, "_watches", None)
+        if watches is not None:
+            return f"watchers: {watches!r}"
+    return "(the watchers' state is not known)"
+
+
 def refused_url() -> str:
     return f"http://127.0.0.1:{unused_port()}"  # nothing listens there
 
@@ -906,7 +915,11 @@ def test_watch_takes_a_drained_node_out_and_a_resume_readmits_it_without_a_probe
         assert {served_by(pool.get("/version")) for _ in range(6)} == {good.pid}
 
         node.control("resume")
-        wait_until(lambda: status(pool, node.url).state is NodeState.IN_SERVICE, timeout=10)
+        wait_until(
+            lambda: status(pool, node.url).state is NodeState.IN_SERVICE,
+            timeout=10,
+            message=lambda: f"the resume notice: {status(pool, node.url)}, {watching(pool)}",
+        )
     finally:
         signals.node_changed.disconnect(receiver, sender=pool.sender)
     assert status(pool, node.url).reason == "notice: serving (resumed by control route)"

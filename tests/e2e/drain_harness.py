@@ -272,18 +272,31 @@ class DrainReport:
 
 
 def probe_readyz_after_signal(
-    base_url: str, sent: float, *, within: float, after_failure: int = 20
+    base_url: str,
+    sent: float,
+    *,
+    within: float,
+    after_failure: int = 20,
+    unreachable_fails: bool = False,
 ) -> tuple[float | None, list[int]]:
     """Poll ``/readyz`` back to back from ``sent`` (a signal's ``time.monotonic()``) for at most
     ``within`` seconds: when it first answered 503 (seconds after ``sent``, None if never), and
-    every status seen (stops ``after_failure`` probes after the first 503)."""
+    every status seen (stops ``after_failure`` probes after the first 503). With
+    ``unreachable_fails`` a probe that cannot connect counts as a failure (status 0) from the
+    moment it was sent, as a balancer's would: a worker that stopped at once, on a listener of
+    its own, drops new connections while it serves its queue."""
     first_fail: float | None = None
     answers: list[int] = []
-    while time.monotonic() - sent < within:  # bounded by ``within``
-        status = requests.get(base_url + "/readyz", timeout=PROBE_TIMEOUT).status_code
+    while (started := time.monotonic()) - sent < within:  # bounded by ``within``
+        try:
+            status = requests.get(base_url + "/readyz", timeout=PROBE_TIMEOUT).status_code
+        except requests.ConnectionError:
+            if not unreachable_fails:
+                raise
+            status = 0
         answers.append(status)
-        if status == 503 and first_fail is None:
-            first_fail = time.monotonic() - sent
+        if status in (0, 503) and first_fail is None:
+            first_fail = (time.monotonic() if status else started) - sent
         if first_fail is not None and len(answers) > after_failure:
             break
     return first_fail, answers
@@ -298,6 +311,15 @@ def assert_livez_held(report: DrainReport) -> None:
         return
     if failed.startswith("status") or at is None or last is None or at < last - 0.05:
         raise AssertionError("/livez failed while the node still served\n" + report.summary())
+
+
+#: How soon after the last answer the server must have exited, in seconds: far below the timers
+#: a stop must not wait out (the drain timeouts these tests set, 5 s and more; the listen-queue
+#: guard's 2 s limit), and far above what an idle machine takes (0.05-0.35 s). On a busy one
+#: it takes longer: Daphne took 1.09 s (0.14 s idle) with CI's five test processes on two
+#: cores, almost all of it Twisted's shutdown and the interpreter's exit. The sub-0.3 s goal is
+#: the shutdown benchmark's (benchmarks/shutdown_overhead.py), not a timed test's.
+EXIT_AFTER_LAST = 1.5
 
 
 def assert_lossless(report: DrainReport) -> None:
@@ -328,7 +350,7 @@ def assert_clean_drain(
     ``slow_seconds``, a node with the drain delay ``delay``): nothing lost, readiness 503 at
     once (within ``late`` more for a server that passes the signal on late) and for good (unless
     not ``workers_alike``: workers signalled one after the other), /livez held through the
-    delay and until the last answer, exit 0 within a second of the last answer, and the whole
+    delay and until the last answer, exit 0 soon after the last answer (EXIT_AFTER_LAST), the whole
     stop between the slow requests' end and delay + slow requests.
 
     ``own_listeners``: each worker listens on a socket of its own (``SO_REUSEPORT``: Granian
@@ -357,10 +379,12 @@ def assert_clean_drain(
     assert_livez_held(report)
     assert report.exit_code == 0, summary
     after_last = report.exit_after_last_response
-    assert after_last is not None and 0 <= after_last < 1.0, summary
+    assert after_last is not None and 0 <= after_last < EXIT_AFTER_LAST, summary
     after_signal = report.exit_after_signal
     assert after_signal is not None, summary
-    assert slow_seconds * 0.8 <= after_signal <= delay + slow_seconds + 1.0 + late, summary
+    assert slow_seconds * 0.8 <= after_signal <= delay + slow_seconds + EXIT_AFTER_LAST + late, (
+        summary
+    )
     if report.websocket is not None and report.stream is not None:
         assert_goodbye(report.websocket, report.stream, report.signal_at, delay, summary)
 
@@ -419,23 +443,35 @@ def check_control(node: Node, delay: float) -> None:
     assert report.livez_ok_until is None or report.livez_ok_until - report.signal_at < delay
 
 
-def check_quick_stop(node: Node, token: str, delay: float) -> None:
+def check_quick_stop(node: Node, token: str, delay: float, *, group: bool = False) -> None:
     """SIGINT with a request in flight: readiness fails at once (503 within 0.2 s), the request
-    is answered, and the node exits 0 without serving the delay."""
+    is answered, and the node exits 0 without serving the delay. With ``group`` the signal goes
+    to the node's process group, as a terminal's Ctrl-C sends it (a server whose main process
+    passes every stop signal on as SIGTERM: Granian)."""
     from graceful.testing import poll_until
 
     slow = Slow(node.port, 1.0)
     poll_until(lambda: inflight(node, token) >= 1, 10, message="a request in flight")
 
-    node.proc.send_signal(signal.SIGINT)
+    if group:
+        node.proc.signal_group(signal.SIGINT)
+    else:
+        node.proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
 
-    first_fail, answers = probe_readyz_after_signal(node.url, sent, within=0.5, after_failure=3)
+    first_fail, answers = probe_readyz_after_signal(
+        node.url, sent, within=0.5, after_failure=3, unreachable_fails=group
+    )
     assert first_fail is not None and first_fail < 0.2, (first_fail, answers)
     assert node.proc.wait(10) == 0
-    assert time.monotonic() - sent < delay + 1.0  # no delay: only the request in flight
     slow.join(5)
     assert slow.status == 200, slow.error
+    # No delay: the stop waited only for the request in flight. Told from the node's own
+    # account, not the clock (the request's last second and the 1 s delay end alike).
+    output = node.proc.output()
+    assert "SIGINT: quick stop (no delay)" in output, output[-3000:]
+    assert "delay over" not in output, output[-3000:]
+    assert time.monotonic() - sent < delay + 1.0 + EXIT_AFTER_LAST, output[-3000:]
 
 
 def check_goodbye(node: Node, delay: float) -> None:

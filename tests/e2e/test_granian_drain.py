@@ -9,6 +9,7 @@ closes its listener at once, so readiness never fails with 503 and requests fail
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -97,10 +98,23 @@ def test_without_the_library_granian_stops_at_once(start_node: StartNode, kind: 
 
 
 @pytest.mark.parametrize("kind", ["asgi-workers", "wsgi"])
-def test_sigint_fails_readiness_at_once_and_stops_without_the_delay_after_in_flight_work(
+def test_ctrl_c_fails_readiness_at_once_and_stops_without_the_delay_after_in_flight_work(
     start_node: StartNode, kind: str
 ) -> None:
-    check_quick_stop(start_node(kind), TOKEN, DELAY)
+    """Ctrl-C: SIGINT to the whole process group, workers included. (Granian's main process
+    passes a SIGINT of its own on to the workers as SIGTERM, which drains: see the next test.)"""
+    check_quick_stop(start_node(kind), TOKEN, DELAY, group=True)
+
+
+def test_sigint_to_the_main_process_alone_drains_as_granian_passes_it_on_as_sigterm(
+    start_node: StartNode,
+) -> None:
+    node = start_node("wsgi")
+    node.proc.send_signal(signal.SIGINT)
+    assert node.proc.wait(15) == 0
+    output = node.proc.output()
+    assert "phase serving -> draining (SIGTERM)" in output, output[-3000:]
+    assert "delay over" in output, output[-3000:]
 
 
 def test_websocket_gets_1012_and_event_stream_ends_at_the_end_of_the_delay(
