@@ -22,9 +22,13 @@ time of each node's whole process tree over the same ``--idle-seconds`` (30).
 
     python benchmarks/throughput.py [--rounds 15] [--seconds 0.5] [--connections 8]
                                     [--idle-seconds 30] [--idle-workers 4] [--control]
+                                    [--pin] [--floors]
                                     [--servers uvicorn,gunicorn-gthread,hypercorn,granian,daphne]
 
 ``--control`` is an A/A run throughout: the "graceful" servers serve the plain app too.
+``--floors`` adds, for uvicorn and gthread, the app behind the middleware benchmark's floor (an
+in-flight counter that records and releases each request, nothing more) and behind its
+pass-through, each against the plain app: what any in-flight counter costs under the server.
 ``--pin`` runs the load generator on the first CPU this process may use and every server's
 threads on the others (``sched_setaffinity``), so that client and server do not take turns on
 one core: less noise on a small machine, and CPU per request measured without the client's
@@ -50,7 +54,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from graceful._adapters.lazy import lazy_middleware
-from graceful._core.types import Environ, Receive, Scope, Send, StartResponse
+from graceful._core.types import ASGIApp, Environ, Receive, Scope, Send, StartResponse
 from graceful.testing import Process, child_env, free_port, http_status, poll_until, serve_lifespan
 
 GOAL = 0.99
@@ -80,9 +84,47 @@ async def plain_asgi(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": b"pong"})
 
 
-__getattr__ = lazy_middleware(
+_graceful_apps = lazy_middleware(
     __name__, wsgi={"graceful_wsgi": plain_wsgi}, asgi={"graceful_asgi": plain_asgi}
 )
+
+#: ``--floors``: the middleware benchmark's floor (the least an in-flight counter does) and
+#: pass-through, each around the plain app, under the same servers.
+FLOOR_VARIANTS = ("floor", "pass")
+
+
+class _HTTPOnly:
+    """HTTP through ``middleware``; lifespan straight to the plain app (the floor and the
+    pass-through know only HTTP)."""
+
+    def __init__(self, middleware: ASGIApp) -> None:
+        self.middleware = middleware
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.middleware(scope, receive, send)
+        else:
+            await plain_asgi(scope, receive, send)
+
+
+def __getattr__(name: str) -> object:
+    if name.removesuffix("_asgi").removesuffix("_wsgi") not in FLOOR_VARIANTS:
+        return _graceful_apps(name)
+    import middleware_overhead as floors  # beside this file, on the servers' path
+
+    app: object
+    if name == "floor_asgi":
+        app = _HTTPOnly(floors.ASGIFloor(plain_asgi))
+    elif name == "pass_asgi":
+        app = _HTTPOnly(floors.ASGIPassThrough(plain_asgi))
+    elif name == "floor_wsgi":
+        app = floors.WSGIFloor(plain_wsgi)
+    elif name == "pass_wsgi":
+        app = floors.WSGIPassThrough(plain_wsgi)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = app
+    return app
 
 
 # -- the servers -----------------------------------------------------------------------------
@@ -98,16 +140,23 @@ class Pair:
     b: str
 
 
-def pairs_for(servers: Sequence[str]) -> list[Pair]:
+def pairs_for(servers: Sequence[str], *, floors: bool = False) -> list[Pair]:
     pairs = [Pair(server, server, "plain", "graceful") for server in servers]
     if "gunicorn-gthread" in servers:
         pairs.append(Pair("A/A gunicorn-gthread", "gunicorn-gthread", "plain", "control"))
+    if floors:
+        pairs += [
+            Pair(f"{server} {variant}", server, "plain", variant)
+            for server in servers
+            if server in SERVERS
+            for variant in FLOOR_VARIANTS
+        ]
     return pairs
 
 
 def argv_for(server: str, variant: str, port: int, *, workers: int = 1) -> list[str]:
     """``variant``: "graceful" (middleware and shims), "plain" or "control" (plain again)."""
-    app = "graceful" if variant == "graceful" else "plain"
+    app = variant if variant in ("graceful", *FLOOR_VARIANTS) else "plain"
     if server == "uvicorn":
         return [
             *(sys.executable, "-m", "uvicorn", f"throughput:{app}_asgi"),
@@ -330,6 +379,12 @@ def main() -> int:
         help="an A/A run: the 'graceful' servers run the plain app too (the noise floor)",
     )
     parser.add_argument(
+        "--floors",
+        action="store_true",
+        help="also uvicorn and gthread serving the app behind the middleware benchmark's floor "
+        "(an in-flight counter and nothing more) and pass-through, each against plain",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="the load generator on one CPU, the servers on the others (needs 2 CPUs or more)",
@@ -343,7 +398,7 @@ def main() -> int:
     if unknown:
         known = ", ".join(SERVERS + MORE_SERVERS)
         parser.error(f"unknown servers: {sorted(unknown)}; known: {known}")
-    pairs = pairs_for(servers)
+    pairs = pairs_for(servers, floors=args.floors)
     figures = {pair.label: Figures() for pair in pairs}
     idle: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
@@ -460,6 +515,15 @@ def report(
         )
     if args.control:
         print("(control run: the graceful servers serve the plain app)")
+    floor_pairs = [pair for pair in pairs if pair.b in FLOOR_VARIANTS]
+    if floor_pairs:
+        print(
+            "the floor and the pass-through under the same servers (req/s; CPU per request): "
+            + ", ".join(
+                f"{pair.label} {summary[pair.label][0]:.3f}x; {summary[pair.label][1]:.3f}x"
+                for pair in floor_pairs
+            )
+        )
     print(
         "throughput with graceful vs plain (req/s; server CPU per request, medians of "
         f"{args.rounds} rounds): "

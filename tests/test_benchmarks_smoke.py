@@ -76,3 +76,14 @@ def test_the_benchmark_runs_with_its_smallest_options_and_prints_its_figure_last
     assert outcome.returncode == 0, outcome.output
     assert outcome.figure.startswith(figure_start), outcome.output
     assert "(goal " in outcome.figure, outcome.figure
+
+
+def test_throughput_floors_measure_the_floor_and_the_pass_through_under_each_server() -> None:
+    options = ("--rounds", "1", "--seconds", "0.1", "--connections", "1", "--idle-seconds", "0")
+    outcome = run_all.run("throughput", quick=False, timeout=90, options=(*options, "--floors"))
+    assert outcome.returncode == 0, outcome.output
+    assert outcome.figure.startswith("throughput with graceful vs plain "), outcome.output
+    floors = "the floor and the pass-through under the same servers (req/s; CPU per request): "
+    assert floors + "uvicorn floor " in outcome.output, outcome.output
+    for label in ("uvicorn pass", "gunicorn-gthread floor", "gunicorn-gthread pass"):
+        assert f"{label} " in outcome.output.split(floors, 1)[1], outcome.output
