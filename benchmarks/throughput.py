@@ -107,24 +107,23 @@ class _HTTPOnly:
             await plain_asgi(scope, receive, send)
 
 
-def __getattr__(name: str) -> object:
-    if name.removesuffix("_asgi").removesuffix("_wsgi") not in FLOOR_VARIANTS:
-        return _graceful_apps(name)
+def _floor_apps() -> dict[str, object]:
     import middleware_overhead as floors  # beside this file, on the servers' path
 
-    app: object
-    if name == "floor_asgi":
-        app = _HTTPOnly(floors.ASGIFloor(plain_asgi))
-    elif name == "pass_asgi":
-        app = _HTTPOnly(floors.ASGIPassThrough(plain_asgi))
-    elif name == "floor_wsgi":
-        app = floors.WSGIFloor(plain_wsgi)
-    elif name == "pass_wsgi":
-        app = floors.WSGIPassThrough(plain_wsgi)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = app
-    return app
+    return {
+        "floor_asgi": _HTTPOnly(floors.ASGIFloor(plain_asgi)),
+        "pass_asgi": _HTTPOnly(floors.ASGIPassThrough(plain_asgi)),
+        "floor_wsgi": floors.WSGIFloor(plain_wsgi),
+        "pass_wsgi": floors.WSGIPassThrough(plain_wsgi),
+    }
+
+
+def __getattr__(name: str) -> object:
+    if name not in {f"{variant}_{kind}" for variant in FLOOR_VARIANTS for kind in ("asgi", "wsgi")}:
+        return _graceful_apps(name)
+    apps = _floor_apps()
+    globals().update(apps)
+    return apps[name]
 
 
 # -- the servers -----------------------------------------------------------------------------
