@@ -36,6 +36,7 @@ pytestmark = pytest.mark.e2e
 
 APPS = Path(__file__).parent / "apps"
 DELAY = 1.0
+DRAIN_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def start_node(spawn: Spawn, tmp_path: Path, free_port: int, wait_until: WaitUnt
         record_dir.mkdir()
         settings = {
             "GRACEFUL_DELAY": str(DELAY),
-            "GRACEFUL_DRAIN_TIMEOUT": "10",
+            "GRACEFUL_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT),
             "LOAD_RECORD_DIR": str(record_dir),
             "GRACEFUL_TOKEN": TOKEN,
             **(env or {}),
@@ -167,10 +168,19 @@ def test_sigterm_under_load_loses_nothing_and_exits_zero(start_node: StartNode, 
     # /livez answered 200 until the listener closed: it never failed with a status.
     assert_livez_held(report)
     assert report.exit_code == 0, report.summary()
+    # The stop waited out no timer: the in-flight wait would end DELAY + DRAIN_TIMEOUT after
+    # the signal, gunicorn's --graceful-timeout later still, and the listen-queue guard says in
+    # the log whether it stopped at its own limit. How soon after the last answer the node
+    # exits is the shutdown benchmark's figure: a gthread worker sees the stop only at its
+    # next 1 s poll, and with CI's two test runs on two cores gthread exited 2.19 s after the
+    # last answer (4.18 s after the signal).
     exit_after = report.exit_after_signal
-    assert exit_after is not None and exit_after <= DELAY + 2.0 + 1.0, report.summary()
+    assert exit_after is not None and exit_after < DELAY + DRAIN_TIMEOUT, report.summary()
     after_last = report.exit_after_last_response
     assert after_last is not None and after_last >= 0, report.summary()
+    output = node.proc.output()
+    assert "listen queue served before the listeners close" in output, output[-3000:]
+    assert "stopping anyway" not in output, output[-3000:]
 
 
 @pytest.mark.parametrize("kind", [SYNC, UVICORN], ids=lambda k: k.name)
@@ -211,7 +221,8 @@ def test_a_stuck_request_does_not_hold_the_master_past_the_deadline(
     sent = _signal(node, signal.SIGTERM)
     assert node.proc.wait(15) == 0
     took = time.monotonic() - sent
-    assert DELAY + 2.0 - 0.3 <= took <= DELAY + 2.0 + 2.0, took
+    # The stuck request lasts 30 s: holding on for it would show as the wait's 15 s running out.
+    assert DELAY + 2.0 - 0.3 <= took <= DELAY + 2.0 + 5.0, took
     log = node.proc.output()
     assert "passed with 1 in flight" in log, log
     assert "GET /slow" in log and "s)" in log, log
@@ -230,8 +241,9 @@ def test_a_worker_killed_mid_drain_does_not_leave_its_count(
     wait_until(lambda: _get(node.url, "/readyz").status_code == 503, timeout=5)
     os.kill(holder, signal.SIGKILL)
     assert node.proc.wait(15) == 0
-    # Without clearing the dead worker's slot the master would wait the whole drain timeout.
-    assert time.monotonic() - sent < DELAY + 3.0
+    # Without clearing the dead worker's slot the master would wait the whole drain timeout
+    # (20 s).
+    assert time.monotonic() - sent < DELAY + 10.0
     busy.join()
 
 
@@ -329,15 +341,26 @@ def test_sigterm_while_the_workers_are_still_starting_drains_and_none_answers_re
 
 
 @pytest.mark.parametrize(
-    "extra",
-    [("--preload",), ("--max-requests", "40", "--max-requests-jitter", "5")],
+    ("extra", "workers", "slow_requests"),
+    [
+        (("--preload",), 2, 3),
+        # A recycled gthread worker stops accepting and finishes what it holds before gunicorn
+        # starts its successor. With a slow request on every worker no worker accepts for
+        # 1.5 s: the "load balancer's" probes wait (their timeout is 2 s) and it notices the
+        # drain only after the 1 s delay, as a real one would; the node then stops, and new
+        # connections are refused (seen in 1 run of 8). So one slow request, and a third
+        # worker, leave a worker that accepts (a delay must outlast the balancer's noticing).
+        (("--max-requests", "40", "--max-requests-jitter", "5"), 3, 1),
+    ],
     ids=["preload", "max-requests"],
 )
 def test_lossless_with_preload_and_with_recycled_workers(
-    start_node: StartNode, extra: tuple[str, ...]
+    start_node: StartNode, extra: tuple[str, ...], workers: int, slow_requests: int
 ) -> None:
-    node: Node = start_node(GTHREAD, extra=extra)
-    report = sigterm_under_load(node.proc, node.url, node.record_dir, slow_seconds=1.5)
+    node: Node = start_node(GTHREAD, extra=extra, workers=workers)
+    report = sigterm_under_load(
+        node.proc, node.url, node.record_dir, slow_seconds=1.5, slow_requests=slow_requests
+    )
     assert_lossless(report)
     assert report.exit_code == 0, report.summary()
 

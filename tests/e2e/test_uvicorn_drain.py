@@ -190,7 +190,8 @@ def test_a_stuck_request_does_not_hold_the_process_past_the_deadline(
 
     assert node.proc.wait(15) == 0
     took = time.monotonic() - sent
-    assert delay + drain_timeout - 0.1 <= took <= delay + drain_timeout + 1.0, took
+    # The stuck request lasts 30 s: holding on for it would show as the wait's 15 s running out.
+    assert delay + drain_timeout - 0.1 <= took <= delay + drain_timeout + 5.0, took
     log = node.proc.output()
     assert "drain timeout (2s) passed with 1 in flight" in log, log
     named = re.search(r"GET /slow \((\d+\.\d)s\)", log)
@@ -214,8 +215,9 @@ def test_a_worker_killed_mid_drain_does_not_hold_the_others(
     os.kill(holder, signal.SIGKILL)
 
     assert node.proc.wait(15) == 0
-    # Each worker waits only for its own requests; the supervisor for its live workers.
-    assert time.monotonic() - sent < DELAY + SUPERVISOR_POLL + 2.0
+    # Each worker waits only for its own requests; the supervisor for its live workers. Held
+    # by the killed worker's count, the stop would last the 20 s drain timeout.
+    assert time.monotonic() - sent < DELAY + SUPERVISOR_POLL + 8.0
 
 
 def holder_of_the_request(node: Node, wait_until: WaitUntil) -> int:
