@@ -188,7 +188,7 @@ def test_live_server_reports_no_loss_with_graceful_and_the_losses_without(
             )
             assert report.sent > 0 and report.lost == 0, report.summary()
             assert report.exit_code == 0, report.summary()
-            assert report.readyz_failed_after is not None and report.readyz_failed_after < 0.5
+            assert report.readyz_failed_after is not None and report.readyz_failed_after < 1.0
 
 
         def test_naive_app_loses_requests(graceful_live_server):

@@ -538,7 +538,9 @@ def test_a_forked_worker_sleeps_while_idle_and_follows_a_drain_at_once(bells: Be
         for fd in (report_w, go_r, go_w):
             os.close(fd)
     assert idle_switches <= 1, f"the idle worker woke up {idle_switches} times in 0.5 s"
-    assert 0 <= lag < 0.1, f"the worker followed the drain {lag * 1000:.1f} ms late"
+    # Nothing polls: without the bell the worker would not follow at all. Well under 0.1 s
+    # on an idle machine; the bound leaves room for a busy one.
+    assert 0 <= lag < 1.0, f"the worker followed the drain {lag * 1000:.1f} ms late"
 
 
 def test_the_master_s_wait_for_the_node_ends_when_the_last_worker_goes_idle(
@@ -572,7 +574,10 @@ def test_the_master_s_wait_for_the_node_ends_when_the_last_worker_goes_idle(
     worker.requests.end(token)
     waiter.join(10)
     assert waited, "the master's wait did not end"
-    assert waited[0] - ended < 0.1, f"the master noticed {(waited[0] - ended) * 1000:.0f} ms late"
+    # Nothing polls: without the ring the wait would last the 30 s drain timeout. Well under
+    # 0.1 s on an idle machine; the bound leaves room for a busy one.
+    late = waited[0] - ended
+    assert late < 1.0, f"the master noticed {late * 1000:.0f} ms late"
 
 
 def test_a_drain_a_worker_starts_reaches_the_other_workers_through_the_master(

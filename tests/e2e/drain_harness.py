@@ -444,10 +444,11 @@ def check_control(node: Node, delay: float) -> None:
 
 
 def check_quick_stop(node: Node, token: str, delay: float, *, group: bool = False) -> None:
-    """SIGINT with a request in flight: readiness fails at once (503 within 0.2 s), the request
-    is answered, and the node exits 0 without serving the delay. With ``group`` the signal goes
-    to the node's process group, as a terminal's Ctrl-C sends it (a server whose main process
-    passes every stop signal on as SIGTERM: Granian)."""
+    """SIGINT with a request in flight: readiness fails at once (503 within 0.5 s, while the
+    1 s request is still in flight; under 0.2 s on an idle machine), the request is answered,
+    and the node exits 0 without serving the delay. With ``group`` the signal goes to the
+    node's process group, as a terminal's Ctrl-C sends it (a server whose main process passes
+    every stop signal on as SIGTERM: Granian)."""
     from graceful.testing import poll_until
 
     slow = Slow(node.port, 1.0)
@@ -460,9 +461,9 @@ def check_quick_stop(node: Node, token: str, delay: float, *, group: bool = Fals
     sent = time.monotonic()
 
     first_fail, answers = probe_readyz_after_signal(
-        node.url, sent, within=0.5, after_failure=3, unreachable_fails=group
+        node.url, sent, within=0.8, after_failure=3, unreachable_fails=group
     )
-    assert first_fail is not None and first_fail < 0.2, (first_fail, answers)
+    assert first_fail is not None and first_fail < 0.5, (first_fail, answers)
     assert node.proc.wait(10) == 0
     slow.join(5)
     assert slow.status == 200, slow.error

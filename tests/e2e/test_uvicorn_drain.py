@@ -248,7 +248,8 @@ def test_sigint_stops_without_the_delay_after_in_flight_work(
         node.proc.send_signal(signal.SIGINT)
 
     assert node.proc.wait(10) == 0
-    assert time.monotonic() - sent < 3.0
+    # The 1 s request, not the 30 s delay (about 1.1 s on an idle machine).
+    assert time.monotonic() - sent < 5.0
     slow.join(5)
     assert slow.status == 200, slow.error
 
@@ -280,7 +281,8 @@ def test_second_sigint_or_sigquit_stops_at_once(
     node.proc.send_signal(getattr(signal, last))
 
     assert node.proc.wait(10) == 0
-    assert time.monotonic() - sent < 2.0
+    # Neither the 30 s delay nor the 60 s request (well under 1 s on an idle machine).
+    assert time.monotonic() - sent < 5.0
     assert f"{last}: stopping at once" in node.proc.output()
 
 
