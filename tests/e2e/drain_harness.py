@@ -313,13 +313,17 @@ def assert_livez_held(report: DrainReport) -> None:
         raise AssertionError("/livez failed while the node still served\n" + report.summary())
 
 
-#: How soon after the last answer the server must have exited, in seconds: far below the timers
-#: a stop must not wait out (the drain timeouts these tests set, 5 s and more; the listen-queue
-#: guard's 2 s limit), and far above what an idle machine takes (0.05-0.35 s). On a busy one
-#: it takes longer: Daphne took 1.09 s (0.14 s idle) with CI's five test processes on two
-#: cores, almost all of it Twisted's shutdown and the interpreter's exit. The sub-0.3 s goal is
-#: the shutdown benchmark's (benchmarks/shutdown_overhead.py), not a timed test's.
-EXIT_AFTER_LAST = 1.5
+#: How soon after the last answer the server must have exited, in seconds: below the drain
+#: timeouts a stop must not wait out (5 s and more after the delay: 4 s or more after the
+#: slow requests' last answer), and far above what an idle machine takes (0.05-0.35 s). On a
+#: busy one it takes longer: Daphne took 1.09 s and 1.70 s (0.14 s idle) with CI's test
+#: processes on two cores, almost all of it Twisted's shutdown and the interpreter's exit.
+#: The listen-queue guard's own 2 s limit is too close to tell by the clock: its warning
+#: ("stopping anyway") is looked for in the log instead. The sub-0.3 s goal is the shutdown
+#: benchmark's (benchmarks/shutdown_overhead.py), not a timed test's.
+EXIT_AFTER_LAST = 2.5
+#: What the listen-queue guard logs (a warning) when it stops at its limit.
+GUARD_GAVE_UP = "stopping anyway"
 
 
 def assert_lossless(report: DrainReport) -> None:
@@ -345,13 +349,15 @@ def assert_clean_drain(
     late: float = 0.0,
     workers_alike: bool = True,
     own_listeners: bool = False,
+    output: str | None = None,
 ) -> None:
     """What a SIGTERM under load must show (``sigterm_under_load`` with slow requests of
     ``slow_seconds``, a node with the drain delay ``delay``): nothing lost, readiness 503 at
     once (within ``late`` more for a server that passes the signal on late) and for good (unless
     not ``workers_alike``: workers signalled one after the other), /livez held through the
     delay and until the last answer, exit 0 soon after the last answer (EXIT_AFTER_LAST), the whole
-    stop between the slow requests' end and delay + slow requests.
+    stop between the slow requests' end and delay + slow requests. With the node's ``output``:
+    the listen-queue guard did not stop at its limit.
 
     ``own_listeners``: each worker listens on a socket of its own (``SO_REUSEPORT``: Granian
     on Linux). A worker with nothing in flight stops at the end of the delay, dropping new
@@ -378,6 +384,8 @@ def assert_clean_drain(
         assert report.livez_ok_until >= report.last_response_at - 0.3, summary
     assert_livez_held(report)
     assert report.exit_code == 0, summary
+    if output is not None:
+        assert GUARD_GAVE_UP not in output, output[-3000:]
     after_last = report.exit_after_last_response
     assert after_last is not None and 0 <= after_last < EXIT_AFTER_LAST, summary
     after_signal = report.exit_after_signal
@@ -430,6 +438,7 @@ def check_drain_under_load(
         late=late,
         workers_alike=workers_alike,
         own_listeners=own_listeners,
+        output=node.proc.output(),
     )
     return report
 
