@@ -10,8 +10,10 @@ that need the types import them only for the type checker::
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
@@ -37,6 +39,38 @@ __all__ = [
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+#: The signals whose handlers a test may change in this process (servers run in-process install
+#: their own): each is put back after the test. A child inherits an ignored signal across exec:
+#: one left ignored here made a later test's CLI child deaf to its Ctrl-C.
+_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_put_back(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each stop signal's handler as it was, and none of them blocked (a child inherits the
+    blocked set too), after every test; a warning names the test that changed them."""
+    before = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    yield
+    blocked = set(signal.pthread_sigmask(signal.SIG_BLOCK, [])) & set(_SIGNALS)
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        names = sorted(signal.Signals(signum).name for signum in blocked)
+        warnings.warn(f"{request.node.nodeid} left {names} blocked: unblocked", stacklevel=1)
+    for signum, handler in before.items():
+        now = signal.getsignal(signum)
+        if now is not handler and now != handler and handler is not None:
+            signal.signal(signum, handler)
+            warnings.warn(
+                f"{request.node.nodeid} left {signal.Signals(signum).name} set to {now!r}: put "
+                "back",
+                stacklevel=1,
+            )
 
 
 class Closable(Protocol):

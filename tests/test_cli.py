@@ -543,14 +543,26 @@ def test_ctrl_c_exits_130_without_a_traceback(node: Node) -> None:
     ) as proc:
         try:
             assert node.held.wait(30), "the command never reached the node"
+            seen = _signal_masks(proc.pid)
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (seen, _signal_masks(None), err[-2000:])
     assert out == ""
     assert "Traceback" not in err
+
+
+def _signal_masks(pid: int | None) -> str:
+    """A process's blocked and ignored signals as ``/proc`` shows them (None: this process's
+    main thread), and this process's SIGINT handler: what a child inherits."""
+    try:
+        lines = Path(f"/proc/{pid or 'self'}/status").read_text().splitlines()
+    except OSError as exc:
+        return f"{pid}: {exc}"
+    masks = [line for line in lines if line.startswith(("SigBlk", "SigIgn"))]
+    return f"{pid or 'pytest'}: {masks}, SIGINT handler {signal.getsignal(signal.SIGINT)!r}"
 
 
 def test_console_script_is_installed_and_documents_exit_codes() -> None:
