@@ -42,13 +42,26 @@ P = ParamSpec("P")
 
 
 #: The signals whose handlers a test may change in this process (servers run in-process install
-#: their own): each is put back after the test. A child inherits an ignored signal across exec:
-#: one left ignored here made a later test's CLI child deaf to its Ctrl-C.
+#: their own): each is put back after the test. A child inherits an ignored signal across exec
+#: (see ``pytest_configure``).
 _SIGNALS = tuple(
     getattr(signal, name)
     for name in ("SIGINT", "SIGTERM", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2")
     if hasattr(signal, name)
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run started in the background of a script (``pytest &``, as ``.ci/run`` starts the
+    floors run; ``nohup``) inherits SIGINT and SIGQUIT ignored, and so would every child it
+    starts: a CLI that never sees its Ctrl-C, a server that ignores SIGQUIT. The tests start
+    their children as a terminal would, with the signals' usual meaning."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for name in ("SIGQUIT", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ from graceful._servers import node_shm as _shared
 from graceful._servers.node_bells import Bells, wait_readable
 from graceful._servers.node_shm import SharedNode, SlotView, WorkerFollower
 from graceful.pytest_plugin import FakeClock
+from graceful.testing import poll_until
 
 
 def lifecycle_on(view: SlotView, clock: FakeClock) -> Lifecycle:
@@ -488,13 +489,20 @@ def test_a_ring_never_blocks_nor_fails_when_a_worker_is_gone_or_its_pipe_is_full
 
 
 def _switches(pid: int) -> int:
-    """Context switches of every thread of ``pid``: a thread that wakes up adds to them."""
+    """Voluntary context switches of every thread of ``pid``: a thread that goes back to sleep
+    adds one (being preempted on a busy machine is an involuntary one, not counted)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         for line in (task / "status").read_text().splitlines():
-            if "ctxt_switches" in line:
+            if line.startswith("voluntary_ctxt_switches"):
                 total += int(line.split()[1])
     return total
+
+
+def _all_asleep(pid: int) -> bool:
+    """Every thread of ``pid`` waits in the kernel (state S)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return all((task / "stat").read_text().rpartition(")")[2].split()[0] == "S" for task in tasks)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc")
@@ -523,6 +531,7 @@ def test_a_forked_worker_sleeps_while_idle_and_follows_a_drain_at_once(bells: Be
     try:
         with os.fdopen(report_r, "rb", buffering=0) as report:
             assert report.readline() == b"ready\n"
+            poll_until(lambda: _all_asleep(pid), 10, message="the worker's threads asleep")
             before = _switches(pid)
             time.sleep(0.5)  # a window to measure, not to synchronise
             idle_switches = _switches(pid) - before

@@ -41,10 +41,12 @@ class LoopLink:
         self.loop = loop
         self.sequence = StopSequence(lifecycle, on_stop, on_force)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> LoopLink:
         """Handle the signals on the loop from now on (from the main thread)."""
         for signum in SIGNALS:
+            self._previous.setdefault(signum, signal.getsignal(signum))
             self.loop.add_signal_handler(signum, self.dispatch, signum)
         return self
 
@@ -60,10 +62,16 @@ class LoopLink:
             self.loop.call_soon_threadsafe(self.dispatch, signum)
 
     def uninstall(self) -> None:
-        """The stop is the server's from now on (its lifespan shutdown has run)."""
+        """The stop is the server's from now on (its lifespan shutdown has run); each signal's
+        handler is again the one :meth:`install` found (asyncio's own removal would leave
+        Python's defaults, losing an ignored SIGINT or the program's own handler)."""
         for signum in SIGNALS:
             with contextlib.suppress(RuntimeError, ValueError):  # the loop is closing
                 self.loop.remove_signal_handler(signum)
+            previous = self._previous.pop(signum, None)
+            if previous is not None:
+                with contextlib.suppress(ValueError):  # not the main thread: left as it is
+                    signal.signal(signum, previous)
 
     def dispatch(self, signum: int) -> None:
         """Act on one signal (on the loop): start, speed up or force the stop."""
