@@ -234,8 +234,8 @@ def test_wait_drained_wakes_when_the_last_release_comes_from_a_hold() -> None:
 def test_wait_drained_wakes_at_the_end_of_the_delay_not_before() -> None:
     # The delay is the behaviour under test: the waiter must sleep through it and no longer.
     lc = make(delay=0.2)
+    began = time.monotonic()  # before the drain: the delay starts inside drain()
     lc.drain()
-    began = time.monotonic()
     assert lc.wait_drained(timeout=5) is True
     elapsed = time.monotonic() - began
     assert 0.19 <= elapsed < 2.0
