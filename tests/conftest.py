@@ -16,7 +16,8 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
+from types import FrameType
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 import pytest
 
@@ -56,12 +57,15 @@ def pytest_configure(config: pytest.Config) -> None:
     floors run; ``nohup``) inherits SIGINT and SIGQUIT ignored, and so would every child it
     starts: a CLI that never sees its Ctrl-C, a server that ignores SIGQUIT. The tests start
     their children as a terminal would, with the signals' usual meaning."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    for name in ("SIGQUIT", "SIGHUP"):
+    usual: dict[str, Callable[[int, FrameType | None], Any] | signal.Handlers] = {
+        "SIGINT": signal.default_int_handler,
+        "SIGQUIT": signal.SIG_DFL,
+        "SIGHUP": signal.SIG_DFL,
+    }
+    for name, handler in usual.items():
         signum = getattr(signal, name, None)
         if signum is not None and signal.getsignal(signum) is signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signum, handler)
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +81,7 @@ def _signal_handlers_put_back(request: pytest.FixtureRequest) -> Iterator[None]:
         warnings.warn(f"{request.node.nodeid} left {names} blocked: unblocked", stacklevel=1)
     for signum, handler in before.items():
         now = signal.getsignal(signum)
-        if now is not handler and now != handler and handler is not None:
+        if now != handler and handler is not None:
             signal.signal(signum, handler)
             warnings.warn(
                 f"{request.node.nodeid} left {signal.Signals(signum).name} set to {now!r}: put "
